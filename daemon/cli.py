@@ -1,0 +1,314 @@
+"""The `evertune` command line. The only place an exception becomes `Error: ...` and an exit code.
+
+    evertune init [HOME]                 write evertune.toml and inbox/ (never overwrites)
+    evertune run                         the daemon, in the foreground
+    evertune ingest PATH... --domain D   ingest files now (through the daemon when it runs)
+    evertune status [--json]             what the service knows and does
+
+Exit codes: 0 success; 1 some records or files rejected (ingest) or a failure; 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from evertune.daemon import config as config_mod
+from evertune.daemon.errors import ConfigError, EvertuneError, UsageError
+from evertune.daemon.lock import daemon_state
+from evertune.daemon.watcher import misplaced
+from evertune.store.db import open_db
+from evertune.store.domains import check_domain
+from evertune.store.errors import InvalidDomainError, StoreError
+from evertune.store.ingest import FileReport, free_name, ingest_file, load_report
+from evertune.store.layout import HomeLayout
+from evertune.store.queries import domain_names, domain_summary, file_row
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, InvalidDomainError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (EvertuneError, StoreError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evertune", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--config",
+        help="config file (default: $EVERTUNE_CONFIG, else"
+        " $EVERTUNE_HOME/evertune.toml, else ./evertune-home/evertune.toml)",
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write evertune.toml and inbox/ (idempotent)")
+    p.add_argument("home", nargs="?", help="the home folder (default: ./evertune-home)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ingest", help="ingest files now")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files (or folders of files)")
+    p.add_argument("--domain", required=True, help="the domain (adapter) they teach")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for a running daemon to ingest them (default 600)",
+    )
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("status", help="what the service knows and does")
+    p.add_argument("--json", action="store_true", help="machine-readable (keys are stable)")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+# init / run --------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    path = (
+        Path(args.home).absolute() / config_mod.CONFIG_NAME
+        if args.home
+        else config_mod.locate(args.config)
+    )
+    created = init_home(path)
+    config = config_mod.load(path)
+    print(f"{'wrote' if created else 'kept existing'} {path}")
+    print(f"drop files into {HomeLayout(config.home).inbox}/<domain>/")
+    return EXIT_OK
+
+
+def init_home(config_path: Path) -> bool:
+    """Write the starter config (never over an existing one) and the home's folders."""
+    created = False
+    if not config_path.exists():
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = config_path.with_name(f".{config_path.name}.tmp")
+        tmp.write_text(config_mod.starter_toml(), encoding="utf-8")
+        os.replace(tmp, config_path)
+        created = True
+    HomeLayout(config_mod.load(config_path).home).create()
+    return created
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evertune.daemon.service import Service  # the daemon's imports, only when it runs
+
+    path = config_mod.locate(args.config)
+    if not path.exists() and not (args.config or os.environ.get("EVERTUNE_CONFIG")):
+        init_home(path)
+    config = config_mod.load(path)
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    Service(config).run_forever()
+    return EXIT_OK
+
+
+# ingest -------------------------------------------------------------------------------------
+def cmd_ingest(args: argparse.Namespace) -> int:
+    domain = check_domain(args.domain)
+    config = config_mod.load(args.config)
+    layout = HomeLayout(config.home)
+    files = _expand(args.paths)
+    running, _pid = daemon_state(layout.lock_path)
+    inbox = layout.inbox / domain
+    inbox.mkdir(parents=True, exist_ok=True)
+    db = open_db(layout.db_path)
+    reports = []
+    for src in files:
+        target = src if src.parent == inbox.resolve() else _copy_into(db, src, inbox)
+        if running:
+            report = _wait_for_daemon(db, target, args.timeout)
+        else:
+            report = ingest_file(
+                db, layout, target, domain, config.ingest.limits(), progress=_progress_bar(src)
+            )
+        _print_report(report, layout)
+        reports.append(report)
+    ok = all(r.status != "rejected" and r.records_rejected == 0 for r in reports)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    out = []
+    for raw in paths:
+        p = Path(raw).expanduser().resolve()
+        if p.is_dir():
+            out += sorted(c for c in p.iterdir() if c.is_file() and not c.name.startswith("."))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UsageError(f"{raw}: no such file or folder")
+    if not out:
+        raise UsageError(f"no files to ingest in {', '.join(paths)}")
+    return out
+
+
+def _copy_into(db, src: Path, inbox: Path) -> Path:
+    """Copy (never move) a file into the inbox; the rename makes it appear complete."""
+    target = free_name(db, inbox, src.name)
+    tmp = inbox / f".{target.name}.part"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def _wait_for_daemon(db, target: Path, timeout: float) -> FileReport:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = file_row(db, str(target))
+        if row is not None and not target.exists():
+            return load_report(db, row["id"])
+        time.sleep(0.2)
+    raise EvertuneError(
+        f"the daemon did not ingest {target} within {timeout:.0f} s; it stays in the inbox and"
+        " will be ingested when the daemon gets to it (see `evertune status`)"
+    )
+
+
+def _progress_bar(src: Path):
+    if not sys.stderr.isatty() or src.stat().st_size < 20 << 20:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=src.stat().st_size,
+        unit="B",
+        unit_scale=True,
+        desc=src.name,
+        file=sys.stderr,
+        leave=False,
+    )
+
+    def update(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _print_report(r: FileReport, layout: HomeLayout) -> None:
+    where = _short(Path(r.stored_path), layout)
+    if r.status == "duplicate":
+        print(f"{r.domain}/{r.file}: duplicate of {r.duplicate_of}, nothing new -> {where}")
+        return
+    print(
+        f"{r.domain}/{r.file}: {r.status}, {r.examples_added} new examples,"
+        f" {r.examples_duplicate} duplicate, {r.records_rejected} records rejected -> {where}"
+    )
+    if r.status == "rejected" and r.reason:
+        print(f"  reason: {r.reason}")
+    for e in r.errors[:10]:
+        at = f"line {e.line}" if e.line else "file"
+        print(f"  {at}: {e.reason}")
+    if r.records_rejected > 10 or len(r.errors) > 10:
+        print(f"  ... all of them in {_short(Path(r.stored_path + '.report.json'), layout)}")
+
+
+def _short(path: Path, layout: HomeLayout) -> str:
+    try:
+        return str(path.relative_to(layout.home))
+    except ValueError:
+        return str(path)
+
+
+# status -------------------------------------------------------------------------------------
+def status_report(config: config_mod.Config) -> dict[str, Any]:
+    """`status --json`: DESIGN.md's keys (add freely, rename none)."""
+    layout = HomeLayout(config.home)
+    running, pid = daemon_state(layout.lock_path)
+    report: dict[str, Any] = {
+        "home": str(layout.home),
+        "daemon": {"running": running, "pid": pid, "control_url": None},
+        "serving": [],
+        "domains": [],
+        "warnings": list(misplaced(layout.inbox)) if layout.inbox.exists() else [],
+    }
+    names = set()
+    if layout.inbox.exists():
+        names |= {d.name for d in layout.inbox.iterdir() if d.is_dir() and _valid(d.name)}
+    db = open_db(layout.db_path, readonly=True) if layout.db_path.exists() else None
+    if db is not None:
+        names |= set(domain_names(db))
+    for name in sorted(names):
+        summary = domain_summary(db, name) if db is not None else _empty_summary(name)
+        waiting = layout.inbox / name
+        summary["files"]["waiting"] = (
+            sum(1 for f in waiting.iterdir() if f.is_file() and not f.name.startswith("."))
+            if waiting.is_dir()
+            else 0
+        )
+        report["domains"].append(summary)
+    return report
+
+
+def _valid(name: str) -> bool:
+    from evertune.store.domains import domain_problem
+
+    return domain_problem(name) is None
+
+
+def _empty_summary(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "files": {"ingested": 0, "rejected": 0, "duplicate": 0},
+        "examples": 0,
+        "examples_new": 0,
+        "live_version": None,
+        "run": None,
+        "last_errors": [],
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = status_report(config_mod.load(args.config))
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_OK
+    d = report["daemon"]
+    print(f"home: {report['home']}")
+    print(f"daemon: {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}")
+    if not report["domains"]:
+        print("no domains yet: drop files into inbox/<domain>/")
+    for dom in report["domains"]:
+        f = dom["files"]
+        print(
+            f"domain {dom['name']}: {dom['examples']} examples ({dom['examples_new']} not yet"
+            f" trained on); files: {f['ingested']} ingested, {f['rejected']} rejected,"
+            f" {f['duplicate']} duplicate, {f['waiting']} waiting; live version:"
+            f" {dom['live_version'] or 'none'}"
+        )
+        for e in dom["last_errors"]:
+            at = f" line {e['line']}" if e["line"] else ""
+            print(f"  error: {e['file']}{at}: {e['reason']}")
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Configuration: one TOML file -> small frozen dataclasses, one per concern, validated at load.
+
+Every key has a default, so an empty file works. An unknown key or a bad value fails at load
+with a message naming the key, the value and what is allowed. `starter_toml()` renders the
+commented file that `evertune init` writes, from the same field definitions, so the file and
+the code cannot disagree.
+
+Finding the config and the home (DESIGN.md): `--config FILE`, else `$EVERTUNE_CONFIG`, else
+`<home>/evertune.toml` with home `$EVERTUNE_HOME` or `./evertune-home`. The config's `home`
+key, when set, says where the state lives; otherwise `$EVERTUNE_HOME`, else the config's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evertune.daemon.errors import ConfigError
+from evertune.store.ingest import IngestLimits
+
+CONFIG_NAME = "evertune.toml"
+DEFAULT_HOME = "evertune-home"
+
+
+def key(
+    default: Any,
+    doc: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A config field: its default, the line of documentation in the starter file, its bounds."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_example_chars: int = key(
+        32_000, "Longest example kept, in characters of content.", min=16, max=10_000_000
+    )
+    text_chunk_chars: int = key(
+        2_000, "Plain .txt/.md files are cut into chunks of this size.", min=64, max=1_000_000
+    )
+    max_errors_kept: int = key(
+        1_000, "Rejected records listed per file (all are counted).", min=1, max=1_000_000
+    )
+
+    def limits(self) -> IngestLimits:
+        return IngestLimits(
+            max_example_chars=self.max_example_chars,
+            text_chunk_chars=self.text_chunk_chars,
+            max_errors_kept=self.max_errors_kept,
+        )
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_seconds: float = key(
+        0.5,
+        "A file is read once it has been quiet this long (and its writer closed it).",
+        min=0.0,
+        max=3600,
+    )
+    unclosed_timeout_seconds: float = key(
+        300.0,
+        "A file written but never closed is read anyway after this long without change.",
+        min=1.0,
+        max=86_400,
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = key(
+        "info",
+        "Log level of the daemon (stderr; journald keeps it).",
+        choices=("debug", "info", "warning", "error"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    path: Path | None  # the file it was loaded from; None when no file exists yet
+    ingest: IngestConfig = IngestConfig()
+    watch: WatchConfig = WatchConfig()
+    log: LogConfig = LogConfig()
+
+
+SECTIONS: dict[str, type] = {"ingest": IngestConfig, "watch": WatchConfig, "log": LogConfig}
+
+
+def locate(config: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The config file path, following DESIGN.md's order (the file may not exist yet)."""
+    env = os.environ if env is None else env
+    if config:
+        return Path(config).expanduser().absolute()
+    if env.get("EVERTUNE_CONFIG"):
+        return Path(env["EVERTUNE_CONFIG"]).expanduser().absolute()
+    home = env.get("EVERTUNE_HOME") or DEFAULT_HOME
+    return Path(home).expanduser().absolute() / CONFIG_NAME
+
+
+def load(config: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load and validate the config; a missing file means every default."""
+    env = os.environ if env is None else env
+    path = locate(config, env)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc}") from exc
+    elif config or env.get("EVERTUNE_CONFIG"):
+        raise ConfigError(f"{path}: no such config file (create one with `evertune init`)")
+    return parse(data, path if path.exists() else None, default_home=path.parent, env=env)
+
+
+def parse(
+    data: dict[str, Any],
+    path: Path | None,
+    *,
+    default_home: Path,
+    env: dict[str, str] | None = None,
+) -> Config:
+    env = os.environ if env is None else env
+    where = str(path or CONFIG_NAME)
+    unknown = set(data) - {"home", *SECTIONS}
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{sorted(unknown)[0]}' (allowed top-level keys: home,"
+            f" {', '.join(f'[{s}]' for s in SECTIONS)})"
+        )
+    home_value = data.get("home")
+    if home_value is not None and not isinstance(home_value, str):
+        raise ConfigError(f"{where}: home = {home_value!r} must be a string (a folder path)")
+    if home_value:
+        home = Path(home_value).expanduser()
+        if not home.is_absolute():  # relative to the config file, not to wherever we run
+            home = default_home / home
+    else:
+        home = Path(env["EVERTUNE_HOME"]).expanduser() if env.get("EVERTUNE_HOME") else default_home
+    sections = {
+        name: _section(where, name, cls, data.get(name, {})) for name, cls in SECTIONS.items()
+    }
+    return Config(home=home.absolute(), path=path, **sections)
+
+
+def _section(where: str, name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: '{name}' must be a table ([{name}]), not {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k in values:
+        if k not in fields:
+            raise ConfigError(
+                f"{where}: unknown key '{name}.{k}' (allowed in [{name}]: {', '.join(fields)})"
+            )
+    return cls(
+        **{
+            k: _check(where, f"{name}.{k}", v, hints[k], fields[k].metadata)
+            for k, v in values.items()
+        }
+    )
+
+
+def _check(where: str, dotted: str, value: Any, typ: Any, meta: Any) -> Any:
+    allowed = _describe(typ, meta)
+    ok_type = (
+        (typ is bool and isinstance(value, bool))
+        or (typ is int and isinstance(value, int) and not isinstance(value, bool))
+        or (typ is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (typ is str and isinstance(value, str))
+    )
+    if not ok_type:
+        raise ConfigError(f"{where}: {dotted} = {value!r} has the wrong type; allowed: {allowed}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {dotted} = {value!r} is not allowed; allowed: {allowed}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{where}: {dotted} = {value!r} is out of range; allowed: {allowed}")
+    return float(value) if typ is float else value
+
+
+def _describe(typ: Any, meta: Any) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    name = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        typ, getattr(typ, "__name__", str(typ)) if not isinstance(typ, types.UnionType) else ""
+    )
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"{name} from {lo} to {hi}"
+    return name
+
+
+def starter_toml() -> str:
+    """The commented config `evertune init` writes: every key, at its default, commented out."""
+    lines = [
+        "# evertune configuration. Every key is optional; the values shown are the defaults.",
+        "# Uncomment and change what you need; unknown keys are refused at start.",
+        "",
+        "# Where the state (inbox/, done/, the database, adapters) lives; default: this folder.",
+        '# home = "/var/lib/evertune"',
+    ]
+    for name, cls in SECTIONS.items():
+        lines += ["", f"[{name}]"]
+        for f in dataclasses.fields(cls):
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"# {f.name} = {_toml_value(f.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, int):
+        return f"{value:_}" if abs(value) >= 10_000 else str(value)
+    return repr(value)

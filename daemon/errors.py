@@ -1,0 +1,20 @@
+"""The daemon's exception catalogue. Only the CLI and the daemon's job boundary turn these
+into output; each message carries the offending value and how to fix it."""
+
+from __future__ import annotations
+
+
+class EvertuneError(Exception):
+    """Base class of every error raised by evertune.daemon."""
+
+
+class ConfigError(EvertuneError, ValueError):
+    """The config file is missing, unreadable, or has an unknown key or a bad value."""
+
+
+class UsageError(EvertuneError, ValueError):
+    """A command was called with arguments that cannot work (exit code 2)."""
+
+
+class DaemonRunningError(EvertuneError, RuntimeError):
+    """A second daemon was started on a home that already has one."""

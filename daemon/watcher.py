@@ -1,0 +1,217 @@
+"""The inbox watcher: one watchdog observer over `inbox/`, plus a scan at start.
+
+Event handlers only record what happened (STYLE.md); a settle thread decides when a file
+is complete and hands `(domain, path)` to `on_ready`. A file is complete when:
+
+- its writer closed it (inotify close-write) or it was renamed into the folder, or it was
+  found by the start-up scan, and
+- it has then been quiet for `settle_seconds` with an unchanged size and mtime.
+
+A file written but never closed (a writer that holds it open) is taken only after
+`unclosed_timeout_seconds` without change. Where the platform reports no close events
+(watchdog's non-inotify observers) quiet + unchanged is enough.
+
+Only `inbox/<domain>/<file>` is ingested. Hidden and temporary files (`.*`, `*.tmp`,
+`*.part`) are ignored without a word; files directly in `inbox/`, in nested folders or in
+folders that are not valid domain names are left where they are, logged once, and listed
+by `evertune status`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from evertune.store.domains import domain_problem
+
+log = logging.getLogger(__name__)
+
+IGNORED_SUFFIXES = (".tmp", ".part", ".swp", ".crdownload")
+Ready = Callable[[str, Path], None]
+
+
+def is_ignored(name: str) -> bool:
+    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES) or name.endswith("~")
+
+
+def classify(inbox: Path, path: Path) -> tuple[str | None, str | None]:
+    """(domain, None) for an ingestible file; (None, why) for a misplaced one; (None, None)
+    for a file that is ignored by design (hidden, temporary)."""
+    try:
+        parts = path.relative_to(inbox).parts
+    except ValueError:
+        return None, None
+    if not parts or any(is_ignored(p) for p in parts):
+        return None, None
+    if len(parts) == 1:
+        return (
+            None,
+            f"{path}: files directly in inbox/ are not ingested; move it into inbox/<domain>/",
+        )
+    problem = domain_problem(parts[0])
+    if problem:
+        return None, f"{path}: folder {problem}"
+    if len(parts) > 2:
+        return None, f"{path}: nested folders are not ingested; move it up into inbox/{parts[0]}/"
+    return parts[0], None
+
+
+def misplaced(inbox: Path) -> Iterator[str]:
+    """Why each misplaced file under the inbox is not ingested (for status and start-up)."""
+    for root, dirs, files in os.walk(inbox):
+        dirs[:] = [d for d in dirs if not is_ignored(d)]
+        for name in files:
+            _, why = classify(inbox, Path(root) / name)
+            if why:
+                yield why
+
+
+@dataclass
+class _Pending:
+    last_event: float
+    finished: bool  # closed, renamed in, or found by the scan
+    stat: tuple[int, int] | None = None
+
+
+class _Handler(FileSystemEventHandler):
+    """Only records events; every decision is taken by the settle thread."""
+
+    def __init__(self, note: Callable[[Path, bool], None], rescan: Callable[[Path], None]):
+        self._note, self._rescan = note, rescan
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            # Files created before the new folder's watch was added raise no event of their own.
+            self._rescan(Path(os.fsdecode(event.src_path)))
+        else:
+            self._note(Path(os.fsdecode(event.src_path)), False)
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._note(Path(os.fsdecode(event.src_path)), False)
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._note(Path(os.fsdecode(event.src_path)), True)
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        dest = Path(os.fsdecode(event.dest_path))
+        if event.is_directory:
+            self._rescan(dest)
+        else:
+            self._note(dest, True)
+
+
+class InboxWatcher:
+    """start() / stop() / join(): the observer thread and the settle thread."""
+
+    def __init__(
+        self,
+        inbox: Path,
+        on_ready: Ready,
+        *,
+        settle_seconds: float,
+        unclosed_timeout_seconds: float,
+        tick: float = 0.1,
+    ):
+        self.inbox = inbox
+        self._on_ready = on_ready
+        self._settle = settle_seconds
+        self._unclosed = unclosed_timeout_seconds
+        self._tick = tick
+        self._pending: dict[Path, _Pending] = {}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._observer = Observer()
+        # Only inotify reports close-write; elsewhere "quiet and unchanged" has to do.
+        self._close_events = type(self._observer).__name__ == "InotifyObserver"
+        self._thread = threading.Thread(target=self._run, name="inbox-settle", daemon=True)
+
+    # lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self._observer.schedule(_Handler(self._note, self.scan), str(self.inbox), recursive=True)
+        self._observer.start()
+        self.scan(self.inbox)  # after the observer starts, so nothing falls between the two
+        self._thread.start()
+        log.info("watching %s (close events: %s)", self.inbox, self._close_events)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._observer.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._observer.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # events ------------------------------------------------------------------------------
+    def scan(self, folder: Path) -> None:
+        """Take every file already under `folder` as finished (start-up, new folders)."""
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if not is_ignored(d)]
+            for name in files:
+                self._note(Path(root) / name, True)
+
+    def _note(self, path: Path, finished: bool) -> None:
+        domain, why = classify(self.inbox, path)
+        if domain is None:
+            if why and why not in self._warned:
+                self._warned.add(why)
+                log.warning("not ingested: %s", why)
+            return
+        with self._lock:
+            entry = self._pending.get(path)
+            if entry is None:
+                self._pending[path] = _Pending(time.monotonic(), finished)
+            else:
+                entry.last_event = time.monotonic()
+                # A write after the close reopens the question until the next close.
+                entry.finished = finished
+
+    # settle loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick):
+            for path in self._due():
+                domain, _ = classify(self.inbox, path)
+                try:
+                    self._on_ready(domain, path)
+                except Exception:  # the job boundary: log, keep watching
+                    log.exception("handing %s to ingestion failed", path)
+
+    def _due(self) -> list[Path]:
+        now = time.monotonic()
+        ready = []
+        with self._lock:
+            for path, entry in list(self._pending.items()):
+                quiet = now - entry.last_event
+                needed = self._settle
+                if self._close_events and not entry.finished:
+                    needed = max(self._settle, self._unclosed)
+                if quiet < needed:
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    del self._pending[path]  # moved away or deleted before it was read
+                    continue
+                stat = (st.st_size, st.st_mtime_ns)
+                if entry.stat != stat and self._settle > 0:
+                    entry.stat, entry.last_event = stat, now  # changed: wait another period
+                    continue
+                del self._pending[path]
+                ready.append(path)
+        return ready
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)

@@ -1,0 +1,75 @@
+"""The one store writer: a thread that owns the write connection and runs jobs in order.
+
+Everything in the daemon that writes to SQLite submits a job here (STYLE.md: one writer;
+readers use their own connections in WAL mode). A job that raises fails its future, not
+the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from evertune.store.db import open_db
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[Database], Any]
+
+
+class StoreWriter:
+    def __init__(self, db_path: Path):
+        self._db_path = db_path
+        self._jobs: queue.Queue[tuple[Job, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._db: Database | None = None
+        self._opened = threading.Event()
+        self._open_error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self._opened.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    def submit(self, job: Job) -> Future:
+        future: Future = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def stop(self) -> None:
+        """Finish the jobs already queued, then stop."""
+        self._jobs.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def backlog(self) -> int:
+        return self._jobs.qsize()
+
+    def _run(self) -> None:
+        try:
+            self._db = open_db(self._db_path)
+        except BaseException as exc:
+            self._open_error = exc
+            self._opened.set()
+            return
+        self._opened.set()
+        try:
+            while (item := self._jobs.get()) is not None:
+                job, future = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(job(self._db))
+                except BaseException as exc:
+                    future.set_exception(exc)
+        finally:
+            self._db.close()

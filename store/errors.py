@@ -1,0 +1,23 @@
+"""The store's exception catalogue: each message names the offending value and the fix."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error raised by evertune.store."""
+
+
+class SchemaError(StoreError, RuntimeError):
+    """The database file is not one this version can use."""
+
+
+class IngestError(StoreError, ValueError):
+    """A file cannot be ingested at all (not a per-record problem)."""
+
+
+class RecordError(StoreError, ValueError):
+    """One record of a data file is unusable; the message is the reason shown to the user."""
+
+
+class InvalidDomainError(StoreError, ValueError):
+    """A domain name that cannot be served as a model name."""

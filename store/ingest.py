@@ -1,0 +1,440 @@
+"""Ingestion: one dropped file -> validated, normalised, deduplicated examples in SQLite.
+
+The one code path used by the watcher and by `evertune ingest`. Per file:
+
+1. hash the content (sha256); a content already ingested in this domain is a duplicate;
+2. stream the records (store.readers), normalise each (store.formats), and insert them in
+   batches inside ONE transaction together with the file's row and its error list, so a
+   crash leaves either the whole file ingested or none of it;
+3. after the commit, write the report and move the file to done/ or rejected/ (never
+   deleted, never overwritten). A crash between commit and move is finished at the next
+   start: the row knows where the file was going.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import orjson
+from sqlite_utils import Database
+
+from evertune.store.db import utcnow
+from evertune.store.errors import IngestError, RecordError
+from evertune.store.formats import TEXT, normalise
+from evertune.store.layout import HomeLayout
+from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
+
+log = logging.getLogger(__name__)
+
+INSERT_EXAMPLE = (
+    "INSERT OR IGNORE INTO examples"
+    " (domain, kind, body, content_hash, chars, file_id, line, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    max_example_chars: int = 32_000
+    text_chunk_chars: int = 2_000
+    max_record_bytes: int = 16 << 20
+    batch_size: int = 5_000
+    max_errors_kept: int = 1_000
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int | None
+    offset: int | None
+    reason: str
+
+
+@dataclass
+class FileReport:
+    """What happened to one dropped file; also the content of its .report.json."""
+
+    file: str
+    domain: str
+    status: str  # ingested | rejected | duplicate
+    sha256: str
+    size: int
+    stored_path: str
+    format: str | None = None
+    records: int = 0
+    examples_added: int = 0
+    examples_duplicate: int = 0
+    records_rejected: int = 0
+    reason: str | None = None
+    duplicate_of: str | None = None
+    errors: list[Problem] = field(default_factory=list)
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    file_id: int | None = None
+    ingested_at: str = ""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+
+
+Progress = Callable[[int, int], None]  # (bytes read, file size)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ingest_file(
+    db: Database,
+    layout: HomeLayout,
+    path: Path,
+    domain: str,
+    limits: IngestLimits = IngestLimits(),
+    progress: Progress | None = None,
+) -> FileReport:
+    """Ingest one file of `domain` that lies in the inbox; return its report."""
+    path = Path(path)
+    size = path.stat().st_size
+    sha = file_sha256(path)
+    unfinished = _unfinished_move(db, domain, sha, path)
+    if unfinished is not None:
+        log.warning("finishing the move of %s (the previous run stopped after its commit)", path)
+        return _finish(path, unfinished)
+    first = db.execute(
+        "SELECT id, name, ingested_at FROM files"
+        " WHERE domain = ? AND sha256 = ? AND status = 'ingested' ORDER BY id LIMIT 1",
+        [domain, sha],
+    ).fetchone()
+    report = FileReport(
+        file=path.name,
+        domain=domain,
+        status="ingested",
+        sha256=sha,
+        size=size,
+        stored_path="",
+        ingested_at=utcnow(),
+    )
+    if first is not None:
+        report.status = "duplicate"
+        report.duplicate_of = f"{first[1]} (file #{first[0]}, ingested {first[2]})"
+        report.reason = "the same content was already ingested into this domain"
+    with db.atomic():
+        file_id = _record(db, layout, path, report, duplicate_of=first and first[0])
+        if report.status == "ingested":
+            _parse_into(db, path, domain, file_id, report, limits, progress)
+        _update_counts(db, layout, path, report)
+    log.info(
+        "file %s/%s: %s, %d new, %d duplicate examples, %d records rejected",
+        domain,
+        path.name,
+        report.status,
+        report.examples_added,
+        report.examples_duplicate,
+        report.records_rejected,
+    )
+    return _finish(path, report)
+
+
+def _unfinished_move(db: Database, domain: str, sha: str, path: Path) -> FileReport | None:
+    row = db.execute(
+        "SELECT id, stored_path, report_path FROM files"
+        " WHERE domain = ? AND sha256 = ? AND inbox_path = ? ORDER BY id DESC LIMIT 1",
+        [domain, sha, str(path)],
+    ).fetchone()
+    if row is None or Path(row[1]).exists():
+        return None
+    report = load_report(db, row[0])
+    return report
+
+
+def load_report(db: Database, file_id: int) -> FileReport:
+    """Rebuild a file's report from the store (the report file is derived from this)."""
+    cols = [
+        "id",
+        "name",
+        "domain",
+        "status",
+        "sha256",
+        "size",
+        "stored_path",
+        "format",
+        "records",
+        "examples_added",
+        "examples_duplicate",
+        "records_rejected",
+        "reason",
+        "duplicate_of",
+        "ingested_at",
+    ]
+    row = dict(
+        zip(
+            cols,
+            db.execute(f"SELECT {', '.join(cols)} FROM files WHERE id = ?", [file_id]).fetchone(),
+            strict=True,
+        )
+    )
+    errors = [
+        Problem(*e)
+        for e in db.execute(
+            "SELECT line, byte_offset, reason FROM file_errors WHERE file_id = ? ORDER BY id",
+            [file_id],
+        )
+    ]
+    dup = row.pop("duplicate_of")
+    row["file_id"] = row.pop("id")
+    row["file"] = row.pop("name")
+    report = FileReport(
+        **row, errors=errors, errors_by_reason=dict(Counter(_reason_key(e.reason) for e in errors))
+    )
+    if dup is not None:
+        name, when = db.execute(
+            "SELECT name, ingested_at FROM files WHERE id = ?", [dup]
+        ).fetchone()
+        report.duplicate_of = f"{name} (file #{dup}, ingested {when})"
+    return report
+
+
+def _record(
+    db: Database, layout: HomeLayout, path: Path, report: FileReport, duplicate_of: int | None
+) -> int:
+    """Insert the file's row; _update_counts completes it in the same transaction."""
+    report.stored_path = str(free_name(db, layout.done / report.domain, path.name))
+    cur = db.execute(
+        "INSERT INTO files (domain, name, inbox_path, stored_path, report_path, size, sha256,"
+        " status, reason, duplicate_of, received_at, ingested_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            report.domain,
+            report.file,
+            str(path),
+            report.stored_path,
+            report.stored_path + ".report.json",
+            report.size,
+            report.sha256,
+            report.status,
+            report.reason,
+            duplicate_of,
+            report.ingested_at,
+            report.ingested_at,
+        ],
+    )
+    report.file_id = cur.lastrowid
+    return report.file_id
+
+
+def _parse_into(
+    db: Database,
+    path: Path,
+    domain: str,
+    file_id: int,
+    report: FileReport,
+    limits: IngestLimits,
+    progress: Progress | None,
+) -> None:
+    """Parse in a helper thread while this one inserts: sqlite3 releases the GIL inside
+    SQLite, so parsing and B-tree work overlap on two cores (benchmarks/ingest.py). The
+    queue is bounded, so memory stays at a few batches whatever the file size."""
+    batches: queue.Queue[list[tuple] | BaseException | None] = queue.Queue(maxsize=4)
+
+    def produce() -> None:
+        try:
+            for batch in _parsed_batches(path, domain, file_id, report, limits, progress):
+                batches.put(batch)
+            batches.put(None)
+        except BaseException as exc:  # handed to the inserting thread, which re-raises it
+            batches.put(exc)
+
+    parser = threading.Thread(target=produce, name=f"parse-{file_id}", daemon=True)
+    parser.start()
+    added = 0
+    try:
+        while (batch := batches.get()) is not None:
+            if isinstance(batch, BaseException):
+                raise batch
+            added += _insert(db.conn, batch)
+    finally:
+        if parser.is_alive():  # an insert failed: let the parser run out, then wait for it
+            while batches.get() is not None and parser.is_alive():
+                pass
+        parser.join()
+    report.examples_added = added
+    report.examples_duplicate = report.records - report.records_rejected - added
+    if added + report.examples_duplicate == 0 and report.reason is None:
+        report.reason = "no usable example in the file" + (
+            f" ({report.records_rejected} records rejected)" if report.records_rejected else ""
+        )
+
+
+def _parsed_batches(
+    path: Path,
+    domain: str,
+    file_id: int,
+    report: FileReport,
+    limits: IngestLimits,
+    progress: Progress | None,
+) -> Iterator[list[tuple]]:
+    """Rows for the examples table, in batches; fills the report's record counts."""
+    errors = report.errors
+    reasons: Counter[str] = Counter()
+
+    def reject(line: int | None, offset: int | None, reason: str) -> None:
+        report.records_rejected += 1
+        reasons[_reason_key(reason)] += 1
+        if len(errors) < limits.max_errors_kept:
+            errors.append(Problem(line, offset, reason))
+
+    with path.open("rb") as f:
+        try:
+            report.format = detect_format(path, f.read(SNIFF_BYTES))
+        except IngestError as exc:
+            report.reason = str(exc)
+            errors.append(Problem(None, None, str(exc)))
+            report.errors_by_reason = {_reason_key(str(exc)): 1}
+            return
+        f.seek(0)
+        items = read_records(
+            report.format,
+            f,
+            max_record_bytes=limits.max_record_bytes,
+            chunk_chars=limits.text_chunk_chars,
+        )
+        now = report.ingested_at
+        blake2b, dumps = hashlib.blake2b, orjson.dumps
+        batch: list[tuple] = []
+        valid = 0
+        for line, offset, record, error in items:
+            if error is not None:
+                # A problem with the file's structure (not one record) counts as one record.
+                reject(line, offset, error)
+                continue
+            try:
+                kind, body, chars = normalise(record, limits.max_example_chars)
+            except RecordError as exc:
+                reject(line, offset, str(exc))
+                continue
+            valid += 1
+            data = body.encode() if kind == TEXT else dumps(body)
+            digest = blake2b(data, digest_size=16, person=kind.encode()).digest()
+            batch.append(
+                (
+                    domain,
+                    kind,
+                    body if kind == TEXT else data.decode(),
+                    digest,
+                    chars,
+                    file_id,
+                    line,
+                    now,
+                )
+            )
+            if len(batch) >= limits.batch_size:
+                yield batch
+                batch = []
+                if progress:
+                    progress(f.tell(), report.size)
+        if batch:
+            yield batch
+        if progress:
+            progress(report.size, report.size)
+    report.records = valid + report.records_rejected
+    report.errors_by_reason = dict(reasons)
+
+
+def _insert(conn, batch: list[tuple]) -> int:
+    before = conn.total_changes
+    conn.executemany(INSERT_EXAMPLE, batch)
+    return conn.total_changes - before
+
+
+def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileReport) -> None:
+    if report.status == "ingested" and report.examples_added + report.examples_duplicate == 0:
+        report.status = "rejected"
+        report.stored_path = str(free_name(db, layout.rejected / report.domain, path.name))
+    db.execute(
+        "UPDATE files SET status = ?, stored_path = ?, report_path = ?, format = ?, records = ?,"
+        " examples_added = ?, examples_duplicate = ?, records_rejected = ?, reason = ?"
+        " WHERE id = ?",
+        [
+            report.status,
+            report.stored_path,
+            report.stored_path + ".report.json",
+            report.format,
+            report.records,
+            report.examples_added,
+            report.examples_duplicate,
+            report.records_rejected,
+            report.reason,
+            report.file_id,
+        ],
+    )
+    db.conn.executemany(
+        "INSERT INTO file_errors (file_id, line, byte_offset, reason) VALUES (?, ?, ?, ?)",
+        [(report.file_id, e.line, e.offset, e.reason) for e in report.errors],
+    )
+    db.execute(
+        "INSERT INTO events (ts, level, domain, kind, message) VALUES (?, ?, ?, ?, ?)",
+        [
+            report.ingested_at,
+            "warning" if report.records_rejected else "info",
+            report.domain,
+            f"file_{report.status}",
+            f"{report.file}: {report.examples_added} new, {report.examples_duplicate} duplicate,"
+            f" {report.records_rejected} rejected",
+        ],
+    )
+
+
+def _reason_key(reason: str) -> str:
+    """Group reasons for counting: the text before the first ':' or '(' ."""
+    return reason.split(":", 1)[0].split("(", 1)[0].strip()
+
+
+def free_name(db: Database, folder: Path, name: str) -> Path:
+    """A path in `folder` that neither exists nor is promised to another file's row."""
+    stem, suffix = os.path.splitext(name)
+    candidate, n = folder / name, 1
+    while (
+        candidate.exists()
+        or db.execute("SELECT 1 FROM files WHERE stored_path = ?", [str(candidate)]).fetchone()
+    ):
+        n += 1
+        candidate = folder / f"{stem}~{n}{suffix}"
+    return candidate
+
+
+def _finish(path: Path, report: FileReport) -> FileReport:
+    """Write the report beside the stored file, then move the file there (after the commit)."""
+    stored = Path(report.stored_path)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(Path(report.stored_path + ".report.json"), report.to_json())
+    os.replace(path, stored)
+    _fsync_dir(stored.parent)
+    _fsync_dir(path.parent)
+    return report
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

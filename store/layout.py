@@ -1,0 +1,44 @@
+"""Where things live under the home directory (DESIGN.md, "Home directory")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HomeLayout:
+    home: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "evertune.db"
+
+    @property
+    def inbox(self) -> Path:
+        return self.home / "inbox"
+
+    @property
+    def done(self) -> Path:
+        return self.home / "done"
+
+    @property
+    def rejected(self) -> Path:
+        return self.home / "rejected"
+
+    @property
+    def adapters(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def lock_path(self) -> Path:
+        """Held (flock) by the running daemon; its content is the daemon's pid."""
+        return self.home / "daemon.lock"
+
+    def create(self) -> None:
+        for folder in (self.inbox, self.done, self.rejected, self.adapters, self.models):
+            folder.mkdir(parents=True, exist_ok=True)

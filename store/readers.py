@@ -1,0 +1,274 @@
+"""Streaming readers: turn one data file into (line, byte_offset, record, error) items.
+
+Memory stays flat whatever the file size: JSONL and CSV are read a line at a time, a
+whole-file JSON array is decoded a record at a time from a bounded window, text is chunked.
+`record` is a parsed object (a dict for well-formed input) or None with `error` saying why.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from evertune.store.errors import IngestError
+
+Item = tuple[int | None, int | None, Any, str | None]
+
+SNIFF_BYTES = 8192
+JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
+SUPPORTED = ".jsonl .ndjson .json .csv .tsv .txt .md"
+BOM = codecs.BOM_UTF8
+
+
+def detect_format(path: Path, head: bytes) -> str:
+    """jsonl, json-array, csv, tsv or text; raise IngestError for files we cannot read."""
+    if not head.strip():
+        raise IngestError("empty file: no records")
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise IngestError(f"binary file (NUL byte at offset {nul}); expected UTF-8 text")
+    suffix = path.suffix.lower()
+    first = head.removeprefix(BOM).lstrip()[:1]
+    if suffix in JSON_SUFFIXES:
+        return "json-array" if first == b"[" else "jsonl"
+    if suffix in CSV_SUFFIXES:
+        return suffix[1:]
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    raise IngestError(f"unsupported file type '{suffix or path.name}' (supported: {SUPPORTED})")
+
+
+def read_records(
+    fmt: str, f: BinaryIO, *, max_record_bytes: int, chunk_chars: int
+) -> Iterator[Item]:
+    if fmt == "jsonl":
+        return read_jsonl(f)
+    if fmt == "json-array":
+        return read_json_array(f, max_record_bytes=max_record_bytes)
+    if fmt in ("csv", "tsv"):
+        return read_csv(f, delimiter="," if fmt == "csv" else "\t")
+    return read_text(f, chunk_chars=chunk_chars)
+
+
+def _utf8_problem(raw: bytes) -> str | None:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (invalid byte at column {exc.start + 1})"
+    return None
+
+
+def read_jsonl(f: BinaryIO) -> Iterator[Item]:
+    offset = 0
+    loads = orjson.loads
+    for line_no, raw in enumerate(f, 1):
+        start = offset
+        offset += len(raw)
+        if line_no == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        try:
+            yield line_no, start, loads(raw), None
+        except orjson.JSONDecodeError as exc:
+            if not raw.strip():
+                continue  # blank lines are layout, not records
+            reason = _utf8_problem(raw) or f"bad JSON: {exc.msg} (column {exc.colno})"
+            if not raw.endswith(b"\n"):
+                reason += " (the last line is incomplete: was the file cut short?)"
+            yield line_no, start, None, reason
+
+
+def read_json_array(f: BinaryIO, *, max_record_bytes: int, chunk: int = 1 << 20) -> Iterator[Item]:
+    """Decode `[rec, rec, ...]` one record at a time; a truncated file keeps what came before."""
+    decoder = json.JSONDecoder()
+    text_decoder = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof, read_total = "", 0, False, 0
+    # A cursor (index in buf, its line, its byte offset in the file) moved forward only, so
+    # counting lines and bytes costs O(file) in all, not O(window) per record.
+    cur, cur_line, cur_off = 0, 1, 0
+
+    def where(i: int) -> tuple[int, int]:
+        nonlocal cur, cur_line, cur_off
+        seg = buf[cur:i]
+        cur_line += seg.count("\n")
+        cur_off += len(seg.encode("utf-8"))
+        cur = i
+        return cur_line, cur_off
+
+    def refill() -> bool:
+        nonlocal buf, pos, eof, cur, read_total
+        if eof:
+            return False
+        where(pos)  # drop what was consumed; the cursor keeps its line and offset
+        data = f.read(chunk)
+        eof = not data
+        try:
+            buf = buf[pos:] + text_decoder.decode(data, final=eof)
+        except UnicodeDecodeError as exc:
+            near = read_total + exc.start
+            raise _ArrayStop(f"not UTF-8 (invalid byte near byte offset {near})") from exc
+        read_total += len(data)
+        pos = cur = 0
+        return not eof or bool(buf)
+
+    def skip_ws() -> bool:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
+                pos += 1
+            if pos < len(buf):
+                return True
+            if not refill():
+                return False
+
+    try:
+        refill()
+        skip_ws()
+        pos += 1  # the '[' that detect_format saw
+        index = 0
+        while True:
+            if not skip_ws():
+                line, off = where(pos)
+                yield (
+                    line,
+                    off,
+                    None,
+                    (
+                        f"truncated JSON array: the file ends after record {index} without the"
+                        " closing ']' (every complete record before was kept)"
+                    ),
+                )
+                return
+            if buf[pos] == "]":
+                return
+            if index:
+                if buf[pos] != ",":
+                    line, off = where(pos)
+                    yield line, off, None, f"bad JSON: expected ',' or ']' after record {index}"
+                    return
+                pos += 1
+                if not skip_ws():
+                    continue
+            while True:
+                try:
+                    record, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as exc:
+                    # Incomplete in this window, or really malformed: read on, within limits.
+                    if len(buf) - pos < max_record_bytes and refill():
+                        continue
+                    line, off = where(pos)
+                    if eof:
+                        msg = (
+                            f"truncated JSON array: record {index + 1} is cut off at the end"
+                            " of the file (every complete record before it was kept)"
+                        )
+                    else:
+                        msg = f"bad JSON in record {index + 1}: {exc.msg}"
+                    yield line, off, None, msg
+                    return
+            line, off = where(pos)
+            index += 1
+            yield line, off, record, None
+            pos = end
+    except _ArrayStop as stop:
+        yield None, None, None, str(stop)
+
+
+class _ArrayStop(Exception):
+    """Reading the array cannot go on (bad bytes); what was read before is kept."""
+
+
+def _decoded_lines(f: BinaryIO, bad: set[int]) -> Iterator[str]:
+    for line_no, raw in enumerate(f, 1):
+        if line_no == 1:
+            raw = raw.removeprefix(BOM)
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.add(line_no)
+            yield raw.decode("utf-8", errors="replace")
+
+
+def read_csv(f: BinaryIO, *, delimiter: str) -> Iterator[Item]:
+    bad: set[int] = set()
+    reader = csv.reader(_decoded_lines(f, bad), delimiter=delimiter)
+    header = next(reader, None)
+    if not header:
+        yield 1, 0, None, "CSV file has no header row"
+        return
+    columns = [h.strip().lower() for h in header]
+    known = {"prompt", "completion", "question", "answer", "instruction", "output", "text"}
+    if not known & set(columns):
+        yield (
+            1,
+            0,
+            None,
+            (
+                f"CSV header has no usable columns (found: {', '.join(columns)}); expected"
+                " prompt,completion or question,answer (optionally system), or"
+                " instruction,input,output, or text"
+            ),
+        )
+        return
+    start = reader.line_num + 1
+    for row in reader:
+        end = reader.line_num
+        line, start = start, end + 1
+        if not row:  # a blank line; a row of empty cells is reported below, not skipped
+            continue
+        if bad and any(n in bad for n in range(line, end + 1)):
+            yield line, None, None, "not UTF-8 (invalid bytes in this row)"
+        elif len(row) != len(columns):
+            yield line, None, None, f"row has {len(row)} fields, the header has {len(columns)}"
+        else:
+            yield line, None, dict(zip(columns, row, strict=True)), None
+
+
+def read_text(f: BinaryIO, *, chunk_chars: int) -> Iterator[Item]:
+    """Continued pre-training text: paragraphs packed into chunks of at most chunk_chars."""
+    parts: list[str] = []
+    size, first_line, first_offset, offset = 0, 1, 0, 0
+
+    def flush() -> Iterator[Item]:
+        nonlocal parts, size
+        if parts and "".join(parts).strip():
+            yield first_line, first_offset, {"text": "".join(parts).strip("\n")}, None
+        parts, size = [], 0
+
+    for line_no, raw in enumerate(f, 1):
+        start, offset = offset, offset + len(raw)
+        if line_no == 1:
+            raw = raw.removeprefix(BOM)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield line_no, start, None, f"not UTF-8 (invalid byte at column {exc.start + 1})"
+            continue
+        # Break at a paragraph boundary once the chunk is over half full, or anywhere when full.
+        blank = not line.strip()
+        if (blank and size >= chunk_chars // 2) or size + len(line) > chunk_chars:
+            yield from flush()
+        while len(line) > chunk_chars:  # one enormous line: hard split
+            parts, size, first_line, first_offset = (
+                [line[:chunk_chars]],
+                chunk_chars,
+                line_no,
+                start,
+            )
+            yield from flush()
+            line = line[chunk_chars:]
+        if not parts:
+            if blank:
+                continue
+            first_line, first_offset = line_no, start
+        parts.append(line)
+        size += len(line)
+    yield from flush()

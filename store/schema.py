@@ -1,0 +1,163 @@
+"""The schema, as sqlite-utils migrations applied in order at every start.
+
+Append new migrations at the end; never edit one that has shipped. Tables:
+
+- files: every file dropped, one row per drop (a re-drop of the same content is a row
+  with status 'duplicate' pointing at the first); where it went (done/ or rejected/).
+- file_errors: the rejected records of a file (file, line, byte offset, reason), capped.
+- examples: normalised examples, unique per (domain, content_hash), with their source.
+- runs / versions / version_examples: training runs, adapter versions and which examples
+  each version was trained on (filled by evertune.adapters).
+- endpoint_models: what each serving endpoint actually serves (filled by the serving side).
+- events: an append-only log of what the service did, for `status` and debugging.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database, Migrations
+
+MIGRATION_SET = "evertune"
+migrations = Migrations(MIGRATION_SET)
+
+
+@migrations()
+def m001_files_and_examples(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            domain TEXT NOT NULL,
+            name TEXT NOT NULL,              -- the name it was dropped with
+            inbox_path TEXT NOT NULL,        -- where it was found
+            stored_path TEXT NOT NULL,       -- where it is kept (done/ or rejected/)
+            report_path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('ingested', 'rejected', 'duplicate')),
+            format TEXT,                     -- jsonl, json-array, csv, tsv, text
+            records INTEGER NOT NULL DEFAULT 0,
+            examples_added INTEGER NOT NULL DEFAULT 0,
+            examples_duplicate INTEGER NOT NULL DEFAULT 0,
+            records_rejected INTEGER NOT NULL DEFAULT 0,
+            reason TEXT,                     -- why the whole file was rejected, if it was
+            duplicate_of INTEGER REFERENCES files(id),
+            received_at TEXT NOT NULL,
+            ingested_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX files_domain_sha ON files (domain, sha256)")
+    db.execute("CREATE UNIQUE INDEX files_stored_path ON files (stored_path)")
+    db.execute(
+        """
+        CREATE TABLE file_errors (
+            id INTEGER PRIMARY KEY,
+            file_id INTEGER NOT NULL REFERENCES files(id),
+            line INTEGER,                    -- 1-based; NULL when the error is not on a line
+            byte_offset INTEGER,
+            reason TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX file_errors_file ON file_errors (file_id)")
+    db.execute(
+        """
+        CREATE TABLE examples (
+            id INTEGER PRIMARY KEY,
+            domain TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('chat', 'text')),
+            body TEXT NOT NULL,              -- chat: JSON list of messages; text: the text
+            content_hash BLOB NOT NULL,      -- blake2b-128 of kind + body
+            chars INTEGER NOT NULL,
+            file_id INTEGER NOT NULL REFERENCES files(id),
+            line INTEGER,
+            created_at TEXT NOT NULL,
+            first_version_id INTEGER         -- the first adapter version trained on it
+        )
+        """
+    )
+    db.execute("CREATE UNIQUE INDEX examples_domain_hash ON examples (domain, content_hash)")
+    db.execute("CREATE INDEX examples_domain_new ON examples (domain, first_version_id)")
+
+
+@migrations()
+def m002_runs_versions_events(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            domain TEXT NOT NULL,
+            state TEXT NOT NULL,             -- queued, running, succeeded, failed, cancelled
+            trigger TEXT NOT NULL,           -- schedule, manual, retry
+            parent_version_id INTEGER REFERENCES versions(id),
+            version_id INTEGER REFERENCES versions(id),
+            step INTEGER NOT NULL DEFAULT 0,
+            steps INTEGER NOT NULL DEFAULT 0,
+            progress TEXT,                   -- JSON: loss, tokens/s, eta
+            error TEXT,
+            pid INTEGER,
+            queued_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX runs_domain_state ON runs (domain, state)")
+    db.execute(
+        """
+        CREATE TABLE versions (
+            id INTEGER PRIMARY KEY,
+            domain TEXT NOT NULL,
+            number INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN
+                ('training', 'candidate', 'live', 'rejected', 'retired')),
+            parent_id INTEGER REFERENCES versions(id),
+            run_id INTEGER REFERENCES runs(id),
+            path TEXT NOT NULL,
+            pinned INTEGER NOT NULL DEFAULT 0,
+            examples INTEGER NOT NULL DEFAULT 0,
+            metrics TEXT,                    -- JSON
+            reason TEXT,                     -- why it was rejected or retired
+            created_at TEXT NOT NULL,
+            promoted_at TEXT,
+            UNIQUE (domain, number)
+        )
+        """
+    )
+    # Exactly one live version per domain, enforced by the database itself.
+    db.execute("CREATE UNIQUE INDEX versions_one_live ON versions (domain) WHERE state = 'live'")
+    db.execute(
+        """
+        CREATE TABLE version_examples (
+            version_id INTEGER NOT NULL REFERENCES versions(id),
+            example_id INTEGER NOT NULL REFERENCES examples(id),
+            role TEXT NOT NULL CHECK (role IN ('new', 'replay', 'heldout')),
+            PRIMARY KEY (version_id, example_id)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE endpoint_models (
+            endpoint TEXT NOT NULL,
+            model TEXT NOT NULL,             -- served name: '<domain>' or '<domain>@v0007'
+            version_id INTEGER NOT NULL REFERENCES versions(id),
+            loaded_at TEXT NOT NULL,
+            PRIMARY KEY (endpoint, model)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            level TEXT NOT NULL,
+            domain TEXT,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data TEXT                        -- JSON
+        )
+        """
+    )
+    db.execute("CREATE INDEX events_domain_ts ON events (domain, ts)")
