@@ -3,13 +3,13 @@
 Event handlers only record what happened (STYLE.md); a settle thread decides when a file
 is complete and hands `(domain, path)` to `on_ready`. A file is complete when:
 
-- its writer closed it (inotify close-write) or it was renamed into the folder, or it was
-  found by the start-up scan, and
+- its writer closed it (inotify close-write), or it was renamed into the folder, or it
+  was found by a scan, or it was created with no write seen after, and
 - it has then been quiet for `settle_seconds` with an unchanged size and mtime.
 
-A file written but never closed (a writer that holds it open) is taken only after
-`unclosed_timeout_seconds` without change. Where the platform reports no close events
-(watchdog's non-inotify observers) quiet + unchanged is enough.
+A file written but never closed (a writer that holds it open), and an empty file, are
+taken only after `unclosed_timeout_seconds` without change. Where the platform reports no
+close events (watchdog's non-inotify observers) quiet + unchanged is enough.
 
 Only `inbox/<domain>/<file>` is ingested. Hidden and temporary files (`.*`, `*.tmp`,
 `*.part`) are ignored without a word; files directly in `inbox/`, in nested folders or in
@@ -84,7 +84,7 @@ class _Pending:
 class _Handler(FileSystemEventHandler):
     """Only records events; every decision is taken by the settle thread."""
 
-    def __init__(self, note: Callable[[Path, bool], None], rescan: Callable[[Path], None]):
+    def __init__(self, note: Callable[[Path, bool | None], None], rescan: Callable[[Path], None]):
         self._note, self._rescan = note, rescan
 
     def on_created(self, event: FileSystemEvent) -> None:
@@ -92,7 +92,9 @@ class _Handler(FileSystemEventHandler):
             # Files created before the new folder's watch was added raise no event of their own.
             self._rescan(Path(os.fsdecode(event.src_path)))
         else:
-            self._note(Path(os.fsdecode(event.src_path)), False)
+            # Creation alone says nothing about writes: watchdog also reports files that
+            # appeared before a new folder's watch was added, with no close to follow.
+            self._note(Path(os.fsdecode(event.src_path)), None)
 
     def on_modified(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
@@ -162,7 +164,8 @@ class InboxWatcher:
             for name in files:
                 self._note(Path(root) / name, True)
 
-    def _note(self, path: Path, finished: bool) -> None:
+    def _note(self, path: Path, finished: bool | None) -> None:
+        """finished: True (closed, renamed in, scanned), False (written to), None (created)."""
         domain, why = classify(self.inbox, path)
         if domain is None:
             if why and why not in self._warned:
@@ -172,11 +175,12 @@ class InboxWatcher:
         with self._lock:
             entry = self._pending.get(path)
             if entry is None:
-                self._pending[path] = _Pending(time.monotonic(), finished)
+                self._pending[path] = _Pending(time.monotonic(), finished is not False)
             else:
                 entry.last_event = time.monotonic()
-                # A write after the close reopens the question until the next close.
-                entry.finished = finished
+                if finished is not None:
+                    # A write after the close reopens the question until the next close.
+                    entry.finished = finished
 
     # settle loop -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -194,15 +198,16 @@ class InboxWatcher:
         with self._lock:
             for path, entry in list(self._pending.items()):
                 quiet = now - entry.last_event
-                needed = self._settle
-                if self._close_events and not entry.finished:
-                    needed = max(self._settle, self._unclosed)
-                if quiet < needed:
+                if quiet < self._settle:
                     continue
                 try:
                     st = path.stat()
                 except FileNotFoundError:
                     del self._pending[path]  # moved away or deleted before it was read
+                    continue
+                # Written but not closed, or created and still empty: a writer may hold it.
+                unsure = (self._close_events and not entry.finished) or st.st_size == 0
+                if unsure and quiet < self._unclosed:
                     continue
                 stat = (st.st_size, st.st_mtime_ns)
                 if entry.stat != stat and self._settle > 0:

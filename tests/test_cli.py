@@ -1,0 +1,136 @@
+"""The CLI without a daemon: exit codes, messages, files copied in, human and JSON status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evertune.daemon.cli import main
+
+CHAT = (
+    '{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}]}\n'
+)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVERTUNE_HOME", str(home))
+    monkeypatch.delenv("EVERTUNE_CONFIG", raising=False)
+    assert main(["init"]) == 0
+    return home
+
+
+def test_init_writes_config_and_inbox_and_says_where_to_drop(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "h" / "evertune.toml").exists()
+    assert (tmp_path / "h" / "inbox").is_dir()
+    assert f"drop files into {tmp_path / 'h' / 'inbox'}/<domain>/" in out
+    assert main(["init", str(tmp_path / "h")]) == 0
+    assert "kept existing" in capsys.readouterr().out
+
+
+def test_ingest_all_good_exits_0_and_copies_the_source(home, tmp_path, capsys):
+    src = tmp_path / "facts.jsonl"
+    src.write_text(CHAT % (1, 1) + CHAT % (2, 2))
+    assert main(["ingest", str(src), "--domain", "legal"]) == 0
+    assert src.exists()
+    assert (home / "done" / "legal" / "facts.jsonl").read_text() == src.read_text()
+    assert "legal/facts.jsonl: ingested, 2 new examples" in capsys.readouterr().out
+
+
+def test_ingest_same_content_again_is_a_duplicate_and_exits_0(home, tmp_path, capsys):
+    src = tmp_path / "facts.jsonl"
+    src.write_text(CHAT % (1, 1))
+    assert main(["ingest", str(src), "--domain", "legal"]) == 0
+    assert main(["ingest", str(src), "--domain", "legal"]) == 0
+    out = capsys.readouterr().out
+    assert "duplicate of facts.jsonl" in out
+    assert (home / "done" / "legal" / "facts~2.jsonl").exists()
+
+
+def test_ingest_with_rejected_records_exits_1_and_names_the_lines(home, tmp_path, capsys):
+    src = tmp_path / "mixed.jsonl"
+    src.write_text(CHAT % (1, 1) + '{"messages": []}\n' + "not json\n")
+    assert main(["ingest", str(src), "--domain", "legal"]) == 1
+    out = capsys.readouterr().out
+    assert "1 new examples" in out and "2 records rejected" in out
+    assert "line 2: empty conversation" in out
+    assert "line 3: bad JSON" in out
+
+
+def test_ingest_of_a_useless_file_exits_1_and_keeps_it_in_rejected(home, tmp_path, capsys):
+    src = tmp_path / "blob.jsonl"
+    src.write_bytes(b"\x00\x01\x02binary")
+    assert main(["ingest", str(src), "--domain", "legal"]) == 1
+    assert "binary file" in capsys.readouterr().out
+    assert (home / "rejected" / "legal" / "blob.jsonl").exists()
+
+
+def test_ingest_a_folder_takes_its_files(home, tmp_path):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(CHAT % (1, 1))
+    (folder / "b.jsonl").write_text(CHAT % (2, 2))
+    (folder / ".hidden").write_text("x")
+    assert main(["ingest", str(folder), "--domain", "legal"]) == 0
+    assert sorted(p.name for p in (home / "done" / "legal").glob("*.jsonl")) == [
+        "a.jsonl",
+        "b.jsonl",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ingest", "{src}", "--domain", "Bad@Name"], "not a valid domain name"),
+        (["ingest", "{src}", "--domain", "base"], "reserved"),
+        (["ingest", "/no/such/file.jsonl", "--domain", "legal"], "no such file or folder"),
+    ],
+)
+def test_ingest_usage_errors_exit_2_with_the_reason(home, tmp_path, capsys, args, message):
+    src = tmp_path / "ok.jsonl"
+    src.write_text(CHAT % (1, 1))
+    assert main([a.format(src=src) for a in args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_domain_flag_is_a_usage_error(home, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["ingest", str(tmp_path)])
+    assert exit_.value.code == 2
+
+
+def test_bad_config_exits_2_naming_the_key(home, capsys):
+    (home / "evertune.toml").write_text("[watch]\nsettle = 1\n")
+    assert main(["status"]) == 2
+    assert "unknown key 'watch.settle'" in capsys.readouterr().err
+
+
+def test_status_shows_counts_errors_waiting_files_and_warnings(home, tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    src.write_text(CHAT % (1, 1) + "oops\n")
+    main(["ingest", str(src), "--domain", "legal"])
+    (home / "inbox" / "legal" / "later.jsonl").write_text(CHAT % (3, 3))
+    (home / "inbox" / "stray.jsonl").write_text(CHAT % (4, 4))
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "daemon: not running" in out
+    assert "domain legal: 1 examples (1 not yet trained on)" in out
+    assert "1 ingested, 0 rejected, 0 duplicate, 1 waiting" in out
+    assert "line 2: bad JSON" in out
+    assert "stray.jsonl: files directly in inbox/ are not ingested" in out
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["domains"][0]["files"]["waiting"] == 1
+    assert status["daemon"]["running"] is False
+    assert len(status["warnings"]) == 1
+
+
+def test_status_on_a_fresh_home_says_where_to_start(home, capsys):
+    assert main(["status"]) == 0
+    assert "no domains yet" in capsys.readouterr().out

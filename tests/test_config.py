@@ -1,0 +1,111 @@
+"""Config: defaults, validation messages, how the file and the home are found, `init`."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from evertune.daemon import config
+from evertune.daemon.cli import init_home
+from evertune.daemon.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "evertune.toml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_gives_every_default(tmp_path):
+    cfg = config.load(write(tmp_path, ""), env={})
+    assert cfg.home == tmp_path
+    assert cfg.ingest == config.IngestConfig()
+    assert cfg.watch.settle_seconds == 0.5
+
+
+def test_unknown_section_key_names_the_key_and_the_allowed_ones(tmp_path):
+    path = write(tmp_path, "[ingest]\nmax_chars = 5\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert "ingest.max_chars" in str(err.value)
+    assert "max_example_chars" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_top_level_key_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        config.load(write(tmp_path, "[trainer]\nx = 1\n"), env={})
+
+
+def test_out_of_range_value_names_key_value_and_range(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, "[watch]\nsettle_seconds = -1\n"), env={})
+    msg = str(err.value)
+    assert "watch.settle_seconds = -1" in msg and "from 0.0 to 3600" in msg
+
+
+def test_wrong_type_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"ingest\.max_example_chars = 'big' has the wrong type"):
+        config.load(write(tmp_path, '[ingest]\nmax_example_chars = "big"\n'), env={})
+
+
+def test_choice_value_lists_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="'debug', 'info', 'warning', 'error'"):
+        config.load(write(tmp_path, '[log]\nlevel = "loud"\n'), env={})
+
+
+def test_bad_toml_says_where(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[ingest\n"), env={})
+
+
+def test_missing_explicit_config_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(tmp_path / "nope.toml", env={})
+
+
+def test_relative_home_key_is_relative_to_the_config_file(tmp_path):
+    cfg = config.load(write(tmp_path, 'home = "state"\n'), env={})
+    assert cfg.home == tmp_path / "state"
+
+
+def test_config_is_found_through_evertune_home(tmp_path):
+    env = {"EVERTUNE_HOME": str(tmp_path / "h")}
+    assert config.locate(None, env) == tmp_path / "h" / "evertune.toml"
+    cfg = config.load(None, env)
+    assert cfg.home == tmp_path / "h" and cfg.path is None
+
+
+def test_evertune_config_wins_over_evertune_home_and_home_env_is_the_default_home(tmp_path):
+    path = write(tmp_path, "")
+    env = {"EVERTUNE_CONFIG": str(path), "EVERTUNE_HOME": str(tmp_path / "state")}
+    cfg = config.load(None, env)
+    assert cfg.path == path and cfg.home == tmp_path / "state"
+
+
+def test_starter_file_parses_to_the_defaults_and_documents_every_key(tmp_path):
+    text = config.starter_toml()
+    # every key is commented out: only the (empty) section headers remain
+    assert all(v == {} for v in tomllib.loads(text).values())
+    for section, cls in config.SECTIONS.items():
+        assert f"[{section}]" in text
+        for name in cls.__dataclass_fields__:
+            assert f"# {name} = " in text
+    uncommented = "\n".join(
+        line[2:] if line.startswith("# ") and " = " in line else line
+        for line in text.splitlines()
+        if not line.startswith("# home")
+    )
+    cfg = config.parse(tomllib.loads(uncommented), None, default_home=tmp_path, env={})
+    assert cfg.ingest == config.IngestConfig() and cfg.watch == config.WatchConfig()
+
+
+def test_init_is_idempotent_and_never_overwrites(tmp_path):
+    path = tmp_path / "home" / "evertune.toml"
+    assert init_home(path) is True
+    assert (tmp_path / "home" / "inbox").is_dir()
+    path.write_text("[watch]\nsettle_seconds = 2\n")
+    assert init_home(path) is False
+    assert path.read_text() == "[watch]\nsettle_seconds = 2\n"

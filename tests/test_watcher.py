@@ -1,0 +1,168 @@
+"""The inbox watcher on real temp folders with the real watchdog observer (inotify here)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from evertune.daemon.watcher import InboxWatcher, classify, misplaced
+
+SETTLE = 0.2
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.ready: list[tuple[str, Path]] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, domain: str, path: Path) -> None:
+        with self.changed:
+            self.ready.append((domain, path))
+            self.changed.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[tuple[str, Path]]:
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.ready) >= n, timeout)
+            return list(self.ready)
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def watch(inbox: Path):
+    collectors = []
+
+    def start(unclosed: float = 30.0) -> Collector:
+        got = Collector()
+        w = InboxWatcher(
+            inbox, got, settle_seconds=SETTLE, unclosed_timeout_seconds=unclosed, tick=0.05
+        )
+        w.start()
+        collectors.append(w)
+        return got
+
+    yield start
+    for w in collectors:
+        w.stop()
+        w.join(5)
+
+
+def test_closed_file_is_handed_over_once(inbox, watch):
+    got = watch()
+    (inbox / "legal").mkdir()
+    (inbox / "legal" / "a.jsonl").write_text('{"text": "x"}\n')
+    assert got.wait_for(1) == [("legal", inbox / "legal" / "a.jsonl")]
+    time.sleep(5 * SETTLE)
+    assert len(got.ready) == 1
+
+
+def test_file_still_being_written_is_not_read_half_way(inbox, watch):
+    got = watch()
+    (inbox / "legal").mkdir()
+    path = inbox / "legal" / "big.jsonl"
+    with path.open("w") as f:
+        f.write('{"text": "first half"}\n')
+        f.flush()
+        os.fsync(f.fileno())
+        time.sleep(10 * SETTLE)  # quiet far longer than the settle period, but still open
+        assert got.ready == []
+        f.write('{"text": "second half"}\n')
+    assert got.wait_for(1) == [("legal", path)]
+    assert path.read_text().count("\n") == 2
+
+
+def test_unclosed_file_is_taken_after_the_unclosed_timeout(inbox, watch):
+    got = watch(unclosed=1.0)
+    (inbox / "legal").mkdir()
+    path = inbox / "legal" / "held.jsonl"
+    with path.open("w") as f:
+        f.write('{"text": "x"}\n')
+        f.flush()
+        assert got.wait_for(1, timeout=5) == [("legal", path)]
+
+
+def test_rename_into_the_folder_is_complete_at_once(inbox, watch, tmp_path):
+    got = watch()
+    (inbox / "legal").mkdir()
+    staging = inbox / "legal" / ".incoming.jsonl.part"
+    staging.write_text('{"text": "x"}\n')
+    time.sleep(3 * SETTLE)
+    assert got.ready == []  # hidden/partial names are never handed over
+    os.rename(staging, inbox / "legal" / "final.jsonl")
+    assert got.wait_for(1) == [("legal", inbox / "legal" / "final.jsonl")]
+
+
+def test_hidden_and_temporary_files_are_ignored(inbox, watch):
+    got = watch()
+    (inbox / "legal").mkdir()
+    for name in (".hidden.jsonl", "x.tmp", "y.part", "z.jsonl~"):
+        (inbox / "legal" / name).write_text("{}\n")
+    (inbox / "legal" / "real.jsonl").write_text("{}\n")
+    assert got.wait_for(1) == [("legal", inbox / "legal" / "real.jsonl")]
+    time.sleep(5 * SETTLE)
+    assert len(got.ready) == 1
+
+
+def test_files_waiting_at_start_are_found_by_the_scan(inbox, watch):
+    (inbox / "legal").mkdir()
+    (inbox / "medical").mkdir()
+    (inbox / "legal" / "a.jsonl").write_text("{}\n")
+    (inbox / "medical" / "b.csv").write_text("prompt,completion\n")
+    got = watch()
+    assert sorted(got.wait_for(2)) == [
+        ("legal", inbox / "legal" / "a.jsonl"),
+        ("medical", inbox / "medical" / "b.csv"),
+    ]
+
+
+def test_new_domain_folder_is_picked_up_without_restart(inbox, watch):
+    got = watch()
+    time.sleep(SETTLE)
+    (inbox / "brand-new").mkdir()
+    (inbox / "brand-new" / "a.jsonl").write_text("{}\n")
+    assert got.wait_for(1) == [("brand-new", inbox / "brand-new" / "a.jsonl")]
+
+
+def test_folder_moved_in_with_files_is_scanned(inbox, watch, tmp_path):
+    got = watch()
+    outside = tmp_path / "prepared"
+    outside.mkdir()
+    (outside / "a.jsonl").write_text("{}\n")
+    os.rename(outside, inbox / "prepared")
+    assert got.wait_for(1) == [("prepared", inbox / "prepared" / "a.jsonl")]
+
+
+def test_misplaced_files_are_never_handed_over_and_are_listed(inbox, watch):
+    got = watch()
+    (inbox / "loose.jsonl").write_text("{}\n")
+    (inbox / "Bad Name").mkdir()
+    (inbox / "Bad Name" / "a.jsonl").write_text("{}\n")
+    (inbox / "base").mkdir()
+    (inbox / "base" / "a.jsonl").write_text("{}\n")
+    (inbox / "legal" / "nested").mkdir(parents=True)
+    (inbox / "legal" / "nested" / "a.jsonl").write_text("{}\n")
+    time.sleep(6 * SETTLE)
+    assert got.ready == []
+    reasons = sorted(misplaced(inbox))
+    assert len(reasons) == 4
+    assert any("directly in inbox/" in r for r in reasons)
+    assert any("'Bad Name' is not a valid domain name" in r for r in reasons)
+    assert any("'base' is reserved" in r for r in reasons)
+    assert any("nested folders" in r for r in reasons)
+
+
+def test_classify_rejects_names_vllm_would_confuse(tmp_path):
+    inbox = tmp_path / "inbox"
+    for bad in ("a@v1", "a:b", "Upper", "-lead", "x" * 65):
+        domain, why = classify(inbox, inbox / bad / "f.jsonl")
+        assert domain is None and why, bad
+    assert classify(inbox, inbox / "ok_name-2" / "f.jsonl") == ("ok_name-2", None)
