@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evertune", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"evertune {_version()}")
     parser.add_argument(
         "--config",
         help="config file (default: $EVERTUNE_CONFIG, else"
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable (keys are stable)")
     p.set_defaults(func=cmd_status)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("evertune")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 # init / run --------------------------------------------------------------------------------
