@@ -26,7 +26,7 @@ from evertune.daemon import config as config_mod
 from evertune.daemon.errors import ConfigError, EvertuneError, UsageError
 from evertune.daemon.lock import daemon_state
 from evertune.daemon.watcher import misplaced
-from evertune.store.db import open_db
+from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import check_domain
 from evertune.store.errors import InvalidDomainError, StoreError
 from evertune.store.ingest import FileReport, free_name, ingest_file, load_report
@@ -262,6 +262,8 @@ def status_report(config: config_mod.Config) -> dict[str, Any]:
     if layout.inbox.exists():
         names |= {d.name for d in layout.inbox.iterdir() if d.is_dir() and _valid(d.name)}
     db = open_db(layout.db_path, readonly=True) if layout.db_path.exists() else None
+    if db is not None and not is_initialised(db):  # a daemon is creating it right now
+        db = None
     if db is not None:
         names |= set(domain_names(db))
     for name in sorted(names):

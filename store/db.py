@@ -49,10 +49,20 @@ def open_db(path: Path | str, *, readonly: bool = False) -> Database:
         # 32 MB of page cache keeps the (domain, content_hash) index hot while a large file
         # is inserted; the default 2 MB makes every insert a cache miss past ~50k examples.
         conn.execute("PRAGMA cache_size = -32768")
+        # One IMMEDIATE transaction around every pending migration (each becomes a savepoint):
+        # a daemon and a CLI starting together cannot both apply the same one, and readers
+        # see the schema all at once or not at all.
+        conn.execute("BEGIN IMMEDIATE")
         migrations.apply(db)
+        conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise SchemaError(
             f"{path} is not a usable evertune store ({exc}); move it aside and restart"
         ) from exc
     return db
+
+
+def is_initialised(db: Database) -> bool:
+    """False for a store file that exists but whose schema is not committed yet."""
+    return db["files"].exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from evertune.daemon.lock import daemon_state
-from evertune.store.db import open_db
+from evertune.store.db import is_initialised, open_db
 
 CHAT = (
     '{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}]}\n'
@@ -88,6 +88,8 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
 def examples(home: Path, domain: str) -> int:
     db = open_db(home / "evertune.db", readonly=True)
     try:
+        if not is_initialised(db):  # the daemon is still creating the store
+            return 0
         return db.execute("SELECT count(*) FROM examples WHERE domain = ?", [domain]).fetchone()[0]
     finally:
         db.close()
