@@ -95,7 +95,14 @@ def _fast_chat(messages: Any) -> tuple[list[dict], int] | None:
         if type(msg) is not dict or len(msg) != 2:
             return None
         role, content = msg.get("role"), msg.get("content")
-        if role not in roles or type(content) is not str or not content or content.isspace():
+        # `type(role) is str` first: a list or object role is unhashable (TypeError on `in`).
+        if (
+            type(role) is not str
+            or role not in roles
+            or type(content) is not str
+            or not content
+            or content.isspace()
+        ):
             return None
         learned = learned or role == "assistant"
         chars += len(content)
@@ -103,15 +110,26 @@ def _fast_chat(messages: Any) -> tuple[list[dict], int] | None:
     return (out, chars) if learned else None
 
 
+def _a(value: Any) -> str:
+    """'an array', 'a string', 'null' ...: the JSON type of `value` for a message."""
+    name = _type_name(value)
+    return name if name == "null" else ("an " if name[0] in "aeiou" else "a ") + name
+
+
 def _type_name(value: Any) -> str:
-    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
-        type(value), "null" if value is None else type(value).__name__
-    )
+    return {
+        list: "array",
+        str: "string",
+        int: "number",
+        float: "number",
+        bool: "boolean",
+        dict: "object",
+    }.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def _text(value: Any, field: str) -> str:
     if not isinstance(value, str):
-        raise RecordError(f"'{field}' is a {_type_name(value)}, expected a string")
+        raise RecordError(f"'{field}' is {_a(value)}, expected a string")
     if not value.strip():
         raise RecordError(f"empty content in '{field}'")
     return value
@@ -128,7 +146,7 @@ def _content(value: Any, where: str) -> str:
             parts.append(part.get("text"))
         value = "".join(p for p in parts if isinstance(p, str))
     if not isinstance(value, str):
-        raise RecordError(f"{where}: content is a {_type_name(value)}, expected a string")
+        raise RecordError(f"{where}: content is {_a(value)}, expected a string")
     if not value.strip():
         raise RecordError(f"{where}: empty content")
     return value
@@ -136,7 +154,7 @@ def _content(value: Any, where: str) -> str:
 
 def _chat(messages: Any, field: str, role_key: str, content_key: str) -> list[dict]:
     if not isinstance(messages, list):
-        raise RecordError(f"'{field}' is a {_type_name(messages)}, expected an array")
+        raise RecordError(f"'{field}' is {_a(messages)}, expected an array")
     if not messages:
         raise RecordError(f"empty conversation: '{field}' has no messages")
     out = []
@@ -144,7 +162,7 @@ def _chat(messages: Any, field: str, role_key: str, content_key: str) -> list[di
     for i, msg in enumerate(messages, 1):
         where = f"message {i}"
         if not isinstance(msg, dict):
-            raise RecordError(f"{where} is a {_type_name(msg)}, expected an object")
+            raise RecordError(f"{where} is {_a(msg)}, expected an object")
         raw_role = msg.get(role_key)
         role = ROLE_NAMES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
@@ -182,7 +200,7 @@ def _alpaca(record: dict) -> list[dict]:
     instruction = _text(record["instruction"], "instruction")
     extra = record.get("input") or ""
     if not isinstance(extra, str):
-        raise RecordError(f"'input' is a {_type_name(extra)}, expected a string")
+        raise RecordError(f"'input' is {_a(extra)}, expected a string")
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return _with_system(
         record,

@@ -175,6 +175,7 @@ def load_report(db: Database, file_id: int) -> FileReport:
         "reason",
         "duplicate_of",
         "ingested_at",
+        "errors_by_reason",
     ]
     row = dict(
         zip(
@@ -193,8 +194,9 @@ def load_report(db: Database, file_id: int) -> FileReport:
     dup = row.pop("duplicate_of")
     row["file_id"] = row.pop("id")
     row["file"] = row.pop("name")
+    by_reason = row.pop("errors_by_reason")
     report = FileReport(
-        **row, errors=errors, errors_by_reason=dict(Counter(_reason_key(e.reason) for e in errors))
+        **row, errors=errors, errors_by_reason=orjson.loads(by_reason) if by_reason else {}
     )
     if dup is not None:
         name, when = db.execute(
@@ -256,16 +258,18 @@ def _parse_into(
 
     parser = threading.Thread(target=produce, name=f"parse-{file_id}", daemon=True)
     parser.start()
-    added = 0
+    added, ended = 0, False  # ended: the parser's last item (None or its exception) was taken
     try:
         while (batch := batches.get()) is not None:
             if isinstance(batch, BaseException):
+                ended = True
                 raise batch
             added += _insert(db.conn, batch)
+        ended = True
     finally:
-        if parser.is_alive():  # an insert failed: let the parser run out, then wait for it
-            while batches.get() is not None and parser.is_alive():
-                pass
+        while not ended:  # an insert failed: let the parser run out, then wait for it
+            item = batches.get()
+            ended = item is None or isinstance(item, BaseException)
         parser.join()
     report.examples_added = added
     report.examples_duplicate = report.records - report.records_rejected - added
@@ -322,8 +326,14 @@ def _parsed_batches(
             except RecordError as exc:
                 reject(line, offset, str(exc))
                 continue
+            try:
+                data = body.encode() if kind == TEXT else dumps(body)
+            except (UnicodeEncodeError, orjson.JSONEncodeError):
+                # Only a JSON array can get here: json decodes a "\ud800" escape to a lone
+                # surrogate, which is not text (orjson, for JSONL, refuses it while parsing).
+                reject(line, offset, "not valid Unicode: a \\uXXXX escape is a lone surrogate")
+                continue
             valid += 1
-            data = body.encode() if kind == TEXT else dumps(body)
             digest = blake2b(data, digest_size=16, person=kind.encode()).digest()
             batch.append(
                 (
@@ -362,8 +372,8 @@ def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileRep
         report.stored_path = str(free_name(db, layout.rejected / report.domain, path.name))
     db.execute(
         "UPDATE files SET status = ?, stored_path = ?, report_path = ?, format = ?, records = ?,"
-        " examples_added = ?, examples_duplicate = ?, records_rejected = ?, reason = ?"
-        " WHERE id = ?",
+        " examples_added = ?, examples_duplicate = ?, records_rejected = ?, reason = ?,"
+        " errors_by_reason = ? WHERE id = ?",
         [
             report.status,
             report.stored_path,
@@ -374,6 +384,7 @@ def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileRep
             report.examples_duplicate,
             report.records_rejected,
             report.reason,
+            orjson.dumps(report.errors_by_reason).decode(),
             report.file_id,
         ],
     )

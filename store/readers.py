@@ -160,18 +160,25 @@ def read_json_array(f: BinaryIO, *, max_record_bytes: int, chunk: int = 1 << 20)
                 try:
                     record, end = decoder.raw_decode(buf, pos)
                     break
+                except RecursionError:
+                    line, off = where(pos)
+                    yield line, off, None, f"bad JSON in record {index + 1}: nested too deeply"
+                    return
                 except json.JSONDecodeError as exc:
                     # Incomplete in this window, or really malformed: read on, within limits.
                     if len(buf) - pos < max_record_bytes and refill():
                         continue
                     line, off = where(pos)
-                    if eof:
+                    if eof and _cut_off(buf, exc):
                         msg = (
                             f"truncated JSON array: record {index + 1} is cut off at the end"
                             " of the file (every complete record before it was kept)"
                         )
                     else:
-                        msg = f"bad JSON in record {index + 1}: {exc.msg}"
+                        msg = (
+                            f"bad JSON in record {index + 1}: {exc.msg} (reading stopped here:"
+                            " the records after it were not read)"
+                        )
                     yield line, off, None, msg
                     return
             line, off = where(pos)
@@ -180,6 +187,19 @@ def read_json_array(f: BinaryIO, *, max_record_bytes: int, chunk: int = 1 << 20)
             pos = end
     except _ArrayStop as stop:
         yield None, None, None, str(stop)
+
+
+_JSON_STRUCTURE = frozenset('{}[],:"')
+
+
+def _cut_off(buf: str, exc: json.JSONDecodeError) -> bool:
+    """At the end of the file: was the failing record cut short, or is it malformed?
+
+    Cut short, the decoder runs out of text: nothing structural follows the error (or the
+    file ends inside a string). Malformed, the rest of the file follows the error."""
+    return exc.msg.startswith("Unterminated string") or not _JSON_STRUCTURE.intersection(
+        buf[exc.pos :]
+    )
 
 
 class _ArrayStop(Exception):
@@ -200,7 +220,11 @@ def _decoded_lines(f: BinaryIO, bad: set[int]) -> Iterator[str]:
 def read_csv(f: BinaryIO, *, delimiter: str) -> Iterator[Item]:
     bad: set[int] = set()
     reader = csv.reader(_decoded_lines(f, bad), delimiter=delimiter)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        yield 1, 0, None, _csv_problem(exc)
+        return
     if not header:
         yield 1, 0, None, "CSV file has no header row"
         return
@@ -219,7 +243,15 @@ def read_csv(f: BinaryIO, *, delimiter: str) -> Iterator[Item]:
         )
         return
     start = reader.line_num + 1
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # the reader resets and goes on with the next line
+            line, start = start, reader.line_num + 1
+            yield line, None, None, _csv_problem(exc)
+            continue
         end = reader.line_num
         line, start = start, end + 1
         if not row:  # a blank line; a row of empty cells is reported below, not skipped
@@ -230,6 +262,15 @@ def read_csv(f: BinaryIO, *, delimiter: str) -> Iterator[Item]:
             yield line, None, None, f"row has {len(row)} fields, the header has {len(columns)}"
         else:
             yield line, None, dict(zip(columns, row, strict=True)), None
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    if "new-line character" in str(exc):
+        return (
+            "bad CSV: a carriage return (\\r) inside an unquoted field; quote the field, or"
+            " save the file with \\n or \\r\\n line endings"
+        )
+    return f"bad CSV: {exc}"
 
 
 def read_text(f: BinaryIO, *, chunk_chars: int) -> Iterator[Item]:

@@ -40,6 +40,7 @@ def m001_files_and_examples(db: Database) -> None:
             examples_duplicate INTEGER NOT NULL DEFAULT 0,
             records_rejected INTEGER NOT NULL DEFAULT 0,
             reason TEXT,                     -- why the whole file was rejected, if it was
+            errors_by_reason TEXT,           -- JSON {reason: count}: every rejection counted
             duplicate_of INTEGER REFERENCES files(id),
             received_at TEXT NOT NULL,
             ingested_at TEXT NOT NULL
