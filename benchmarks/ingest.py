@@ -2,8 +2,9 @@
 
     python benchmarks/ingest.py [--examples 200000] [--sizes 200000,1000000]
 
-Generates a mixed chat JSONL file (1-3 turns, system prompts, ~5% exact duplicates), then
-ingests it in a child process (so peak RSS is the ingest's own) with:
+Generates two chat JSONL files, `mixed` (1-3 turns, some system prompts, ~830 bytes an
+example) and `short` (one short Q/A, like a file of facts, ~190 bytes), ~5% of lines
+repeated, then ingests each in a child process (so peak RSS is the ingest's own) with:
   - ours: evertune.store.ingest.ingest_file (streaming, batched executemany, one transaction)
   - baseline: the obvious version: json.loads each line, sqlite-utils insert_all of dicts
     with a unique (domain, hash) index and ignore=True.
@@ -52,7 +53,8 @@ WORDS = [
 ]
 
 
-def generate(path: Path, n: int, seed: int = 0) -> None:
+def generate(path: Path, n: int, seed: int = 0, short: bool = False) -> None:
+    """Chat JSONL; `short`: one question and a one-sentence answer, like a file of facts."""
     rng = random.Random(seed)
 
     def sentence(k: int) -> str:
@@ -65,9 +67,12 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
                 f.write(previous)
                 continue
             messages = []
-            if rng.random() < 0.3:
+            if short:
+                messages.append({"role": "user", "content": f"Q{i}: " + sentence(8)})
+                messages.append({"role": "assistant", "content": sentence(rng.randint(3, 12))})
+            elif rng.random() < 0.3:
                 messages.append({"role": "system", "content": sentence(8)})
-            for _ in range(rng.randint(1, 3)):
+            for _ in range(0 if short else rng.randint(1, 3)):
                 messages.append(
                     {"role": "user", "content": f"Q{i}: " + sentence(rng.randint(5, 30))}
                 )
@@ -140,26 +145,29 @@ def main() -> None:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "chat.jsonl"
-        generate(path, args.examples)
-        size_mb = path.stat().st_size / 1e6
-        print(f"file: {args.examples} examples, {size_mb:.1f} MB")
-        base = run("baseline", path, args.examples)
-        ours = run("ours", path, args.examples)
-        for name, r in (("baseline", base), ("ours", ours)):
-            print(
-                f"{name:9s} {r['examples_per_s']:>10,.0f} examples/s  {r['seconds']:6.2f} s"
-                f"  peak RSS {r['rss_mb']:6.1f} MB  stored {r['stored']}"
-            )
-        print(f"examples_per_s: {ours['examples_per_s']:.0f}")
-        print(f"peak_rss_mb: {ours['rss_mb']:.1f}")
-        print(f"ratio: {ours['examples_per_s'] / base['examples_per_s']:.2f}x")
+        for profile, short in (("mixed", False), ("short", True)):
+            path = Path(tmp) / f"chat-{profile}.jsonl"
+            generate(path, args.examples, short=short)
+            size_mb = path.stat().st_size / 1e6
+            shape = "one short Q/A each" if short else "1-3 turns, 30% with a system prompt"
+            print(f"[{profile}] {args.examples} chat examples ({shape}), {size_mb:.1f} MB")
+            base = run("baseline", path, args.examples)
+            ours = run("ours", path, args.examples)
+            for name, r in (("baseline", base), ("ours", ours)):
+                print(
+                    f"  {name:9s} {r['examples_per_s']:>10,.0f} examples/s"
+                    f" {size_mb / r['seconds']:6.1f} MB/s {r['seconds']:6.2f} s"
+                    f"  peak RSS {r['rss_mb']:6.1f} MB  stored {r['stored']}"
+                )
+            print(f"  examples_per_s: {ours['examples_per_s']:.0f}")
+            print(f"  peak_rss_mb: {ours['rss_mb']:.1f}")
+            print(f"  ratio: {ours['examples_per_s'] / base['examples_per_s']:.2f}x")
         for extra in filter(None, args.sizes.split(",")):
             big = Path(tmp) / f"chat-{extra}.jsonl"
             generate(big, int(extra), seed=1)
             r = run("ours", big, int(extra))
             print(
-                f"ours @ {int(extra):,} examples ({big.stat().st_size / 1e6:.0f} MB):"
+                f"ours @ {int(extra):,} mixed examples ({big.stat().st_size / 1e6:.0f} MB):"
                 f" {r['examples_per_s']:,.0f} examples/s, peak RSS {r['rss_mb']:.1f} MB"
             )
 

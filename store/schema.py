@@ -71,8 +71,7 @@ def m001_files_and_examples(db: Database) -> None:
             content_hash BLOB NOT NULL,      -- blake2b-128 of kind + body
             chars INTEGER NOT NULL,
             file_id INTEGER NOT NULL REFERENCES files(id),
-            line INTEGER,
-            created_at TEXT NOT NULL,
+            line INTEGER,                    -- (when: the file's ingested_at)
             first_version_id INTEGER         -- the first adapter version trained on it
         )
         """
