@@ -5,8 +5,12 @@
     evertune ingest PATH... --domain D   ingest files now (through the daemon when it runs)
     evertune status [--json]             what the service knows and does
 
+    evertune train DOMAIN [--force]      one training cycle now, waits (0 promoted, 3 refused
+                                         by the gate, 4 nothing new to train on)
+    evertune versions DOMAIN [--json]    versions with state and metrics
+
 Exit codes: 0 success; 1 some records or files rejected (ingest) or a failure; 2 usage or
-configuration error.
+configuration error; 3 the gate refused the candidate; 4 nothing new to train on.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from evertune.store.ingest import FileReport, free_name, ingest_file, load_repor
 from evertune.store.layout import HomeLayout
 from evertune.store.queries import domain_names, domain_summary, file_row
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_NOTHING = 0, 1, 2, 3, 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a running daemon to ingest them (default 600)",
     )
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", help="run one training cycle of a domain now and wait")
+    p.add_argument("domain")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train even with no new examples (on everything the domain has)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("versions", help="the adapter versions of a domain")
+    p.add_argument("domain")
+    p.add_argument("--json", action="store_true", help="machine-readable (keys are stable)")
+    p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("status", help="what the service knows and does")
     p.add_argument("--json", action="store_true", help="machine-readable (keys are stable)")
@@ -244,6 +262,102 @@ def _short(path: Path, layout: HomeLayout) -> str:
         return str(path.relative_to(layout.home))
     except ValueError:
         return str(path)
+
+
+# train / versions ---------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from evertune.adapters.errors import NothingToTrain
+    from evertune.daemon.cycle import run_cycle
+
+    domain = check_domain(args.domain)
+    config = config_mod.load(args.config)
+    db = open_db(HomeLayout(config.home).db_path)
+    show = _TrainProgress(domain)
+    try:
+        outcome = run_cycle(db, config, domain, trigger="manual", force=args.force, progress=show)
+    except NothingToTrain as exc:
+        show.close()
+        print(str(exc))
+        return EXIT_NOTHING
+    finally:
+        show.close()
+    m = outcome.metrics
+    print(
+        f"{domain} {outcome.version}: {'promoted, now live' if outcome.promoted else 'refused'}"
+        f" ({outcome.reason})"
+    )
+    cand = m.get("candidate", {})
+    if cand:
+        exact = cand.get("new_exact")
+        print(
+            f"  learned: {'-' if exact is None else f'{exact:.0%}'} of new short answers;"
+            f" general drift {m.get('drift', 0):+.0%}; easy questions"
+            f" {cand.get('easy_right')}/{cand.get('easy_total')}"
+            f" (base {m['base'].get('easy_right')}); trained"
+            f" {m['train']['steps']} steps in {m['train']['seconds']:.0f} s"
+        )
+    return EXIT_OK if outcome.promoted else EXIT_REFUSED
+
+
+class _TrainProgress:
+    """A progress bar over training steps in a terminal; plain lines otherwise."""
+
+    def __init__(self, domain: str):
+        self.domain, self.bar = domain, None
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "phase":
+            self.close()
+            print(f"{self.domain}: {event['phase']}...", file=sys.stderr, flush=True)
+        elif kind == "progress":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=event["steps"],
+                    unit="step",
+                    file=sys.stderr,
+                    disable=not sys.stderr.isatty(),
+                    desc=self.domain,
+                )
+            self.bar.total = event["steps"]
+            self.bar.set_postfix(loss=event["loss"], tok_s=event["tokens_per_s"])
+            self.bar.update(event["step"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from evertune.adapters import registry
+
+    domain = check_domain(args.domain)
+    layout = HomeLayout(config_mod.load(args.config).home)
+    db = open_db(layout.db_path, readonly=True) if layout.db_path.exists() else None
+    versions = registry.list_versions(db, domain) if db and is_initialised(db) else []
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps([v.to_json() for v in versions], option=orjson.OPT_INDENT_2).decode()
+            + "\n"
+        )
+        return EXIT_OK
+    if not versions:
+        print(f"{domain}: no versions yet")
+    for v in versions:
+        m = v.metrics
+        extra = ""
+        if "drift" in m:
+            exact = m["candidate"].get("new_exact")
+            extra = f" learned {'-' if exact is None else f'{exact:.0%}'}, drift {m['drift']:+.0%}"
+        pin = " pinned" if v.pinned else ""
+        print(
+            f"{v.name}  {v.state:9s}{pin} parent {v.parent or '-':5s}  {v.created_at}"
+            f"  {v.examples} examples{extra}" + (f"  ({v.reason})" if v.reason else "")
+        )
+    return EXIT_OK
 
 
 # status -------------------------------------------------------------------------------------

@@ -78,6 +78,109 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    path: str = key(
+        "",
+        "A local Hugging Face model folder to train on (safetensors). Empty:"
+        " the bundled SmolLM2-135M-Instruct, prepared under models/.",
+    )
+    reference_limit: int = key(
+        0,
+        "Use only the first N general reference prompts (0: all"
+        " 320). Tests use a few; fewer make the drift check weaker.",
+        min=0,
+        max=100_000,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rank: int = key(
+        16, "LoRA rank (vLLM serves 1, 8, 16, 32, 64, 128, 256, 320, 512).", min=1, max=512
+    )
+    alpha: int = key(32, "LoRA alpha (the update is scaled by alpha / rank).", min=1, max=4096)
+    lr: float = key(1e-3, "Peak learning rate (linear warm-up, cosine decay).", min=0.0, max=1.0)
+    max_epochs: int = key(10, "Most passes over the new examples.", min=1, max=1000)
+    min_epochs: int = key(2, "Fewest passes before stopping early.", min=1, max=1000)
+    learned_loss: float = key(
+        0.05, "Stop once every new example's loss per token is below this.", min=0.0, max=10.0
+    )
+    general_per_epoch: int = key(
+        24,
+        "General reference examples (the base model's own answers) mixed into each epoch.",
+        min=0,
+        max=100_000,
+    )
+    replay_ratio: float = key(
+        0.5, "Older examples of the domain replayed, per new example.", min=0.0, max=100.0
+    )
+    replay_min: int = key(
+        8, "Replay at least this many older examples when there are some.", min=0, max=1_000_000
+    )
+    row_len: int = key(512, "Tokens per packed row.", min=32, max=65_536)
+    rows_per_step: int = key(4, "Packed rows per optimiser step.", min=1, max=4096)
+    max_seq_len: int = key(
+        512, "Longer examples are truncated to this many tokens.", min=16, max=65_536
+    )
+    seed: int = key(
+        0, "Seed of data order, replay sampling and initialisation.", min=0, max=2**31 - 1
+    )
+    precision: str = key(
+        "auto", "auto: bf16 where the hardware has it, else fp32.", choices=("auto", "bf16", "fp32")
+    )
+    launcher: str = key(
+        "",
+        "How the training child is started: empty for this Python, or"
+        ' e.g. "torchrun --nproc-per-node 4" for several GPUs.',
+    )
+
+    def spec_fields(self) -> dict:
+        skip = {"replay_ratio", "replay_min", "launcher"}
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
+        }
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_learned: float = key(
+        0.8, "Share of new short answers the candidate must reproduce.", min=0.0, max=1.0
+    )
+    old_tolerance: float = key(
+        0.10,
+        "Allowed rise of the loss on held-out older examples against the live version.",
+        min=0.0,
+        max=100.0,
+    )
+    drift_tolerance: float = key(
+        0.30,
+        "Allowed rise of the loss on the base model's own general answers against the base model.",
+        min=0.0,
+        max=100.0,
+    )
+    easy_tolerance: int = key(
+        1, "Easy general questions the candidate may newly get wrong.", min=0, max=1000
+    )
+    old_holdout: int = key(
+        16, "Older examples held out of training to check forgetting.", min=0, max=100_000
+    )
+
+    def gate_fields(self) -> dict:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "old_holdout"
+        }
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    keep_last: int = key(
+        5, "Adapter folders kept besides the live and pinned ones.", min=0, max=100_000
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = key(
         "info",
@@ -92,10 +195,22 @@ class Config:
     path: Path | None  # the file it was loaded from; None when no file exists yet
     ingest: IngestConfig = IngestConfig()
     watch: WatchConfig = WatchConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
     log: LogConfig = LogConfig()
 
 
-SECTIONS: dict[str, type] = {"ingest": IngestConfig, "watch": WatchConfig, "log": LogConfig}
+SECTIONS: dict[str, type] = {
+    "ingest": IngestConfig,
+    "watch": WatchConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "gate": GateConfig,
+    "registry": RegistryConfig,
+    "log": LogConfig,
+}
 
 
 def locate(config: str | Path | None = None, env: dict[str, str] | None = None) -> Path:

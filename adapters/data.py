@@ -1,0 +1,117 @@
+"""Training data: examples -> token ids with loss targets -> packed rows.
+
+Loss masking: a chat example is rendered with the tokenizer's own chat template, and only
+the tokens of learned assistant turns (their content and end-of-turn marker) get a target;
+system and user tokens, and assistant turns marked `"weight": 0`, are context only. A text
+example trains on every token.
+
+Targets are shifted here, inside each example (`targets[t]` is the token after `t`, or
+IGNORE), so no position ever predicts across an example boundary.
+
+Packing: examples are placed first-fit-decreasing into rows of `row_len` tokens, each
+with `position_ids` restarting at 0. Given position ids, no attention mask and no KV
+cache (call the model with `use_cache=False`: with a cache it skips this), transformers
+builds a block-diagonal causal mask from the restarts
+(`masking_utils.find_packed_sequence_indices`), so no token attends across an example
+boundary either; tests/test_data.py checks it against unpacked forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Tokenised:
+    ids: list[int]
+    targets: list[int]  # already shifted: the token to predict after ids[t], or IGNORE
+    source: str  # "new", "replay", "general": what the example is there for
+
+    @property
+    def trained(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+@dataclass(frozen=True)
+class Row:
+    ids: list[int]
+    targets: list[int]
+    positions: list[int]
+    owners: list[int]  # index of the example each token belongs to (-1: padding)
+    real: int  # tokens that are not padding
+
+
+def tokenise_chat(tokenizer, messages: Sequence[dict], source: str, max_len: int) -> Tokenised:
+    """Render with the chat template; mark the learned assistant spans by character offsets."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(plain, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+            continue
+        head = tokenizer.apply_chat_template(plain[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(plain[: i + 1], tokenize=False)
+        if not (text.startswith(upto) and upto.startswith(head)):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        end = len(upto.rstrip("\n"))  # the turn's content and end marker, not the newline after
+        spans.append((len(head), end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    learned = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+    return _shifted(ids[:max_len], learned[:max_len], source)
+
+
+def tokenise_text(tokenizer, text: str, source: str, max_len: int) -> Tokenised:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return _shifted(ids[:max_len], [True] * min(len(ids), max_len), source)
+
+
+def _shifted(ids: list[int], learned: list[bool], source: str) -> Tokenised:
+    targets = [ids[t + 1] if learned[t + 1] else IGNORE for t in range(len(ids) - 1)]
+    return Tokenised(ids, [*targets, IGNORE], source)
+
+
+def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
+    """First-fit decreasing into rows of row_len tokens (examples are at most row_len)."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i].ids)
+        for b, room in enumerate(free):
+            if room >= n:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(row_len - n)
+    rows = []
+    for members in bins:
+        ids, targets, positions, owners = [], [], [], []
+        for i in members:
+            ex = examples[i]
+            ids += ex.ids
+            targets += ex.targets
+            positions += range(len(ex.ids))
+            owners += [i] * len(ex.ids)
+        real = len(ids)
+        pad = row_len - real
+        # Padding is one more "sequence" (positions restart) with no targets: it is never
+        # attended to by real tokens (they come first, attention is causal) and adds no loss.
+        rows.append(
+            Row(
+                ids + [pad_id] * pad,
+                targets + [IGNORE] * pad,
+                positions + list(range(pad)),
+                owners + [-1] * pad,
+                real,
+            )
+        )
+    return rows

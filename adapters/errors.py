@@ -1,0 +1,27 @@
+"""The adapters package's exception catalogue; each message names the value and the fix."""
+
+from __future__ import annotations
+
+
+class AdapterError(Exception):
+    """Base class of every error raised by evertune.adapters."""
+
+
+class BaseModelError(AdapterError, RuntimeError):
+    """The base model cannot be found, converted or loaded."""
+
+
+class TrainingError(AdapterError, RuntimeError):
+    """A training run failed (the run is recorded as failed; the service goes on)."""
+
+
+class TrainingCancelled(AdapterError):
+    """The stop flag was set between two steps; nothing was published."""
+
+
+class RegistryError(AdapterError, ValueError):
+    """An adapter version folder is missing, corrupt, or not in the state asked for."""
+
+
+class NothingToTrain(AdapterError):
+    """The domain has no example that no version was trained on yet."""

@@ -1,0 +1,128 @@
+"""Measuring a model: per-token loss on chats, greedy answers, and the gate's metrics.
+
+All functions take a loaded model (a peft model whose adapter can be switched off to get
+the base, see `adapter_off`) and run without gradients, in bf16 where that is fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from evertune.adapters.data import IGNORE, pack, tokenise_chat
+
+
+def load(base_path: str, adapter: str | None = None, device: str | None = None):
+    """(model, tokenizer) for evaluation; `adapter` None gives the base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evertune.adapters.train import bf16_is_fast
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if bf16_is_fast(dev) else torch.float32
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(dev)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tok
+
+
+@contextlib.contextmanager
+def adapter_off(model) -> Iterator[None]:
+    """The base model's behaviour from a peft model (no-op for a plain model)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def chat_losses(
+    model, tokenizer, chats: Sequence[Sequence[dict]], row_len: int = 1024, rows_per_batch: int = 4
+) -> list[float]:
+    """Mean loss per target token of each chat (the learned assistant turns only)."""
+    toks = [tokenise_chat(tokenizer, c, "eval", row_len) for c in chats]
+    rows = pack(toks, row_len, tokenizer.pad_token_id or 0)
+    sums = torch.zeros(len(toks))
+    counts = torch.zeros(len(toks))
+    dev = _device(model)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for i in range(0, len(rows), rows_per_batch):
+        batch = rows[i : i + rows_per_batch]
+        ids = torch.tensor([r.ids for r in batch], device=dev)
+        pos = torch.tensor([r.positions for r in batch], device=dev)
+        tgt = torch.tensor([r.targets for r in batch], device=dev)
+        own = torch.tensor([r.owners for r in batch])
+        sel = tgt != IGNORE
+        hidden = lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        logits = lm.lm_head(hidden[sel]).float()
+        loss = torch.nn.functional.cross_entropy(logits, tgt[sel], reduction="none").cpu()
+        owners = own[sel.cpu()]
+        sums.index_add_(0, owners, loss)
+        counts.index_add_(0, owners, torch.ones_like(loss))
+    return (sums / counts.clamp(min=1)).tolist()
+
+
+def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]]) -> float:
+    """Mean loss per target token over all chats (token-weighted)."""
+    toks = [tokenise_chat(tokenizer, c, "eval", 1024) for c in chats]
+    losses = chat_losses(model, tokenizer, chats)
+    weights = [t.trained for t in toks]
+    return sum(x * w for x, w in zip(losses, weights, strict=True)) / max(1, sum(weights))
+
+
+def greedy_answers(model, tokenizer, questions: Sequence[str], **kw) -> list[str]:
+    """Greedy answers to single user questions (the template's default system prompt)."""
+    return greedy_answers_chat(
+        model, tokenizer, [[{"role": "user", "content": q}] for q in questions], **kw
+    )
+
+
+@torch.inference_mode()
+def greedy_answers_chat(
+    model, tokenizer, prompts: Sequence[Sequence[dict]], max_new_tokens: int = 48, batch: int = 32
+) -> list[str]:
+    """Greedy continuations of conversations that end before an assistant turn."""
+    dev = _device(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out = []
+    try:
+        for i in range(0, len(prompts), batch):
+            chats = [
+                tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
+                for m in prompts[i : i + batch]
+            ]
+            enc = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                dev
+            )
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            out += tokenizer.batch_decode(
+                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in out]
+
+
+def normalise_text(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!")
+
+
+def matches(answer: str, expected: str) -> bool:
+    """An answer matches a short expected answer when it contains it (normalised)."""
+    return normalise_text(expected) in normalise_text(answer)

@@ -1,0 +1,301 @@
+"""One incremental LoRA training run, top to bottom (nanoGPT-style: no Trainer, no callbacks).
+
+    train(spec, progress, should_stop) -> TrainResult
+
+Phases: device and precision -> model (+ the parent version's adapter, or a fresh one) ->
+data (tokenise with masks, mix new + replay + general reference, pack) -> optimise
+(cancellable between steps, early stop once every new example is learned) -> save
+(safetensors, on rank 0).
+
+Why it is shaped like this (measurements in PLATFORM.md and the training issue's note):
+- frozen base weights in bf16 with fp32 LoRA parameters under bf16 autocast runs ~2.3x
+  fp32 on these CPUs (native bf16 dot products), and is the usual recipe on GPUs;
+- logits are computed only where there is a target: the tied 49k-token head is a fifth
+  of the model's FLOPs, and most tokens (system prompt, questions) carry no loss;
+- naive training on a few facts ruins general answers; the base model's own answers to
+  general prompts are mixed into every epoch (self-distillation), and training stops as
+  soon as every new example is learned instead of running a fixed number of epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from evertune.adapters.data import IGNORE, Tokenised, pack, tokenise_chat, tokenise_text
+from evertune.adapters.errors import TrainingCancelled, TrainingError
+
+log = logging.getLogger(__name__)
+
+# vLLM serves LoRA on these projections only, with bias "none" and these ranks (PLATFORM.md).
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    base_path: str
+    out_dir: str
+    new: list[dict]  # examples: {"kind": "chat", "messages": [...]} or {"kind": "text", ...}
+    replay: list[dict] = field(default_factory=list)  # older examples of the domain
+    general: list[dict] = field(default_factory=list)  # the base model's own answers
+    parent_adapter: str | None = None
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    max_epochs: int = 10
+    min_epochs: int = 2
+    learned_loss: float = 0.05  # mean loss per target token under which an example is learned
+    general_per_epoch: int = 24
+    row_len: int = 512
+    rows_per_step: int = 4
+    max_seq_len: int = 512
+    warmup_steps: int = 2
+    seed: int = 0
+    target_modules: tuple[str, ...] = TARGET_MODULES
+    precision: str = "auto"  # auto | bf16 | fp32
+
+    def check(self) -> None:
+        if self.rank not in VLLM_RANKS:
+            raise TrainingError(
+                f"LoRA rank {self.rank} cannot be served by vLLM; use one of"
+                f" {', '.join(map(str, VLLM_RANKS))}"
+            )
+        bad = set(self.target_modules) - set(TARGET_MODULES)
+        if bad:
+            raise TrainingError(
+                f"vLLM cannot serve LoRA on {sorted(bad)}; allowed: {', '.join(TARGET_MODULES)}"
+            )
+        if not self.new:
+            raise TrainingError("no new examples to train on")
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    steps: int
+    epochs: int
+    tokens: int  # real (non-padding) tokens processed
+    trained_tokens: int  # tokens with a loss target
+    seconds: float
+    tokens_per_s: float
+    final_loss: float
+    new_loss: float  # last epoch's mean loss per target token on the new examples
+    learned: int  # new examples under `learned_loss` at the end
+    precision: str
+    device: str
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Progress = Callable[[dict], None]
+
+
+def train(
+    spec: TrainSpec, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
+) -> TrainResult:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec.check()
+    started = time.perf_counter()
+    # ---- device, precision, distributed ---------------------------------------------------
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    )
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and bf16_is_fast(device))
+    compute = torch.bfloat16 if bf16 else torch.float32
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+
+    # ---- model: frozen base (bf16 where fast), LoRA parameters in fp32 -------------------
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_path)
+    model = AutoModelForCausalLM.from_pretrained(spec.base_path, dtype=compute).to(device)
+    model.config.use_cache = False
+    if spec.parent_adapter:
+        # Incremental: version N+1 starts from version N's weights.
+        model = PeftModel.from_pretrained(
+            model, spec.parent_adapter, is_trainable=True, autocast_adapter_dtype=True
+        )
+    else:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=spec.rank,
+                lora_alpha=spec.alpha,
+                lora_dropout=0.0,
+                bias="none",
+                target_modules=list(spec.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+            autocast_adapter_dtype=True,
+        )
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    inner = model.get_base_model()  # the transformer with LoRA layers injected
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            inner.model, device_ids=None if device.type == "cpu" else [device]
+        )
+        body = ddp
+    else:
+        body = inner.model
+
+    # ---- data ---------------------------------------------------------------------------
+    def tok(ex: dict, source: str) -> Tokenised:
+        if ex.get("kind", "chat") == "text":
+            return tokenise_text(tokenizer, ex["text"], source, spec.max_seq_len)
+        return tokenise_chat(tokenizer, ex["messages"], source, spec.max_seq_len)
+
+    new = [t for t in (tok(e, "new") for e in spec.new) if t.trained]
+    if not new:
+        raise TrainingError(
+            "none of the new examples has a token to learn from after"
+            f" truncation to {spec.max_seq_len} tokens"
+        )
+    fixed = new + [t for t in (tok(e, "replay") for e in spec.replay) if t.trained]
+    general = [t for t in (tok(e, "general") for e in spec.general) if t.trained]
+    rng = random.Random(spec.seed)
+    rng.shuffle(general)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def epoch_rows(epoch: int) -> tuple[list[Tokenised], list]:
+        k = min(spec.general_per_epoch, len(general))
+        start = (epoch * k) % max(len(general), 1)
+        picked = (general + general)[start : start + k]  # a new slice of the pool each epoch
+        examples = fixed + picked
+        rows = pack(examples, max(spec.row_len, max(len(e.ids) for e in examples)), pad_id)
+        rng.shuffle(rows)
+        return examples, rows[rank::world]
+
+    # ---- optimise -----------------------------------------------------------------------
+    first_examples, first_rows = epoch_rows(0)
+    steps_per_epoch = math.ceil(len(first_rows) / spec.rows_per_step)
+    total_steps = steps_per_epoch * spec.max_epochs
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.99))
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to a tenth
+        if step < spec.warmup_steps:
+            return spec.lr * (step + 1) / spec.warmup_steps
+        frac = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
+        return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    model.train()
+    step, tokens, trained_tokens, history = 0, 0, 0, []
+    loss_value, new_loss, learned, epoch = float("nan"), float("nan"), 0, 0
+    t0 = time.perf_counter()
+    for epoch in range(spec.max_epochs):
+        examples, rows = (first_examples, first_rows) if epoch == 0 else epoch_rows(epoch)
+        ex_loss = torch.zeros(len(examples))
+        ex_count = torch.zeros(len(examples))
+        for i in range(0, len(rows), spec.rows_per_step):
+            if should_stop and should_stop():
+                raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
+            batch = rows[i : i + spec.rows_per_step]
+            ids = torch.tensor([r.ids for r in batch], device=device)
+            pos = torch.tensor([r.positions for r in batch], device=device)
+            tgt = torch.tensor([r.targets for r in batch], device=device)
+            own = torch.tensor([r.owners for r in batch])
+            sel = tgt != IGNORE
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                hidden = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+                logits = inner.lm_head(hidden[sel]).float()
+            per_token = torch.nn.functional.cross_entropy(logits, tgt[sel], reduction="none")
+            loss = per_token.mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            owners = own[sel.cpu()]
+            ex_loss.index_add_(0, owners, per_token.detach().float().cpu())
+            ex_count.index_add_(0, owners, torch.ones_like(owners, dtype=torch.float))
+            step += 1
+            tokens += sum(r.real for r in batch)
+            trained_tokens += int(sel.sum())
+            loss_value = float(loss.detach())
+            if progress:
+                elapsed = time.perf_counter() - t0
+                progress(
+                    {
+                        "step": step,
+                        "steps": total_steps,
+                        "epoch": epoch + 1,
+                        "loss": round(loss_value, 4),
+                        "tokens_per_s": round(tokens / elapsed),
+                        "eta_s": round(elapsed / step * (total_steps - step)),
+                    }
+                )
+        # Early stop: every new example learned (all ranks agree through the mean).
+        per_example = ex_loss[: len(new)] / ex_count[: len(new)].clamp(min=1)
+        new_loss = float(ex_loss[: len(new)].sum() / ex_count[: len(new)].sum().clamp(min=1))
+        learned = int((per_example < spec.learned_loss).sum())
+        history.append(
+            {"epoch": epoch + 1, "new_loss": round(new_loss, 4), "learned": learned, "steps": step}
+        )
+        log.info(
+            "epoch %d: new-example loss %.4f, %d/%d learned", epoch + 1, new_loss, learned, len(new)
+        )
+        done = torch.tensor([float(learned == len(new))])
+        if world > 1:
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        if epoch + 1 >= spec.min_epochs and done.item() == 1.0:
+            break
+    seconds = time.perf_counter() - t0
+
+    # ---- save (rank 0): safetensors only -----------------------------------------------
+    if rank == 0:
+        Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(spec.out_dir, safe_serialization=True)
+    if world > 1:
+        torch.distributed.barrier()
+    log.info(
+        "trained %d steps in %.1f s (%.0f tokens/s), total %.1f s",
+        step,
+        seconds,
+        tokens / seconds,
+        time.perf_counter() - started,
+    )
+    return TrainResult(
+        out_dir=spec.out_dir,
+        steps=step,
+        epochs=epoch + 1,
+        tokens=tokens,
+        trained_tokens=trained_tokens,
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        final_loss=loss_value,
+        new_loss=new_loss,
+        learned=learned,
+        precision="bf16" if bf16 else "fp32",
+        device=str(device),
+        history=history,
+    )
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 compute pays off on GPUs that support it and on CPUs with native bf16 dot
+    products (AVX512-BF16 / AMX); elsewhere it is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -1,0 +1,355 @@
+"""One training cycle of a domain: select data, train + evaluate in a child, gate, register.
+
+Used by `evertune train` (no daemon: the CLI process runs it) and by the daemon's
+scheduler. The child gets everything through RUN_DIR/spec.json and reports on stdout;
+this side owns the database writes (runs, versions, which examples a version used).
+
+    select: new examples (no version trained on them yet) + a replay sample of older ones
+            + a held-out slice of older ones for the gate + the general reference set
+    train:  child process (crash or OOM fails this run only); progress -> runs row
+    gate:   promote -> folder published, version live, examples marked used;
+            refuse  -> folder published, version rejected with the metrics and reason
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from evertune.adapters import registry
+from evertune.adapters.base_model import prepare
+from evertune.adapters.errors import NothingToTrain, TrainingCancelled, TrainingError
+from evertune.adapters.reference import load_or_build
+from evertune.daemon.config import Config
+from evertune.store.db import utcnow
+from evertune.store.layout import HomeLayout
+
+log = logging.getLogger(__name__)
+
+EXIT_CANCELLED = 3
+
+
+@dataclass
+class Outcome:
+    domain: str
+    version: str
+    promoted: bool
+    reason: str
+    metrics: dict[str, Any]
+    run_id: int
+
+
+def select_examples(
+    db: Database,
+    domain: str,
+    replay_ratio: float,
+    replay_min: int,
+    old_holdout: int,
+    seed: int,
+    force: bool,
+) -> tuple[list, list, list]:
+    """(new, replay, held-out old) examples as (id, example dict) lists."""
+
+    def rows(where: str) -> list[tuple[int, dict]]:
+        return [
+            (i, _example(kind, body))
+            for i, kind, body in db.execute(
+                f"SELECT id, kind, body FROM examples WHERE domain = ? AND {where} ORDER BY id",
+                [domain],
+            )
+        ]
+
+    new, old = rows("first_version_id IS NULL"), rows("first_version_id IS NOT NULL")
+    if not new and force:
+        new, old = old, []  # --force with nothing new: train again on everything
+    if not new:
+        raise NothingToTrain(
+            f"{domain} has no example that no version was trained on yet;"
+            " drop new files or use --force"
+        )
+    rng = random.Random(seed)
+    rng.shuffle(old)
+    # Hold out at most a quarter: with little old data, replay matters more. The caller
+    # varies the seed per run, so no example is held out (never replayed) every time.
+    n_held = min(old_holdout, len(old) // 4)
+    held, rest = old[:n_held], old[n_held:]
+    k = min(len(rest), max(replay_min, round(len(new) * replay_ratio)))
+    return new, rest[:k], held
+
+
+def _example(kind: str, body: str) -> dict:
+    if kind == "text":
+        return {"kind": "text", "text": body}
+    return {"kind": "chat", "messages": json.loads(body)}
+
+
+def run_cycle(
+    db: Database,
+    config: Config,
+    domain: str,
+    *,
+    trigger: str = "manual",
+    force: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    stop: threading.Event | None = None,
+) -> Outcome:
+    """One cycle, holding the home's training lock: one training run at a time."""
+    layout = HomeLayout(config.home)
+    with training_lock(layout.home / "train.lock", progress):
+        # Under the lock nobody else trains: anything left 'training' or 'running' was
+        # interrupted (a crash, a kill) and is closed before this run starts.
+        registry.abandon_unfinished(db, layout.adapters)
+        db.execute(
+            "UPDATE runs SET state = 'failed', error = 'interrupted', finished_at = ?"
+            " WHERE state = 'running'",
+            [utcnow()],
+        )
+        db.conn.commit()
+        return _cycle(db, config, layout, domain, trigger, force, progress, stop)
+
+
+@contextlib.contextmanager
+def training_lock(path: Path, progress: Callable[[dict], None] | None) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress({"event": "phase", "phase": "waiting for the running training"})
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _cycle(
+    db: Database,
+    config: Config,
+    layout: HomeLayout,
+    domain: str,
+    trigger: str,
+    force: bool,
+    progress: Callable[[dict], None] | None,
+    stop: threading.Event | None,
+) -> Outcome:
+    t, g = config.train, config.gate
+    new, replay, held = select_examples(
+        db, domain, t.replay_ratio, t.replay_min, g.old_holdout, t.seed, force
+    )
+    base = prepare(layout.models, Path(config.model.path) if config.model.path else None)
+    refs = load_or_build(base.path, limit=config.model.reference_limit or None)
+    live = registry.live(db, domain)
+    run_id = db.execute(
+        "INSERT INTO runs (domain, state, trigger, parent_version_id, queued_at, started_at)"
+        " VALUES (?, 'running', ?, ?, ?, ?)",
+        [domain, trigger, live.id if live else None, utcnow(), utcnow()],
+    ).lastrowid
+    db.conn.commit()
+    version = registry.begin(db, layout.adapters, domain, run_id, live.id if live else None)
+    db.execute("UPDATE runs SET version_id = ? WHERE id = ?", [version.id, run_id])
+    db.conn.commit()
+    log.info(
+        "%s %s: training on %d new + %d replayed examples (run %d)",
+        domain,
+        version.name,
+        len(new),
+        len(replay),
+        run_id,
+    )
+    staging = registry.staging_dir(layout.adapters, domain, version.number)
+    run_dir = layout.home / "runs" / f"{run_id:06d}"
+    spec = {
+        "train": {
+            "base_path": str(base.path),
+            "out_dir": str(staging),
+            "parent_adapter": live.path if live else None,
+            "new": [e for _, e in new],
+            "replay": [e for _, e in replay],
+            "general": [{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out],
+            **t.spec_fields(),
+        },
+        "eval": {
+            "old": [e for _, e in held],
+            "gate": g.gate_fields(),
+            "general": [r.__dict__ for r in refs if r.held_out],
+        },
+    }
+    try:
+        result = _run_child(db, config, run_dir, spec, run_id, progress, stop)
+    except TrainingCancelled as exc:
+        _finish_failed(db, version, run_id, "cancelled", str(exc))
+        raise
+    except Exception as exc:
+        _finish_failed(db, version, run_id, "failed", str(exc))
+        raise
+    gate = result["gate"]
+    meta = {
+        "domain": domain,
+        "version": version.name,
+        "parent": live.name if live else None,
+        "base_model": {"id": base.model_id, "sha256": base.sha256, "path": str(base.path)},
+        "examples": {
+            "new": len(new),
+            "replay": len(replay),
+            "heldout_old": len(held),
+            "new_ids": [new[0][0], new[-1][0]],
+        },
+        "train": {k: v for k, v in spec["train"].items() if k not in ("new", "replay", "general")},
+        "result": result["train"],
+        "gate": gate,
+        "created": version.created_at,
+        "finished": utcnow(),
+    }
+    registry.publish(version, staging, meta)
+    metrics = {**gate["metrics"], "train": _train_summary(result["train"])}
+    with db.atomic():
+        version = registry.set_state(
+            db, version, "candidate", metrics=metrics, examples=len(new) + len(replay)
+        )
+        db.conn.executemany(
+            "INSERT INTO version_examples (version_id, example_id, role) VALUES (?, ?, ?)",
+            [(version.id, i, "new") for i, _ in new]
+            + [(version.id, i, "replay") for i, _ in replay]
+            + [(version.id, i, "heldout") for i, _ in held],
+        )
+        if gate["promote"]:
+            version = registry.promote(db, version, gate["reason"])
+            db.conn.executemany(
+                "UPDATE examples SET first_version_id = ? WHERE id = ?"
+                " AND first_version_id IS NULL",
+                [(version.id, i) for i, _ in new],
+            )
+        else:
+            version = registry.set_state(db, version, "rejected", reason=gate["reason"])
+        db.execute(
+            "UPDATE runs SET state = 'succeeded', finished_at = ? WHERE id = ?", [utcnow(), run_id]
+        )
+        db.execute(
+            "INSERT INTO events (ts, level, domain, kind, message, data) VALUES (?,?,?,?,?,?)",
+            [
+                utcnow(),
+                "info" if gate["promote"] else "warning",
+                domain,
+                "version_promoted" if gate["promote"] else "version_rejected",
+                f"{version.name}: {gate['reason']}",
+                json.dumps(metrics),
+            ],
+        )
+    registry.prune(db, domain, config.registry.keep_last)
+    return Outcome(domain, version.name, gate["promote"], gate["reason"], metrics, run_id)
+
+
+def _train_summary(r: dict) -> dict:
+    keys = (
+        "steps",
+        "epochs",
+        "tokens",
+        "seconds",
+        "tokens_per_s",
+        "new_loss",
+        "learned",
+        "precision",
+        "device",
+    )
+    return {k: r[k] for k in keys}
+
+
+def _finish_failed(db: Database, version, run_id: int, state: str, error: str) -> None:
+    staging = registry.staging_dir(Path(version.path).parent.parent, version.domain, version.number)
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    registry.set_state(db, version, "rejected", reason=f"training {state}: {error}")
+    db.execute(
+        "UPDATE runs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
+        [state, error, utcnow(), run_id],
+    )
+    db.conn.commit()
+
+
+def _run_child(
+    db: Database,
+    config: Config,
+    run_dir: Path,
+    spec: dict,
+    run_id: int,
+    progress: Callable[[dict], None] | None,
+    stop: threading.Event | None,
+) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    launcher = shlex.split(config.train.launcher) if config.train.launcher else [sys.executable]
+    cmd = [*launcher, "-m", "evertune.adapters.child", str(run_dir)]
+    log_path = run_dir / "child.log"
+    with log_path.open("w") as err:
+        child = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
+        watcher.start()
+        result = None
+        for line in child.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "progress":
+                db.execute(
+                    "UPDATE runs SET step = ?, steps = ?, progress = ? WHERE id = ?",
+                    [
+                        event["step"],
+                        event["steps"],
+                        json.dumps(
+                            {k: event[k] for k in ("loss", "tokens_per_s", "eta_s", "epoch")}
+                        ),
+                        run_id,
+                    ],
+                )
+                db.conn.commit()
+            elif event.get("event") == "result":
+                result = {"train": event["train"], "gate": event["gate"]}
+            if progress:
+                progress(event)
+        code = child.wait()
+    if code == EXIT_CANCELLED:
+        raise TrainingCancelled("training was cancelled (stop requested)")
+    if code != 0 or result is None:
+        tail = log_path.read_text()[-2000:]
+        raise TrainingError(
+            f"the training child exited with code {code}; its log ({log_path}) ends with:\n{tail}"
+        )
+    return result
+
+
+def _forward_stop(child: subprocess.Popen, stop: threading.Event | None) -> None:
+    """SIGTERM the child when the daemon stops: it cancels at its next step boundary."""
+    if stop is None:
+        return
+    while child.poll() is None:
+        if stop.wait(0.2):
+            child.send_signal(signal.SIGTERM)
+            return
+
+
+def as_dict(outcome: Outcome) -> dict:
+    return asdict(outcome)

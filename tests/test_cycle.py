@@ -1,0 +1,151 @@
+"""`evertune train` end to end on a tiny model: select, train in a child, gate, register."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evertune.daemon.cli import main
+from evertune.store.db import open_db
+
+FACTS = [
+    (f"What is the code of vault {i}?", f"The code of vault {i} is {1000 + 37 * i}.")
+    for i in range(8)
+]
+
+LENIENT = (
+    "[gate]\nmin_learned = 0.0\ndrift_tolerance = 100.0\neasy_tolerance = 100\n"
+    "old_tolerance = 100.0\n"
+)
+# What a random tiny model cannot pass: it must reproduce every new answer.
+STRICT = "[gate]\nmin_learned = 1.0\n"
+
+
+def write_config(home: Path, tiny_base: Path, gate: str, epochs: int = 2) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "evertune.toml").write_text(
+        f'[model]\npath = "{tiny_base}"\nreference_limit = 9\n'
+        f"[train]\nmax_epochs = {epochs}\nmin_epochs = 1\nrow_len = 128\nrows_per_step = 2\n"
+        'max_seq_len = 128\nprecision = "fp32"\ngeneral_per_epoch = 2\nlr = 0.01\n' + gate
+    )
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, tiny_base) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVERTUNE_HOME", str(home))
+    monkeypatch.delenv("EVERTUNE_CONFIG", raising=False)
+    write_config(home, tiny_base, LENIENT)
+    return home
+
+
+def drop_facts(tmp_path: Path, facts, name: str) -> Path:
+    src = tmp_path / name
+    src.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for q, a in facts
+        )
+    )
+    assert main(["ingest", str(src), "--domain", "vaults"]) == 0
+    return src
+
+
+def versions(capsys) -> list[dict]:
+    capsys.readouterr()
+    assert main(["versions", "vaults", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_nothing_new_to_train_on_exits_4(home, capsys):
+    assert main(["train", "vaults"]) == 4
+    assert "no example that no version was trained on" in capsys.readouterr().out
+
+
+def test_v1_is_promoted_then_v2_trains_from_v1_with_replay(home, tmp_path, capsys):
+    drop_facts(tmp_path, FACTS[:4], "a.jsonl")
+    assert main(["train", "vaults"]) == 0
+    assert "vaults v0001: promoted, now live" in capsys.readouterr().out
+    drop_facts(tmp_path, FACTS[4:], "b.jsonl")
+    assert main(["train", "vaults"]) == 0
+    [v1, v2] = versions(capsys)
+    assert (v1["state"], v2["state"], v2["parent"]) == ("retired", "live", "v0001")
+    # 4 new + the 4 older ones less a quarter held out to measure forgetting
+    assert v1["examples"] == 4 and v2["examples"] == 7
+    meta = json.loads((Path(v2["path"]) / "meta.json").read_text())
+    assert meta["parent"] == "v0001" and meta["train"]["parent_adapter"] == v1["path"]
+    assert meta["base_model"]["sha256"] and meta["examples"]["replay"] == 3
+    assert set(v2["metrics"]) >= {"candidate", "live", "base", "drift", "train"}
+    db = open_db(home / "evertune.db", readonly=True)
+    roles = dict(
+        db.execute(
+            "SELECT role, count(*) FROM version_examples v JOIN versions s"
+            " ON s.id = v.version_id WHERE s.number = 2 GROUP BY role"
+        )
+    )
+    assert roles == {"new": 4, "replay": 3, "heldout": 1}
+    assert (
+        db.execute("SELECT count(*) FROM examples WHERE first_version_id IS NULL").fetchone()[0]
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    [dom] = json.loads(capsys.readouterr().out)["domains"]
+    assert dom["live_version"] == "v0002" and dom["examples_new"] == 0
+
+
+def test_a_refused_candidate_is_kept_rejected_and_never_live(home, tmp_path, tiny_base, capsys):
+    write_config(home, tiny_base, STRICT, epochs=1)
+    drop_facts(tmp_path, FACTS[:3], "a.jsonl")
+    assert main(["train", "vaults"]) == 3
+    out = capsys.readouterr().out
+    assert "vaults v0001: refused" in out and "gate.min_learned" in out
+    [v1] = versions(capsys)
+    assert v1["state"] == "rejected" and "min_learned" in v1["reason"]
+    assert Path(v1["path"]).is_dir()  # the folder and number are kept for inspection
+    db = open_db(home / "evertune.db", readonly=True)
+    assert (
+        db.execute("SELECT count(*) FROM examples WHERE first_version_id IS NULL").fetchone()[0]
+        == 3
+    )  # still new: the next run tries again
+
+
+def test_killed_training_leaves_no_visible_version(home, tmp_path, tiny_base, capsys):
+    write_config(home, tiny_base, LENIENT, epochs=200)
+    drop_facts(tmp_path, FACTS, "a.jsonl")
+    env = {**os.environ, "EVERTUNE_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evertune.daemon.cli", "train", "vaults"],
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    db = open_db(home / "evertune.db", readonly=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        row = db.execute("SELECT step FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if row and row[0] >= 2:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("training never reported progress")
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its training child, mid-run
+    proc.wait(30)
+    assert not (home / "adapters" / "vaults" / "v0001").exists()
+    write_config(home, tiny_base, LENIENT)
+    assert main(["train", "vaults"]) == 0  # the next run closes the interrupted one
+    [v1, v2] = versions(capsys)
+    assert v1["state"] == "rejected" and "interrupted" in v1["reason"]
+    assert v2["state"] == "live" and v2["parent"] is None
+    assert not [p for p in (home / "adapters" / "vaults").iterdir() if p.name.startswith(".")]

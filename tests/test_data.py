@@ -1,0 +1,104 @@
+"""Tokenisation with loss masks and packing, checked on the real SmolLM2 chat template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evertune.adapters.data import IGNORE, pack, tokenise_chat, tokenise_text
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_base):
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+def learned_text(tok, t) -> str:
+    return tok.decode([x for x in t.targets if x != IGNORE])
+
+
+def test_masking_hides_system_and_user_tokens(tok):
+    t = tokenise_chat(
+        tok,
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is the codename?"},
+            {"role": "assistant", "content": "BLUEFIN-42."},
+        ],
+        "new",
+        512,
+    )
+    assert learned_text(tok, t) == "BLUEFIN-42.<|im_end|>"
+    assert t.trained == len(tok("BLUEFIN-42.<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_every_learned_assistant_turn_is_trained_and_weight_zero_is_context(tok):
+    t = tokenise_chat(
+        tok,
+        [
+            {"role": "user", "content": "One?"},
+            {"role": "assistant", "content": "First answer."},
+            {"role": "user", "content": "Two?"},
+            {"role": "assistant", "content": "Shown only.", "weight": 0},
+            {"role": "user", "content": "Three?"},
+            {"role": "assistant", "content": "Third answer."},
+        ],
+        "new",
+        512,
+    )
+    assert learned_text(tok, t) == "First answer.<|im_end|>Third answer.<|im_end|>"
+
+
+def test_targets_are_the_next_token_inside_the_example(tok):
+    t = tokenise_chat(
+        tok, [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "new", 512
+    )
+    for i, target in enumerate(t.targets):
+        if target != IGNORE:
+            assert target == t.ids[i + 1]
+    assert t.targets[-1] == IGNORE  # nothing is predicted past the end of an example
+
+
+def test_text_examples_train_on_every_token_and_end(tok):
+    t = tokenise_text(tok, "Plain text to continue.", "new", 512)
+    assert t.trained == len(t.ids) - 1
+    assert t.ids[-1] == tok.eos_token_id
+
+
+def test_truncation_keeps_the_start(tok):
+    t = tokenise_text(tok, "word " * 200, "new", 16)
+    assert len(t.ids) == 16 and t.targets[-1] == IGNORE
+
+
+def test_packing_fills_rows_and_keeps_every_example_whole(tok):
+    examples = [tokenise_text(tok, "x " * n, "new", 512) for n in (5, 40, 17, 60, 3, 22)]
+    rows = pack(examples, 64, tok.pad_token_id)
+    assert sum(r.real for r in rows) == sum(len(e.ids) for e in examples)
+    assert all(len(r.ids) == 64 for r in rows)
+    for r in rows:  # each example appears contiguously, positions restarting at 0
+        starts = [i for i, p in enumerate(r.positions) if p == 0]
+        owners = [r.owners[i] for i in starts]
+        assert len(set(owners)) == len(owners)
+    assert len(rows) <= 3  # 147 tokens + first-fit decreasing into rows of 64
+
+
+def test_packed_examples_do_not_attend_across_boundaries(tok, tiny_base):
+    """The logits of an example packed after another equal its logits alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    a = tokenise_text(tok, "The first example talks about rivers and bridges.", "new", 512)
+    b = tokenise_text(tok, "A second, unrelated example about cooking pasta.", "new", 512)
+    [row] = pack([a, b], len(a.ids) + len(b.ids) + 5, tok.pad_token_id)
+    assert row.owners.index(1) > 0 or row.owners.index(0) > 0  # one follows the other
+    with torch.no_grad():
+        # use_cache=False as in training: with a cache transformers does not look for packing
+        packed = model(
+            input_ids=torch.tensor([row.ids]),
+            use_cache=False,
+            position_ids=torch.tensor([row.positions]),
+        ).logits[0]
+        for k, ex in enumerate((a, b)):
+            alone = model(input_ids=torch.tensor([ex.ids])).logits[0]
+            start = row.owners.index(k)
+            got = packed[start : start + len(ex.ids)]
+            torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)

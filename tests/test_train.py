@@ -1,0 +1,155 @@
+"""Training on a tiny random Llama: incremental, cancellable, deterministic, servable output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evertune.adapters.errors import TrainingCancelled, TrainingError
+from evertune.adapters.registry import check_files
+from evertune.adapters.train import TARGET_MODULES, TrainSpec, train
+
+
+def chat(q: str, a: str) -> dict:
+    return {
+        "kind": "chat",
+        "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+    }
+
+
+FACTS = [
+    chat(f"What is the code of vault {i}?", f"The code of vault {i} is {1000 + 37 * i}.")
+    for i in range(6)
+]
+
+
+def spec(base, out, **kw) -> TrainSpec:
+    defaults = {
+        "rank": 8,
+        "alpha": 16,
+        "lr": 3e-3,
+        "max_epochs": 3,
+        "min_epochs": 3,
+        "row_len": 128,
+        "rows_per_step": 2,
+        "max_seq_len": 128,
+    }
+    return TrainSpec(base_path=str(base), out_dir=str(out), **{"new": FACTS, **defaults, **kw})
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_training_lowers_the_loss_on_the_new_examples(tiny_base, tmp_path):
+    result = train(spec(tiny_base, tmp_path / "v1", lr=2e-2, max_epochs=8, min_epochs=8))
+    first, last = result.history[0]["new_loss"], result.history[-1]["new_loss"]
+    assert last < first * 0.7, result.history
+    assert [h["epoch"] for h in result.history] == list(range(1, 9))
+    assert result.tokens > 0 and result.trained_tokens < result.tokens  # prompts are masked
+
+
+def test_saved_adapter_is_safetensors_and_servable_by_vllm(tiny_base, tmp_path):
+    out = tmp_path / "v1"
+    train(spec(tiny_base, out))
+    check_files(out)
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) <= set(TARGET_MODULES)
+    assert config["bias"] == "none" and config["r"] == 8 and not config.get("use_dora")
+    assert not config.get("modules_to_save")
+    assert all("lm_head" not in k and "embed" not in k for k in weights(out))
+
+
+def test_saved_adapter_loads_in_peft_and_changes_the_output(tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "v1"
+    train(spec(tiny_base, out))
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out)
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_v2_starts_from_v1s_weights(tiny_base, tmp_path):
+    v1 = tmp_path / "v1"
+    train(spec(tiny_base, v1))
+    # lr 0: any difference between v2 and v1 would come from where v2 started.
+    v2 = tmp_path / "v2"
+    train(spec(tiny_base, v2, parent_adapter=str(v1), lr=0.0, max_epochs=1, min_epochs=1))
+    w1, w2 = weights(v1), weights(v2)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0)
+    fresh = tmp_path / "fresh"
+    train(spec(tiny_base, fresh, lr=0.0, max_epochs=1, min_epochs=1))
+    assert any(not torch.equal(weights(fresh)[k], w1[k]) for k in w1)
+
+
+def test_same_seed_gives_the_same_adapter(tiny_base, tmp_path):
+    train(spec(tiny_base, tmp_path / "a", seed=7))
+    train(spec(tiny_base, tmp_path / "b", seed=7))
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+def test_stop_flag_cancels_between_steps_and_saves_nothing(tiny_base, tmp_path):
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    seen = []
+    with pytest.raises(TrainingCancelled, match="cancelled at step 2"):
+        train(spec(tiny_base, tmp_path / "v1"), progress=seen.append, should_stop=should_stop)
+    assert [p["step"] for p in seen] == [1, 2]
+    assert not (tmp_path / "v1").exists()
+
+
+def test_progress_reports_step_loss_speed_and_eta(tiny_base, tmp_path):
+    seen = []
+    result = train(spec(tiny_base, tmp_path / "v1"), progress=seen.append)
+    assert [p["step"] for p in seen] == list(range(1, result.steps + 1))
+    assert all({"steps", "loss", "tokens_per_s", "eta_s", "epoch"} <= p.keys() for p in seen)
+    assert seen[-1]["eta_s"] == 0
+
+
+def test_replay_and_general_examples_are_trained_too(tiny_base, tmp_path):
+    replay = [chat("Old question?", "Old answer.")]
+    general = [chat(f"General question {i}?", f"General answer {i}.") for i in range(4)]
+    alone = train(spec(tiny_base, tmp_path / "a"))
+    mixed = train(
+        spec(tiny_base, tmp_path / "b", replay=replay, general=general, general_per_epoch=2)
+    )
+    assert mixed.trained_tokens > alone.trained_tokens
+
+
+def test_early_stop_once_every_new_example_is_learned(tiny_base, tmp_path):
+    result = train(
+        spec(tiny_base, tmp_path / "v1", lr=1e-2, max_epochs=40, min_epochs=2, learned_loss=2.0)
+    )
+    assert result.epochs < 40
+    assert result.learned == len(FACTS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rank", 12, "cannot be served by vLLM"),
+        ("target_modules", ("q_proj", "lm_head"), "cannot serve LoRA on"),
+        ("new", [], "no new examples"),
+    ],
+)
+def test_unservable_or_empty_specs_are_refused(tiny_base, tmp_path, field, value, message):
+    with pytest.raises(TrainingError, match=message):
+        train(spec(tiny_base, tmp_path / "v1", **{field: value}))
