@@ -28,9 +28,12 @@ SHORT_ANSWER_CHARS = 200
 
 @dataclass(frozen=True)
 class GateConfig:
+    """Defaults from benchmarks/learning.py on SmolLM2-135M (10 facts, 30 examples): naive
+    training drifted +104% and lost 5 of 15 easy answers; ours drifted -27% and lost 1."""
+
     min_learned: float = 0.8
     old_tolerance: float = 0.10
-    drift_tolerance: float = 0.30
+    drift_tolerance: float = 0.10
     easy_tolerance: int = 1
 
 

@@ -55,8 +55,8 @@ class TrainSpec:
     min_epochs: int = 2
     learned_loss: float = 0.05  # mean loss per target token under which an example is learned
     general_per_epoch: int = 24
-    row_len: int = 512
-    rows_per_step: int = 4
+    row_len: int = 256  # 2 x 256 tokens a step: measured (benchmarks/learning.py), small
+    rows_per_step: int = 2  # files of facts need enough optimiser steps per epoch
     max_seq_len: int = 512
     warmup_steps: int = 2
     seed: int = 0

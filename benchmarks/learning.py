@@ -97,6 +97,8 @@ def main() -> None:
         f" {'epochs':>6s} {'tok/s':>6s}"
     )
     overrides = dict(kv.split("=", 1) for kv in args.set)
+    fields = TrainSpec.__dataclass_fields__
+    typed = {k: type(fields[k].default)(v) for k, v in overrides.items()}
     for method in args.methods.split(","):
         with tempfile.TemporaryDirectory() as out:
             if method == "naive":
@@ -108,10 +110,10 @@ def main() -> None:
                     max_epochs=8,
                     min_epochs=8,
                     lr=1e-3,
+                    # the same batch geometry as `ours` when --set gives one
+                    **{k: v for k, v in typed.items() if k in ("row_len", "rows_per_step")},
                 )
             else:
-                fields = TrainSpec.__dataclass_fields__
-                typed = {k: type(fields[k].default)(v) for k, v in overrides.items()}
                 spec = TrainSpec(
                     base_path=str(base.path),
                     out_dir=out,

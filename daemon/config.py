@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evertune.adapters.gate import GateConfig as GateDefaults
 from evertune.daemon.errors import ConfigError
 from evertune.store.ingest import IngestLimits
+
+GATE = GateDefaults()
 
 CONFIG_NAME = "evertune.toml"
 DEFAULT_HOME = "evertune-home"
@@ -117,8 +120,10 @@ class TrainConfig:
     replay_min: int = key(
         8, "Replay at least this many older examples when there are some.", min=0, max=1_000_000
     )
-    row_len: int = key(512, "Tokens per packed row.", min=32, max=65_536)
-    rows_per_step: int = key(4, "Packed rows per optimiser step.", min=1, max=4096)
+    row_len: int = key(
+        256, "Tokens per packed row (longer examples get a row of their own).", min=32, max=65_536
+    )
+    rows_per_step: int = key(2, "Packed rows per optimiser step.", min=1, max=4096)
     max_seq_len: int = key(
         512, "Longer examples are truncated to this many tokens.", min=16, max=65_536
     )
@@ -143,23 +148,30 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
+    # Defaults are the gate's own (measured, see evertune.adapters.gate.GateConfig).
     min_learned: float = key(
-        0.8, "Share of new short answers the candidate must reproduce.", min=0.0, max=1.0
+        GATE.min_learned,
+        "Share of new short answers the candidate must reproduce.",
+        min=0.0,
+        max=1.0,
     )
     old_tolerance: float = key(
-        0.10,
+        GATE.old_tolerance,
         "Allowed rise of the loss on held-out older examples against the live version.",
         min=0.0,
         max=100.0,
     )
     drift_tolerance: float = key(
-        0.30,
+        GATE.drift_tolerance,
         "Allowed rise of the loss on the base model's own general answers against the base model.",
         min=0.0,
         max=100.0,
     )
     easy_tolerance: int = key(
-        1, "Easy general questions the candidate may newly get wrong.", min=0, max=1000
+        GATE.easy_tolerance,
+        "Easy general questions the candidate may newly get wrong.",
+        min=0,
+        max=1000,
     )
     old_holdout: int = key(
         16, "Older examples held out of training to check forgetting.", min=0, max=100_000
