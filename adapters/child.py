@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evertune.adapters.errors import TrainingCancelled
-from evertune.adapters.gate import GateConfig, decide, measure
+from evertune.adapters.gate import BASE, LIVE, GateConfig, decide, measure
 from evertune.adapters.reference import Reference
 from evertune.adapters.train import TrainSpec, train
 
@@ -55,12 +55,13 @@ def evaluate(spec: TrainSpec, ev_spec: dict[str, Any]) -> dict[str, Any]:
     model = PeftModel.from_pretrained(model, spec.out_dir, adapter_name="candidate").eval()
     new, old = spec.new, ev_spec.get("old", [])
     with ev.adapter_off(model):
-        base = measure(model, tok, new, old, general)
+        # For version 1 the base model is also the live version.
+        base = measure(model, tok, new, old, general, BASE if spec.parent_adapter else BASE | LIVE)
     live = base
     if spec.parent_adapter:
         model.load_adapter(spec.parent_adapter, adapter_name="live")
         model.set_adapter("live")
-        live = measure(model, tok, new, old, general)
+        live = measure(model, tok, new, old, general, LIVE)
     model.set_adapter("candidate")
     candidate = measure(model, tok, new, old, general)
     known = {f.name for f in fields(GateConfig)}

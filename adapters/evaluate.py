@@ -45,11 +45,23 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
-def chat_losses(
-    model, tokenizer, chats: Sequence[Sequence[dict]], row_len: int = 1024, rows_per_batch: int = 4
-) -> list[float]:
+def chat_losses(model, tokenizer, chats: Sequence[Sequence[dict]]) -> list[float]:
     """Mean loss per target token of each chat (the learned assistant turns only)."""
+    sums, counts = _loss_sums(model, tokenizer, chats)
+    return (sums / counts.clamp(min=1)).tolist()
+
+
+def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]]) -> float:
+    """Mean loss per target token over all chats (token-weighted)."""
+    sums, counts = _loss_sums(model, tokenizer, chats)
+    return float(sums.sum() / counts.sum().clamp(min=1))
+
+
+@torch.inference_mode()
+def _loss_sums(
+    model, tokenizer, chats: Sequence[Sequence[dict]], row_len: int = 1024, rows_per_batch: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chat: the summed loss over its target tokens, and how many there are."""
     toks = [tokenise_chat(tokenizer, c, "eval", row_len) for c in chats]
     rows = pack(toks, row_len, tokenizer.pad_token_id or 0)
     sums = torch.zeros(len(toks))
@@ -69,15 +81,7 @@ def chat_losses(
         owners = own[sel.cpu()]
         sums.index_add_(0, owners, loss)
         counts.index_add_(0, owners, torch.ones_like(loss))
-    return (sums / counts.clamp(min=1)).tolist()
-
-
-def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]]) -> float:
-    """Mean loss per target token over all chats (token-weighted)."""
-    toks = [tokenise_chat(tokenizer, c, "eval", 1024) for c in chats]
-    losses = chat_losses(model, tokenizer, chats)
-    weights = [t.trained for t in toks]
-    return sum(x * w for x, w in zip(losses, weights, strict=True)) / max(1, sum(weights))
+    return sums, counts
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], **kw) -> list[str]:

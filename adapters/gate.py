@@ -60,31 +60,45 @@ def short_qa(examples: list[dict]) -> list[tuple[list[dict], str]]:
     return out
 
 
+ALL = frozenset({"new", "exact", "old", "general", "easy"})
+# What `decide` reads of each model: the candidate everything; the live version its loss on
+# new and old examples; the base model its general loss and easy answers. Measuring no
+# more than that keeps evaluation short (it is part of the time to serve a dropped file).
+LIVE, BASE = frozenset({"new", "old"}), frozenset({"general", "easy"})
+
+
 def measure(
     model,
     tokenizer,
     new: list[dict],
     old: list[dict],
     general: list[Reference],
+    parts: frozenset[str] = ALL,
 ) -> dict[str, Any]:
-    """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base)."""
-    qa = short_qa(new)
-    answers = ev.greedy_answers_chat(model, tokenizer, [p for p, _ in qa]) if qa else []
-    easy = [r for r in general if r.expected]
-    easy_answers = ev.greedy_answers(model, tokenizer, [r.prompt for r in easy]) if easy else []
+    """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
+    metrics not in `parts` are None."""
+    out: dict[str, Any] = dict.fromkeys(
+        ("new_loss", "new_exact", "old_loss", "general_loss", "easy_right", "easy_total")
+    )
     chats = [e["messages"] for e in new if e.get("kind", "chat") == "chat"]
-    return {
-        "new_loss": ev.mean_loss(model, tokenizer, chats) if chats else None,
-        "new_exact": (
-            sum(ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)) / len(qa)
-        )
-        if qa
-        else None,
-        "old_loss": ev.mean_loss(model, tokenizer, [e["messages"] for e in old]) if old else None,
-        "general_loss": ev.mean_loss(model, tokenizer, [r.messages() for r in general]),
-        "easy_right": sum(is_right(a, r.expected) for a, r in zip(easy_answers, easy, strict=True)),
-        "easy_total": len(easy),
-    }
+    if "new" in parts and chats:
+        out["new_loss"] = ev.mean_loss(model, tokenizer, chats)
+    qa = short_qa(new)
+    if "exact" in parts and qa:
+        answers = ev.greedy_answers_chat(model, tokenizer, [p for p, _ in qa])
+        out["new_exact"] = sum(
+            ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)
+        ) / len(qa)
+    if "old" in parts and old:
+        out["old_loss"] = ev.mean_loss(model, tokenizer, [e["messages"] for e in old])
+    if "general" in parts:
+        out["general_loss"] = ev.mean_loss(model, tokenizer, [r.messages() for r in general])
+    easy = [r for r in general if r.expected]
+    if "easy" in parts:
+        answers = ev.greedy_answers(model, tokenizer, [r.prompt for r in easy]) if easy else []
+        out["easy_right"] = sum(is_right(a, r.expected) for a, r in zip(answers, easy, strict=True))
+        out["easy_total"] = len(easy)
+    return out
 
 
 def decide(

@@ -20,12 +20,13 @@ import logging
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -272,8 +273,6 @@ def _train_summary(r: dict) -> dict:
 
 def _finish_failed(db: Database, version, run_id: int, state: str, error: str) -> None:
     staging = registry.staging_dir(Path(version.path).parent.parent, version.domain, version.number)
-    import shutil
-
     shutil.rmtree(staging, ignore_errors=True)
     registry.set_state(db, version, "rejected", reason=f"training {state}: {error}")
     db.execute(
@@ -349,7 +348,3 @@ def _forward_stop(child: subprocess.Popen, stop: threading.Event | None) -> None
         if stop.wait(0.2):
             child.send_signal(signal.SIGTERM)
             return
-
-
-def as_dict(outcome: Outcome) -> dict:
-    return asdict(outcome)
