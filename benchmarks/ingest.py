@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -118,7 +117,10 @@ def child(mode: str, path: Path, home: Path) -> None:
         table.insert_all(rows(), ignore=True, batch_size=1000)
         stored = table.count
     elapsed = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM (this process's own peak): ru_maxrss is carried over fork and exec on Linux.
+    with open("/proc/self/status") as status:
+        hwm = next(line for line in status if line.startswith("VmHWM:"))
+    rss_mb = int(hwm.split()[1]) / 1024
     print(json.dumps({"seconds": elapsed, "stored": stored, "rss_mb": rss_mb}))
 
 

@@ -26,7 +26,7 @@ from evertune.store.layout import HomeLayout
 DOMAIN = "support"
 
 CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from evertune.store.db import open_db
 from evertune.store.ingest import ingest_file
@@ -40,7 +40,10 @@ print(json.dumps({
     "status": report.status,
     "examples_added": report.examples_added,
     "records_rejected": report.records_rejected,
-    "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of a
+    # large pytest process would report the parent's size; VmHWM is this process's own.
+    "maxrss_kb": int(next(line.split()[1] for line in open("/proc/self/status")
+                          if line.startswith("VmHWM:"))),
 }))
 """
 
