@@ -150,8 +150,10 @@ def _cycle(
     stop: threading.Event | None,
 ) -> Outcome:
     t, g = config.train, config.gate
+    # The seed moves on with each run of the domain, so the held-out slice changes.
+    (runs,) = db.execute("SELECT count(*) FROM runs WHERE domain = ?", [domain]).fetchone()
     new, replay, held = select_examples(
-        db, domain, t.replay_ratio, t.replay_min, g.old_holdout, t.seed, force
+        db, domain, t.replay_ratio, t.replay_min, g.old_holdout, t.seed + runs, force
     )
     base = prepare(layout.models, Path(config.model.path) if config.model.path else None)
     refs = load_or_build(base.path, limit=config.model.reference_limit or None)
