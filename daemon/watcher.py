@@ -7,8 +7,10 @@ is complete and hands `(domain, path)` to `on_ready`. A file is complete when:
   was found by a scan, or it was created with no write seen after, and
 - it has then been quiet for `settle_seconds` with an unchanged size and mtime.
 
-A file written but never closed (a writer that holds it open), and an empty file, are
-taken only after `unclosed_timeout_seconds` without change. Where the platform reports no
+A file the kernel says is open for writing (a read lease is refused), a file written but
+never closed, and an empty file are taken only after `unclosed_timeout_seconds` without
+change (a writer that never lets go must not block ingestion for ever). The kernel is
+asked where it can be (the daemon owns the file or has CAP_LEASE). Where the platform reports no
 close events (watchdog's non-inotify observers) quiet + unchanged is enough.
 
 Only `inbox/<domain>/<file>` is ingested. Hidden and temporary files (`.*`, `*.tmp`,
@@ -19,6 +21,7 @@ by `evertune status`.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -62,6 +65,32 @@ def classify(inbox: Path, path: Path) -> tuple[str | None, str | None]:
     if len(parts) > 2:
         return None, f"{path}: nested folders are not ingested; move it up into inbox/{parts[0]}/"
     return parts[0], None
+
+
+def open_for_writing(path: Path) -> bool | None:
+    """Whether some process has `path` open for writing, asked of the kernel: a read lease
+    (Linux F_SETLEASE) is refused with EAGAIN while any writer has the file open. None when
+    we cannot tell (not the file's owner and no CAP_LEASE, or no leases on this system).
+
+    Events alone can miss a writer: a file created in a new folder before watchdog has
+    added the folder's watch shows up in the folder scan with no event of its own."""
+    if not hasattr(fcntl, "F_SETLEASE"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def misplaced(inbox: Path) -> Iterator[str]:
@@ -204,6 +233,9 @@ class InboxWatcher:
                     st = path.stat()
                 except FileNotFoundError:
                     del self._pending[path]  # moved away or deleted before it was read
+                    continue
+                writing = open_for_writing(path)  # the kernel's word beats missed events
+                if writing and quiet < self._unclosed:
                     continue
                 # Written but not closed, or created and still empty: a writer may hold it.
                 unsure = (self._close_events and not entry.finished) or st.st_size == 0
