@@ -45,12 +45,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def chat_losses(model, tokenizer, chats: Sequence[Sequence[dict]]) -> list[float]:
-    """Mean loss per target token of each chat (the learned assistant turns only)."""
-    sums, counts = _loss_sums(model, tokenizer, chats)
-    return (sums / counts.clamp(min=1)).tolist()
-
-
 def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]]) -> float:
     """Mean loss per target token over all chats (token-weighted)."""
     sums, counts = _loss_sums(model, tokenizer, chats)

@@ -51,9 +51,6 @@ class StoreWriter:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
-    def backlog(self) -> int:
-        return self._jobs.qsize()
-
     def _run(self) -> None:
         try:
             self._db = open_db(self._db_path)
