@@ -132,3 +132,13 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     prepared = prepare(Path(sys.argv[1]) / "models")
     sys.stdout.write(f"{prepared.path}\n")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX). Elsewhere bf16 is
+    emulated: measured here (AVX2-only EPYC) at ~0.5 GFLOP/s against ~115 for fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

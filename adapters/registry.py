@@ -167,17 +167,37 @@ def check_files(folder: Path) -> None:
     for name in FILES:
         if not (folder / name).is_file():
             raise RegistryError(f"{folder} is not a complete adapter: {name} is missing")
+    weights = folder / "adapter_model.safetensors"
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
-        with (folder / "adapter_model.safetensors").open("rb") as fh:
+        with weights.open("rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             if not 0 < n < 100_000_000:
                 raise ValueError("bad safetensors header length")
-            json.loads(fh.read(n))
-    except (ValueError, OSError) as exc:
+            header = json.loads(fh.read(n))
+        _check_tensors(header, weights.stat().st_size - 8 - n, int(config.get("r", 0)))
+    except (ValueError, OSError, KeyError, TypeError) as exc:
         raise RegistryError(f"{folder} is not a valid adapter ({exc})") from exc
     if config.get("bias", "none") != "none" or config.get("use_dora"):
         raise RegistryError(f"{folder}: vLLM serves LoRA only with bias 'none' and no DoRA")
+
+
+def _check_tensors(header: dict, data_bytes: int, rank: int) -> None:
+    """From the safetensors header alone: the data is all there (a truncated copy is caught
+    here, not by vLLM) and every LoRA matrix has the rank the config says."""
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        end = max(end, t["data_offsets"][1])
+        shape = t["shape"]
+        if ("lora_A" in name and shape[0] != rank) or ("lora_B" in name and shape[-1] != rank):
+            raise ValueError(f"{name} has shape {shape}, not rank {rank} as adapter_config says")
+    if end != data_bytes:
+        raise ValueError(
+            f"adapter_model.safetensors holds {data_bytes} bytes of tensor data, its header"
+            f" describes {end}: the file is truncated or corrupt"
+        )
 
 
 def set_state(

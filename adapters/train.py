@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from evertune.adapters.base_model import cpu_has_native_bf16
 from evertune.adapters.data import IGNORE, Tokenised, pack, tokenise_chat, tokenise_text
 from evertune.adapters.errors import TrainingCancelled, TrainingError
 
@@ -294,8 +295,4 @@ def bf16_is_fast(device: torch.device) -> bool:
     products (AVX512-BF16 / AMX); elsewhere it is emulated and slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_has_native_bf16()

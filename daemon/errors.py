@@ -18,3 +18,15 @@ class UsageError(EvertuneError, ValueError):
 
 class DaemonRunningError(EvertuneError, RuntimeError):
     """A second daemon was started on a home that already has one."""
+
+
+class ServingError(EvertuneError, RuntimeError):
+    """A vLLM endpoint could not be reached, started or made to serve a version."""
+
+
+class EndpointDown(ServingError):
+    """A vLLM endpoint did not answer (connection refused, timeout): retried later."""
+
+
+class AdapterRefused(ServingError):
+    """A vLLM endpoint answered but refused to load an adapter folder."""

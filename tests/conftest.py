@@ -46,11 +46,15 @@ def no_leaked_threads():
     """Every component must stop and join its threads (watchdog's test suite does the same)."""
     before = set(threading.enumerate())
     yield
-    # tqdm_monitor: tqdm's one process-wide monitor thread, started by the first bar.
+    # tqdm_monitor: tqdm's one process-wide monitor thread, started by the first bar;
+    # session-*: threads of session-scoped servers (the e2e vLLM's log pump after a restart).
     leaked = [
         t
         for t in threading.enumerate()
-        if t not in before and t.is_alive() and t.name != "tqdm_monitor"
+        if t not in before
+        and t.is_alive()
+        and t.name != "tqdm_monitor"
+        and not t.name.startswith("session-")
     ]
     for t in leaked:
         t.join(5)
