@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def main(run_dir: Path) -> int:
     data = json.loads((run_dir / "spec.json").read_text())
     spec = spec_from(data["train"])
     emit("phase", phase="train")
+    t0 = time.monotonic()
     try:
         result = train(spec, progress=lambda p: emit("progress", **p), should_stop=stop.is_set)
     except TrainingCancelled as exc:
@@ -88,8 +90,10 @@ def main(run_dir: Path) -> int:
     if int(os.environ.get("RANK", 0)) != 0:
         return EXIT_OK
     emit("phase", phase="evaluate")
+    t1 = time.monotonic()
     gate = evaluate(spec, data["eval"])
-    out = {"train": result.to_dict(), "gate": gate}
+    timing = {"train_s": round(t1 - t0, 2), "evaluate_s": round(time.monotonic() - t1, 2)}
+    out = {"train": result.to_dict(), "gate": gate, "timing": timing}
     tmp = run_dir / ".result.json.tmp"
     tmp.write_text(json.dumps(out, indent=2))
     os.replace(tmp, run_dir / "result.json")

@@ -193,6 +193,36 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    on_drop: bool = key(
+        True,
+        "Train once new examples arrive, after `quiet_seconds` with no further file"
+        " (a burst of files becomes one run).",
+    )
+    quiet_seconds: float = key(
+        3.0, "The quiet period after the last dropped file before training.", min=0, max=86_400
+    )
+    min_new_examples: int = key(
+        1, "Fewest new (never trained on) examples that make a run worth it.", min=1, max=10**9
+    )
+    interval_minutes: float = key(
+        60.0,
+        "Also check every N minutes for domains with enough new examples (0: never).",
+        min=0,
+        max=10**6,
+    )
+    cron: str = key(
+        "",
+        "Instead of the interval: a crontab line (minute hour day month weekday), e.g."
+        ' "0 3 * * *" for nightly; with on_drop off, training happens only then.',
+    )
+    retry_seconds: float = key(
+        60.0, "A failed run is retried after this long, doubling up to an hour.", min=1, max=86_400
+    )
+    max_retries: int = key(5, "Retries of a failing domain before waiting for new data.", min=0)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     mode: str = key(
         "embedded",
@@ -270,9 +300,15 @@ class Config:
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     serve: ServeConfig = ServeConfig()
     control: ControlConfig = ControlConfig()
     log: LogConfig = LogConfig()
+    # [domains.<name>]: schedule keys that differ for one domain (the rest from [schedule]).
+    domains: dict[str, ScheduleConfig] = field(default_factory=dict)
+
+    def schedule_for(self, domain: str) -> ScheduleConfig:
+        return self.domains.get(domain, self.schedule)
 
 
 SECTIONS: dict[str, type] = {
@@ -282,6 +318,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "gate": GateConfig,
     "registry": RegistryConfig,
+    "schedule": ScheduleConfig,
     "serve": ServeConfig,
     "control": ControlConfig,
     "log": LogConfig,
@@ -325,11 +362,11 @@ def parse(
 ) -> Config:
     env = os.environ if env is None else env
     where = str(path or CONFIG_NAME)
-    unknown = set(data) - {"home", *SECTIONS}
+    unknown = set(data) - {"home", "domains", *SECTIONS}
     if unknown:
         raise ConfigError(
             f"{where}: unknown key '{sorted(unknown)[0]}' (allowed top-level keys: home,"
-            f" {', '.join(f'[{s}]' for s in SECTIONS)})"
+            f" {', '.join(f'[{s}]' for s in SECTIONS)}, [domains.<name>])"
         )
     home_value = data.get("home")
     if home_value is not None and not isinstance(home_value, str):
@@ -344,7 +381,45 @@ def parse(
         name: _section(where, name, cls, data.get(name, {})) for name, cls in SECTIONS.items()
     }
     _check_together(where, sections)
-    return Config(home=home.absolute(), path=path, **sections)
+    return Config(
+        home=home.absolute(),
+        path=path,
+        **sections,
+        domains=_domains(where, data.get("domains", {}), data.get("schedule", {})),
+    )
+
+
+def _domains(where: str, tables: Any, schedule: dict) -> dict[str, ScheduleConfig]:
+    """[domains.<name>] tables: the [schedule] keys, overridden for one domain."""
+    from evertune.store.domains import domain_problem
+
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{where}: 'domains' must hold tables like [domains.legal]")
+    out = {}
+    for name, values in tables.items():
+        problem = domain_problem(name)
+        if problem:
+            raise ConfigError(f"{where}: [domains.{name}]: {problem}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [domains.{name}] must be a table")
+        merged = {**(schedule if isinstance(schedule, dict) else {}), **values}
+        out[name] = _section(where, f"domains.{name}", ScheduleConfig, merged)
+        _check_cron(where, f"domains.{name}.cron", out[name].cron)
+    return out
+
+
+def _check_cron(where: str, dotted: str, cron: str) -> None:
+    if not cron:
+        return
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(cron)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: {dotted} = {cron!r} is not a crontab line ({exc});"
+            ' e.g. "0 3 * * *" (minute hour day month weekday)'
+        ) from exc
 
 
 def _check_together(where: str, s: dict[str, Any]) -> None:
@@ -364,6 +439,7 @@ def _check_together(where: str, s: dict[str, Any]) -> None:
             f"{where}: train.rank = {train.rank} is above serve.max_lora_rank ="
             f" {serve.max_lora_rank}: vLLM would refuse every adapter; raise serve.max_lora_rank"
         )
+    _check_cron(where, "schedule.cron", s["schedule"].cron)
     if s["control"].host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError(
             f"{where}: control.host = {s['control'].host!r}: the control API listens on"

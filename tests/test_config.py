@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def test_starter_file_parses_to_the_defaults_and_documents_every_key(tmp_path):
         if not line.startswith("# home")
     )
     cfg = config.parse(tomllib.loads(uncommented), None, default_home=tmp_path, env={})
-    assert cfg.ingest == config.IngestConfig() and cfg.watch == config.WatchConfig()
+    for section, cls in config.SECTIONS.items():
+        assert getattr(cfg, section) == cls(), section
 
 
 def test_init_is_idempotent_and_never_overwrites(tmp_path):
@@ -109,3 +111,43 @@ def test_init_is_idempotent_and_never_overwrites(tmp_path):
     path.write_text("[watch]\nsettle_seconds = 2\n")
     assert init_home(path) is False
     assert path.read_text() == "[watch]\nsettle_seconds = 2\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[serve]\nmode = "external"\n', "serve.mode = 'external' needs serve.urls"),
+        ('[serve]\nmode = "external"\nurls = ["gpu1:8000"]\n', "give base URLs like"),
+        ("[serve]\nurls = 'http://a'\n", "serve.urls = 'http://a' must be a list of strings"),
+        ("[train]\nrank = 32\n", "train.rank = 32 is above serve.max_lora_rank = 16"),
+        ('[schedule]\ncron = "every night"\n', "schedule.cron = 'every night' is not a crontab"),
+        ("[domains.Legal]\nquiet_seconds = 1\n", "'Legal' is not a valid domain name"),
+        ('[domains.legal]\ncron = "61 * * * *"\n', "domains.legal.cron = '61 * * * *'"),
+        ("[domains.legal]\nspeed = 1\n", "unknown key 'domains.legal.speed'"),
+        ('[control]\nhost = "0.0.0.0"\n', "loopback only"),
+    ],
+)
+def test_rules_across_keys_are_checked_at_load(tmp_path, text, message):
+    path = tmp_path / "evertune.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load(path, env={})
+
+
+def test_a_domain_table_overrides_schedule_keys_for_that_domain_only(tmp_path):
+    path = tmp_path / "evertune.toml"
+    path.write_text(
+        "[schedule]\nquiet_seconds = 10\nmin_new_examples = 5\n"
+        '[domains.legal]\ncron = "0 3 * * *"\non_drop = false\n'
+    )
+    cfg = config.load(path, env={})
+    legal, other = cfg.schedule_for("legal"), cfg.schedule_for("faq")
+    assert (legal.cron, legal.on_drop, legal.quiet_seconds, legal.min_new_examples) == (
+        "0 3 * * *",
+        False,
+        10,
+        5,
+    )
+    assert (other.cron, other.on_drop, other.min_new_examples) == ("", True, 5)
+    path.write_text('[serve]\nmode = "external"\nurls = ["http://10.0.0.5:8000"]\n')
+    assert config.load(path, env={}).serve.urls == ("http://10.0.0.5:8000",)

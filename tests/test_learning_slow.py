@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, smollm2_models):
     home = tmp_path_factory.mktemp("home")
+    (home / "models").symlink_to(smollm2_models)
     # A 48-prompt slice of the general reference set keeps preparation to about a minute;
     # the gate's tolerances are the shipped defaults, never loosened here.
     (home / "evertune.toml").write_text(

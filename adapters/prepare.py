@@ -1,0 +1,42 @@
+"""`python -m evertune.adapters.prepare MODELS_DIR [--model PATH] [--reference-limit N]`
+
+Prepares the base model (the bundled SmolLM2 converted once, or a configured local folder)
+and its general reference set (the base model's own greedy answers, cached beside it), in a
+child process: torch and transformers are loaded here, never in the daemon, which stays
+small while idle. Progress goes to stderr; the result is one JSON line on stdout:
+{"path", "model_id", "sha256", "references": [Reference fields...]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from evertune.adapters.base_model import prepare
+from evertune.adapters.reference import load_or_build
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evertune.adapters.prepare")
+    parser.add_argument("models_dir", type=Path)
+    parser.add_argument("--model", type=Path, default=None, help="a local HF model folder")
+    parser.add_argument("--reference-limit", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    base = prepare(args.models_dir, args.model)
+    refs = load_or_build(base.path, limit=args.reference_limit or None)
+    out = {
+        "path": str(base.path),
+        "model_id": base.model_id,
+        "sha256": base.sha256,
+        "references": [r.__dict__ for r in refs],
+    }
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
