@@ -1,0 +1,513 @@
+"""The daemon's control API: JSON over HTTP on loopback, for the CLI, plus Prometheus `/metrics`.
+
+    GET  /healthz        {"ok": true} | 503 {"ok": false, "why": ...}     no token
+    GET  /metrics        Prometheus text exposition                       no token
+    GET  /v1/status      handler.status()
+    POST /v1/train       {"domain": str, "force": bool = false}
+    POST /v1/rollback    {"domain": str, "to": str | null = null}
+    POST /v1/pin         {"domain": str, "version": str}
+    POST /v1/unpin       {"domain": str, "version": str}
+    POST /v1/reload      {}
+    POST /v1/reconcile   {}
+
+Every other route needs `Authorization: Bearer <token>`, the token being the content of
+`<home>/control.token` (mode 0640: the service user and the `evertune` group may read it).
+Errors are `{"error": message, "kind": exception class}`: 400 for a bad request (bad JSON, a
+missing or mistyped field, UsageError, InvalidDomainError, RegistryError), 401 for a missing
+or wrong token, 409 for any other evertune error (the request was understood, the state
+refuses it), 500 for a bug (generic message; the traceback goes to the daemon's log).
+
+The server is the standard library's ThreadingHTTPServer: a handful of requests a minute from
+one CLI do not justify a web framework. `ControlClient` is the CLI's side, on httpx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from evertune.adapters.errors import AdapterError, RegistryError
+from evertune.daemon.errors import EvertuneError, UsageError
+from evertune.store.errors import InvalidDomainError, StoreError
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "control.token"
+MAX_BODY = 64 * 1024
+_BAD_REQUEST = (UsageError, InvalidDomainError, RegistryError)
+_REFUSED = (EvertuneError, StoreError, AdapterError)
+
+
+class ControlError(EvertuneError):
+    """The control API cannot be served or reached, or it answered with an error."""
+
+    def __init__(self, message: str, status: int | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class ControlHandler(Protocol):
+    """What the daemon offers the control API. Methods return JSON-serialisable dicts and
+    may raise evertune errors, which become 400/409 answers carrying the message."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def health(self) -> str | None:
+        """None when the daemon is healthy, else why it is not (served as 503)."""
+        ...
+
+    def train(self, domain: str, force: bool) -> dict[str, Any]: ...
+
+    def rollback(self, domain: str, to: str | None) -> dict[str, Any]: ...
+
+    def pin(self, domain: str, version: str) -> dict[str, Any]: ...
+
+    def unpin(self, domain: str, version: str) -> dict[str, Any]: ...
+
+    def reload(self) -> dict[str, Any]: ...
+
+    def reconcile(self) -> dict[str, Any]: ...
+
+
+# ---- the token ---------------------------------------------------------------------------
+
+
+def ensure_token(path: Path, group: str = "evertune") -> str:
+    """The control token in `path`, created (mode 0640, group `group` if possible) if absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        return _read_token(path)
+    token = secrets.token_urlsafe(32)
+    try:
+        os.fchmod(fd, 0o640)  # the umask may have removed the group bit
+        _chgrp(fd, path, group)
+        os.write(fd, (token + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+    log.info("wrote a new control token to %s", path)
+    return token
+
+
+def _read_token(path: Path) -> str:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ControlError(
+            f"the control token {path} is readable or writable by every user"
+            f" (mode {stat.S_IMODE(mode):04o}); run `chmod 640 {path}`, or delete it and"
+            " restart the daemon to get a new one"
+        )
+    token = path.read_text(encoding="utf-8").strip()
+    if not token:
+        raise ControlError(
+            f"the control token {path} is empty; delete it and restart the daemon to get a new one"
+        )
+    return token
+
+
+def _chgrp(fd: int, path: Path, group: str) -> None:
+    # Best effort: without the group (a dev machine) only the owner and root read the token.
+    try:
+        os.fchown(fd, -1, grp.getgrnam(group).gr_gid)
+    except KeyError:
+        log.debug("no group %r: %s keeps the owner's group", group, path)
+    except PermissionError:
+        log.debug("may not give %s to group %r: it keeps the owner's group", path, group)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- the server --------------------------------------------------------------------------
+
+
+class _Answer(Exception):
+    """A request answered with a 4xx status before the handler sees it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    control: ControlServer
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver's default prints the traceback to stderr.
+        log.exception("control API: error while serving %s", client_address)
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class ControlServer:
+    """The control API, served by a thread; `start()` binds, `stop()` shuts down and joins."""
+
+    def __init__(
+        self,
+        handler: ControlHandler,
+        host: str = "127.0.0.1",
+        port: int = 8420,
+        *,
+        token_path: Path,
+        metrics_registry: CollectorRegistry | None = None,
+        allow_remote: bool = False,
+        token_group: str = "evertune",
+    ):
+        if not allow_remote and not _is_loopback(host):
+            raise ControlError(
+                f"the control API may only listen on loopback (127.0.0.1, ::1, localhost),"
+                f" not {host!r}: it can retrain and roll back every domain; put a proxy with"
+                " TLS in front of it, or pass allow_remote=True if you really mean it"
+            )
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.token_path = token_path
+        self.token_group = token_group
+        self.registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
+        self.token = ""
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """`http://host:port` with the port actually bound (after `start()`)."""
+        port = self._httpd.server_address[1] if self._httpd else self.port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self.token = ensure_token(self.token_path, self.token_group)
+        cls = _HTTPServer6 if ":" in self.host else _HTTPServer
+        try:
+            httpd = cls((self.host, self.port), _RequestHandler)
+        except OSError as exc:
+            raise ControlError(
+                f"the control API cannot listen on {self.host}:{self.port}: {exc};"
+                " is another daemon using that port? choose another control port"
+            ) from exc
+        httpd.control = self
+        self._httpd = httpd
+        # poll_interval: how long stop() may wait for the loop to notice the shutdown.
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="evertune-control",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("control API listening on %s", self.url)
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()  # waits for serve_forever to return
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        log.info("control API on %s stopped", self.url)
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+_REQUIRED = object()
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    if name not in body:
+        if default is _REQUIRED:
+            raise _Answer(400, f"missing field {name!r}")
+        return default
+    value = body[name]
+    if value is None and default is None:  # an optional field may be null
+        return None
+    if not isinstance(value, kind):
+        raise _Answer(400, f"field {name!r} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def _call(method: str, *fields: tuple[str, type, Any]):
+    """A route calling handler.<method>(*fields), each field checked: (name, type, default)."""
+    names = [name for name, _, _ in fields]
+
+    def route(handler: ControlHandler, body: dict[str, Any]) -> Any:
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            raise _Answer(400, f"unknown field {unknown[0]!r}; expected {names}")
+        return getattr(handler, method)(*(_field(body, *spec) for spec in fields))
+
+    return route
+
+
+_DOMAIN = ("domain", str, _REQUIRED)
+_VERSION = ("version", str, _REQUIRED)
+_ROUTES = {
+    "/v1/status": ("GET", _call("status")),
+    "/v1/train": ("POST", _call("train", _DOMAIN, ("force", bool, False))),
+    "/v1/rollback": ("POST", _call("rollback", _DOMAIN, ("to", str, None))),
+    "/v1/pin": ("POST", _call("pin", _DOMAIN, _VERSION)),
+    "/v1/unpin": ("POST", _call("unpin", _DOMAIN, _VERSION)),
+    "/v1/reload": ("POST", _call("reload")),
+    "/v1/reconcile": ("POST", _call("reconcile")),
+}
+_PUBLIC = {"/healthz": "GET", "/metrics": "GET"}
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    timeout = 10  # a client that stalls mid-request does not hold a thread for ever
+    server_version = "evertune-control"
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("control API %s: %s", self.address_string(), format % args)
+
+    def _dispatch(self, method: str) -> None:
+        control = self.server.control
+        path = urlsplit(self.path).path
+        try:
+            allowed = _PUBLIC.get(path) or _ROUTES.get(path, (None,))[0]
+            if allowed is None:
+                raise _Answer(404, f"no such route {path!r}")
+            if method != allowed:
+                raise _Answer(405, f"{path} takes {allowed}, not {method}")
+            if path == "/healthz":
+                return self._healthz(control)
+            if path == "/metrics":
+                return self._send(200, generate_latest(control.registry), CONTENT_TYPE_LATEST)
+            self._authorize(control)
+            body = self._body() if method == "POST" else {}
+            result = _ROUTES[path][1](control.handler, body)
+        except _Answer as exc:
+            return self._json(exc.status, {"error": str(exc)})
+        except _BAD_REQUEST as exc:
+            return self._json(400, {"error": str(exc), "kind": type(exc).__name__})
+        except _REFUSED as exc:
+            return self._json(409, {"error": str(exc), "kind": type(exc).__name__})
+        except Exception:
+            log.exception("control API: %s %s failed", method, path)
+            message = "internal error in the evertune daemon; its log has the traceback"
+            return self._json(500, {"error": message, "kind": "InternalError"})
+        self._json(200, result)
+
+    def _healthz(self, control: ControlServer) -> None:
+        try:
+            why = control.handler.health()
+        except Exception:
+            log.exception("control API: the health check failed")
+            why = "the health check itself failed; the daemon's log has the traceback"
+        if why is None:
+            self._json(200, {"ok": True})
+        else:
+            self._json(503, {"ok": False, "why": why})
+
+    def _authorize(self, control: ControlServer) -> None:
+        header = self.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), control.token.encode()
+        ):
+            raise _Answer(
+                401,
+                f"missing or wrong control token: send 'Authorization: Bearer <token>' with"
+                f" the token in {control.token_path}",
+            )
+
+    def _body(self) -> dict[str, Any]:
+        if "Transfer-Encoding" in self.headers:
+            raise _Answer(411, "send the body with a Content-Length, not chunked")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise _Answer(400, "the Content-Length header is not a number") from None
+        if length > MAX_BODY or length < 0:
+            raise _Answer(413, f"request body of {length} bytes; the limit is {MAX_BODY}")
+        raw = self.rfile.read(length) if length else b""
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Answer(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _Answer(400, "the request body must be a JSON object")
+        return body
+
+    def _json(self, status: int, payload: Any) -> None:
+        # default=str: status dicts may carry paths and datetimes.
+        data = json.dumps(payload, default=str).encode()
+        self._send(status, data, "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("control API: client %s went away", self.address_string())
+
+
+# ---- the client --------------------------------------------------------------------------
+
+
+class ControlClient:
+    """The CLI's side of the control API; every method returns the daemon's JSON answer."""
+
+    def __init__(self, url: str, token: str, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        # trust_env=False: an HTTP(S)_PROXY in the environment must not see loopback traffic.
+        self._http = httpx.Client(
+            base_url=self.url,
+            timeout=timeout,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    @classmethod
+    def from_home(cls, home: Path, url: str, timeout: float = 30.0) -> ControlClient:
+        """A client with the token the daemon wrote to `<home>/control.token`."""
+        path = Path(home) / TOKEN_FILE
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise ControlError(
+                f"no control token at {path}: the daemon writes it when `evertune run` starts;"
+                " is the daemon running with this home?"
+            ) from None
+        except PermissionError:
+            raise ControlError(
+                f"cannot read the control token {path}: permission denied; join the"
+                " `evertune` group (`sudo usermod -aG evertune $USER`, then log in again)"
+                " or run the command as the service user"
+            ) from None
+        except OSError as exc:
+            raise ControlError(f"cannot read the control token {path}: {exc}") from None
+        if not token:
+            raise ControlError(f"the control token {path} is empty; restart the daemon")
+        return cls(url, token, timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def healthz(self) -> dict[str, Any]:
+        """{"ok": true} or, when the daemon is unhealthy, {"ok": false, "why": ...} (no raise)."""
+        response = self._request("GET", "/healthz", ok=(200, 503))
+        return response.json()
+
+    def metrics_text(self) -> str:
+        return self._request("GET", "/metrics").text
+
+    def status(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/status").json()
+
+    def train(self, domain: str, force: bool = False) -> dict[str, Any]:
+        return self._post("/v1/train", {"domain": domain, "force": force})
+
+    def rollback(self, domain: str, to: str | None = None) -> dict[str, Any]:
+        return self._post("/v1/rollback", {"domain": domain, "to": to})
+
+    def pin(self, domain: str, version: str) -> dict[str, Any]:
+        return self._post("/v1/pin", {"domain": domain, "version": version})
+
+    def unpin(self, domain: str, version: str) -> dict[str, Any]:
+        return self._post("/v1/unpin", {"domain": domain, "version": version})
+
+    def reload(self) -> dict[str, Any]:
+        return self._post("/v1/reload", {})
+
+    def reconcile(self) -> dict[str, Any]:
+        return self._post("/v1/reconcile", {})
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", path, json=body).json()
+
+    def _request(
+        self, method: str, path: str, ok: tuple[int, ...] = (), **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ControlError(
+                f"the evertune daemon at {self.url} did not answer {method} {path} within"
+                f" {self.timeout:g} s ({type(exc).__name__}); it may be busy, try again"
+            ) from None
+        except httpx.TransportError as exc:
+            raise ControlError(
+                f"cannot reach the evertune daemon at {self.url}: {exc}; is `evertune run` running?"
+            ) from None
+        if response.is_success or response.status_code in ok:
+            return response
+        message, kind = f"HTTP {response.status_code}: {response.text[:200]}", None
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            payload = response.json()
+            message, kind = payload["error"], payload.get("kind")
+        raise ControlError(message, status=response.status_code, kind=kind)
