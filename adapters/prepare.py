@@ -10,6 +10,7 @@ small while idle. Progress goes to stderr; the result is one JSON line on stdout
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import sys
@@ -26,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-limit", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    base = prepare(args.models_dir, args.model)
-    refs = load_or_build(base.path, limit=args.reference_limit or None)
+    args.models_dir.mkdir(parents=True, exist_ok=True)
+    # The daemon's serving side and its first training run may both prepare at start:
+    # one does the work, the other waits and finds it done.
+    with (args.models_dir / ".prepare.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        base = prepare(args.models_dir, args.model)
+        refs = load_or_build(base.path, limit=args.reference_limit or None)
     out = {
         "path": str(base.path),
         "model_id": base.model_id,

@@ -553,6 +553,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     d = report["daemon"]
     print(f"home: {report['home']}")
     print(f"daemon: {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}")
+    for ep in report["serving"]:
+        names = ", ".join(
+            f"{name} ({Path(path).name})" for name, path in sorted(ep["served"].items())
+        )
+        state = "up" if ep["healthy"] else "DOWN"
+        print(f"serving: {ep['url']}/v1 {state}; adapters: {names or 'none yet'}")
     if not report["domains"]:
         print("no domains yet: drop files into inbox/<domain>/")
     for dom in report["domains"]:
@@ -563,6 +569,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f" {f['duplicate']} duplicate, {f['waiting']} waiting; live version:"
             f" {dom['live_version'] or 'none'}"
         )
+        run = dom["run"]
+        if run:
+            step = f" step {run['step']}/{run['steps']}" if run.get("steps") else ""
+            print(f"  training: {run['state']}{step}")
         for e in dom["last_errors"]:
             at = f" line {e['line']}" if e["line"] else ""
             print(f"  error: {e['file']}{at}: {e['reason']}")

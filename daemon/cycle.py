@@ -392,7 +392,9 @@ def _run_child(
             if progress:
                 progress(event)
         code = child.wait()
-    if code == EXIT_CANCELLED:
+    # Stopped on request: at a step boundary (exit 3), or by the SIGTERM itself when it
+    # arrived before the child had set up its handler (still importing torch).
+    if code == EXIT_CANCELLED or (stop is not None and stop.is_set() and code == -signal.SIGTERM):
         raise TrainingCancelled("training was cancelled (stop requested)")
     if code != 0 or result is None:
         tail = log_path.read_text()[-2000:]

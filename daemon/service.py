@@ -202,6 +202,9 @@ class Trainer:
         db.conn.commit()
 
     def _retry_later(self, req: Request, exc: Exception) -> None:
+        if self.service.stop_event.is_set():
+            log.error("%s: training failed while stopping (%s)", req.domain, exc)
+            return
         schedule = self.service.config.schedule_for(req.domain)
         n = self.failures[req.domain] = self.failures.get(req.domain, 0) + 1
         if n > schedule.max_retries:

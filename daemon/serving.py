@@ -418,6 +418,12 @@ class Serving:
         for ep in self.endpoints:
             ep.close()
 
+    def exclusive(self) -> threading.RLock:
+        """Held across serve-then-record (make_live): a reconcile from another thread must
+        not run between the switch and the database saying so, or it would undo the switch
+        (the stable name would vanish for a moment)."""
+        return self._lock
+
     # ---- what should be served --------------------------------------------------------------
 
     def desired(self, db: Database) -> dict[str, registry.Version]:
@@ -603,7 +609,9 @@ def make_live(
 ) -> registry.Version:
     """Serve it everywhere first, then record it live: a refused folder changes nothing."""
     registry.check_files(Path(version.path))
-    if serving is not None:
+    if serving is None:
+        return registry.promote(db, version, reason)
+    with serving.exclusive():
         act = serving.activate(db, version)
         log.info(
             "%s %s is served (%s) in %.0f ms",
@@ -613,8 +621,7 @@ def make_live(
             or "no endpoint",
             act.seconds * 1000,
         )
-    version = registry.promote(db, version, reason)
-    if serving is not None:
+        version = registry.promote(db, version, reason)
         serving.reconcile(db)  # unloads what fell out of keep_loaded; records endpoint_models
     return version
 

@@ -227,3 +227,44 @@ def _served(url: str) -> dict:
         return {m["id"]: m["root"] for m in r.json()["data"]}
     except httpx.HTTPError:
         return {}
+
+
+def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, tiny_base):
+    """The daemon reconciles on a timer while the trainer publishes: between the switch and
+    the database recording it, a reconcile would see the old state and unload the new
+    version (the stable name would vanish for a moment). make_live holds them apart."""
+    import threading
+
+    layout, db, serving = home
+    make_live(db, new_version(layout, db, tiny_base, "swap", 1), serving, "test")
+    other = open_db(layout.db_path)
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def reconciler() -> None:
+        while not stop.is_set():
+            serving.reconcile(other)
+
+    def client() -> None:
+        with httpx.Client(base_url=vllm.url, timeout=60) as http:
+            while not stop.is_set():
+                r = http.post(
+                    "/v1/chat/completions",
+                    json={"model": "swap", "messages": QUESTION, "max_tokens": 1},
+                )
+                if r.status_code != 200:
+                    failures.append(r.text[:200])
+
+    threads = [threading.Thread(target=reconciler), threading.Thread(target=client)]
+    for t in threads:
+        t.start()
+    try:
+        for seed in (2, 3, 4):
+            make_live(db, new_version(layout, db, tiny_base, "swap", seed), serving, "test")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        other.close()
+    assert failures == []
+    assert serving.endpoints[0].served()["swap"].endswith("v0004")
