@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from evertune.adapters import evaluate as ev
 from evertune.adapters.reference import Reference, is_right
 
 SHORT_ANSWER_CHARS = 200
@@ -77,6 +76,8 @@ def measure(
 ) -> dict[str, Any]:
     """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
     metrics not in `parts` are None."""
+    from evertune.adapters import evaluate as ev  # torch: only in the training child
+
     out: dict[str, Any] = dict.fromkeys(
         ("new_loss", "new_exact", "old_loss", "general_loss", "easy_right", "easy_total")
     )

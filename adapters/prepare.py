@@ -1,4 +1,4 @@
-"""`python -m evertune.adapters.prepare MODELS_DIR [--model PATH] [--reference-limit N]`
+"""`python -m evertune.adapters.prepare MODELS_DIR [--model P] [--reference-limit N] [--base-only]`
 
 Prepares the base model (the bundled SmolLM2 converted once, or a configured local folder)
 and its general reference set (the base model's own greedy answers, cached beside it), in a
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models_dir", type=Path)
     parser.add_argument("--model", type=Path, default=None, help="a local HF model folder")
     parser.add_argument("--reference-limit", type=int, default=0)
+    parser.add_argument(
+        "--base-only", action="store_true", help="only the model (serving needs no references)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args.models_dir.mkdir(parents=True, exist_ok=True)
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     with (args.models_dir / ".prepare.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         base = prepare(args.models_dir, args.model)
-        refs = load_or_build(base.path, limit=args.reference_limit or None)
+        limit = args.reference_limit or None
+        refs = [] if args.base_only else load_or_build(base.path, limit=limit)
     out = {
         "path": str(base.path),
         "model_id": base.model_id,

@@ -139,7 +139,10 @@ def run_cycle(
 
 
 def prepare_base(
-    config: Config, layout: HomeLayout, stop: threading.Event | None = None
+    config: Config,
+    layout: HomeLayout,
+    stop: threading.Event | None = None,
+    references: bool = True,
 ) -> tuple[BaseModel, list[Reference]]:
     """The base model and its reference set, prepared in a child process (torch stays out of
     the daemon). Instant once prepared; the first time converts the bundled model and
@@ -149,6 +152,8 @@ def prepare_base(
         cmd += ["--model", config.model.path]
     if config.model.reference_limit:
         cmd += ["--reference-limit", str(config.model.reference_limit)]
+    if not references:  # serving starts sooner; the first training run builds them
+        cmd.append("--base-only")
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent
     ) as child:

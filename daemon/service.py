@@ -378,7 +378,7 @@ class Service:
             embedded_url = None
             if cfg.mode == "embedded":
                 self.notify_status("preparing the base model")
-                base, _ = prepare_base(self.config, self.layout, self.stop_event)
+                base, _ = prepare_base(self.config, self.layout, self.stop_event, references=False)
                 if self.stop_event.is_set():
                     return
                 self.vllm = serving_mod.EmbeddedVLLM(

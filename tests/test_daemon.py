@@ -294,3 +294,15 @@ def test_systemd_notify_messages_from_the_real_daemon(tmp_path):
         if proc.poll() is None:
             proc.kill()
         sock.close()
+
+
+def test_the_daemon_process_never_loads_torch():
+    """Idle target: under 250 MB RSS. torch alone is ~180 MB; it belongs in the children
+    (training, preparation, vLLM), never in the long-lived daemon."""
+    code = (
+        "import sys, evertune.daemon.service, evertune.daemon.cli\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers',"
+        " 'peft', 'vllm'})\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
