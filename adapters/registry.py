@@ -21,6 +21,7 @@ from sqlite_utils import Database
 
 from evertune.adapters.errors import RegistryError
 from evertune.store.db import utcnow
+from evertune.store.layout import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,7 @@ def publish(version: Version, staging: Path, meta: dict[str, Any]) -> Path:
     if final.exists():
         raise RegistryError(f"{final} already exists: refusing to overwrite a version")
     os.replace(staging, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
     return final
 
 

@@ -46,6 +46,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from evertune.adapters.errors import AdapterError, RegistryError
 from evertune.daemon.errors import EvertuneError, UsageError
 from evertune.store.errors import InvalidDomainError, StoreError
+from evertune.store.layout import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def ensure_token(path: Path, group: str = "evertune") -> str:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     log.info("wrote a new control token to %s", path)
     return token
 
@@ -134,14 +135,6 @@ def _chgrp(fd: int, path: Path, group: str) -> None:
         log.debug("no group %r: %s keeps the owner's group", group, path)
     except PermissionError:
         log.debug("may not give %s to group %r: it keeps the owner's group", path, group)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- the server --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sqlite_utils import Database
 from evertune.store.db import utcnow
 from evertune.store.errors import IngestError, RecordError
 from evertune.store.formats import TEXT, normalise
-from evertune.store.layout import HomeLayout
+from evertune.store.layout import HomeLayout, fsync_dir
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 
 log = logging.getLogger(__name__)
@@ -403,8 +403,8 @@ def _finish(path: Path, report: FileReport) -> FileReport:
     stored.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(Path(report.stored_path + ".report.json"), report.to_json())
     os.replace(path, stored)
-    _fsync_dir(stored.parent)
-    _fsync_dir(path.parent)
+    fsync_dir(stored.parent)
+    fsync_dir(path.parent)
     return report
 
 
@@ -415,11 +415,3 @@ def _write_atomic(target: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

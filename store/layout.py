@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +43,12 @@ class HomeLayout:
     def create(self) -> None:
         for folder in (self.inbox, self.done, self.rejected, self.adapters, self.models):
             folder.mkdir(parents=True, exist_ok=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or create inside `folder` durable (the directory entry itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
