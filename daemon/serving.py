@@ -354,6 +354,16 @@ def _port_free_or_fail(host: str, port: int) -> None:
             )
 
 
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The external servers' API key from `serve.api_key_file` (None: no key configured)."""
+    if not cfg.api_key_file:
+        return None
+    try:
+        return Path(cfg.api_key_file).read_text().strip()
+    except OSError as exc:
+        raise ServingError(f"serve.api_key_file {cfg.api_key_file} cannot be read: {exc}") from exc
+
+
 # --------------------------------------------------------------------------------------------
 # Keeping the endpoints equal to the database
 
@@ -402,14 +412,7 @@ class Serving:
         """The endpoints the config names: the embedded server's URL or `serve.urls`."""
         if cfg.mode == "none":
             return None
-        api_key = None
-        if cfg.api_key_file:
-            try:
-                api_key = Path(cfg.api_key_file).read_text().strip()
-            except OSError as exc:
-                raise ServingError(
-                    f"serve.api_key_file {cfg.api_key_file} cannot be read: {exc}"
-                ) from exc
+        api_key = read_api_key(cfg)
         urls = [embedded_url] if cfg.mode == "embedded" else list(cfg.urls)
         timeout = cfg.request_timeout_seconds
         return cls(db_path, cfg, [Endpoint(u, api_key, timeout) for u in urls if u], **kw)

@@ -50,12 +50,14 @@ def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]
 
 
 def _api_key(config: Config) -> str | None:
-    if not config.serve.api_key_file:
-        return None
+    """The key for read-only queries: an unreadable key file reads as none (status still
+    reports; the endpoint then says it refuses)."""
+    from evertune.daemon.errors import ServingError
+    from evertune.daemon.serving import read_api_key
+
     try:
-        with open(config.serve.api_key_file) as fh:
-            return fh.read().strip()
-    except OSError:
+        return read_api_key(config.serve)
+    except ServingError:
         return None
 
 
