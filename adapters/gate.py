@@ -6,23 +6,32 @@ Runs in the training child (the daemon stays light). Four questions, each a metr
    (short answers only; new examples are all trained on, never withheld: a withheld fact
    would never be served), and the candidate's loss on them is below the live version's;
 2. old knowledge: loss on a held-out slice of older examples does not rise by more than
-   `old_tolerance` against the live version;
+   `old_tolerance` against the live version (and by more than OLD_SLACK nats per token:
+   near zero a ratio is noise);
 3. drift: loss on the base model's own answers to held-out general prompts does not rise
    by more than `drift_tolerance` against the base model;
-4. easy questions: of the easy general questions the base model answers right, the
-   candidate loses at most `easy_tolerance`.
+4. easy questions: the candidate is not significantly worse than the base model at easy
+   general questions with a known answer. Greedy strings of a 135M model flip both ways
+   under any small change (measured: a harmless candidate lost 3 and gained 4 of 24), so
+   a count of lost answers refuses useful versions by chance. The check is a paired exact
+   test on the questions whose verdict changed (McNemar): refuse when losing `lost` of the
+   `lost + gained` changed answers is unlikely (< `easy_alpha`) for a model that is no
+   worse than the base. A model that forgot how to answer loses many and gains none.
 
 Version 1 is compared with the base model as its "live" version.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from evertune.adapters.reference import Reference, is_right
 
 SHORT_ANSWER_CHARS = 200
+OLD_SLACK = 0.05  # nats per token: a forgotten answer costs ~1, a kept one ~0.01
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class GateConfig:
     min_learned: float = 0.8
     old_tolerance: float = 0.10
     drift_tolerance: float = 0.10
-    easy_tolerance: int = 1
+    easy_alpha: float = 0.05
 
 
 @dataclass
@@ -64,6 +73,12 @@ ALL = frozenset({"new", "exact", "old", "general", "easy"})
 # new and old examples; the base model its general loss and easy answers. Measuring no
 # more than that keeps evaluation short (it is part of the time to serve a dropped file).
 LIVE, BASE = frozenset({"new", "old"}), frozenset({"general", "easy"})
+BASE_KEYS = ("general_loss", "easy", "easy_right", "easy_total")  # what BASE measures
+
+
+# answer(conversations, first_sentence) -> greedy answers: the model in this process, or
+# the same weights on a vLLM server (evertune.adapters.remote).
+Answer = Callable[[list[list[dict]], bool], list[str]]
 
 
 def measure(
@@ -73,33 +88,57 @@ def measure(
     old: list[dict],
     general: list[Reference],
     parts: frozenset[str] = ALL,
+    answer: Answer | None = None,
+    general_max_len: int = 1024,
 ) -> dict[str, Any]:
     """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
-    metrics not in `parts` are None."""
+    metrics not in `parts` are None. Losses are computed on `model`; greedy answers by
+    `answer` when given (the same weights served by vLLM), else by `model`."""
     from evertune.adapters import evaluate as ev  # torch: only in the training child
+
+    if answer is None:
+
+        def answer(prompts: list[list[dict]], first_sentence: bool) -> list[str]:
+            return ev.greedy_answers_chat(model, tokenizer, prompts, first_sentence=first_sentence)
 
     out: dict[str, Any] = dict.fromkeys(
         ("new_loss", "new_exact", "old_loss", "general_loss", "easy_right", "easy_total")
     )
+    out["easy"] = None  # per easy question: answered right (the paired test needs which)
     chats = [e["messages"] for e in new if e.get("kind", "chat") == "chat"]
     if "new" in parts and chats:
         out["new_loss"] = ev.mean_loss(model, tokenizer, chats)
     qa = short_qa(new)
     if "exact" in parts and qa:
-        answers = ev.greedy_answers_chat(model, tokenizer, [p for p, _ in qa])
+        answers = answer([list(p) for p, _ in qa], False)
         out["new_exact"] = sum(
             ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)
         ) / len(qa)
     if "old" in parts and old:
         out["old_loss"] = ev.mean_loss(model, tokenizer, [e["messages"] for e in old])
     if "general" in parts:
-        out["general_loss"] = ev.mean_loss(model, tokenizer, [r.messages() for r in general])
+        # cut as training cuts its general replay: the openings, where drift shows first
+        chats = [r.messages() for r in general]
+        out["general_loss"] = ev.mean_loss(model, tokenizer, chats, general_max_len)
     easy = [r for r in general if r.expected]
     if "easy" in parts:
-        answers = ev.greedy_answers(model, tokenizer, [r.prompt for r in easy]) if easy else []
-        out["easy_right"] = sum(is_right(a, r.expected) for a, r in zip(answers, easy, strict=True))
+        questions = [[{"role": "user", "content": r.prompt}] for r in easy]
+        answers = answer(questions, True) if easy else []
+        out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
+        out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
     return out
+
+
+def easy_change(base: list[bool], candidate: list[bool]) -> tuple[int, int, float]:
+    """(lost, gained, p): answers right only for the base, right only for the candidate, and
+    the one-sided exact McNemar p-value of losing at least `lost` of the changed answers if
+    losing and gaining were equally likely (1.0 when nothing changed)."""
+    lost = sum(b and not c for b, c in zip(base, candidate, strict=True))
+    gained = sum(c and not b for b, c in zip(base, candidate, strict=True))
+    n = lost + gained
+    p = sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n
+    return lost, gained, p
 
 
 def decide(
@@ -122,7 +161,9 @@ def decide(
     if candidate["old_loss"] is not None and live["old_loss"] is not None:
         rise = candidate["old_loss"] / live["old_loss"] - 1
         m["old_rise"] = round(rise, 4)
-        if rise > config.old_tolerance:
+        # Learned facts sit near zero loss (0.005 nats/token), where a ratio is noise:
+        # 0.005 -> 0.008 is +60% and forgets nothing. A rise counts past OLD_SLACK nats.
+        if rise > config.old_tolerance and candidate["old_loss"] - live["old_loss"] > OLD_SLACK:
             problems.append(
                 f"loss on held-out older examples rose {rise:+.0%} (tolerance"
                 f" {config.old_tolerance:.0%}, gate.old_tolerance)"
@@ -132,12 +173,13 @@ def decide(
             f"general drift {drift:+.0%} against the base model (tolerance"
             f" {config.drift_tolerance:.0%}, gate.drift_tolerance)"
         )
-    lost = base["easy_right"] - candidate["easy_right"]
-    if lost > config.easy_tolerance:
+    lost, gained, p = easy_change(base["easy"], candidate["easy"])
+    m["easy_lost"], m["easy_gained"], m["easy_p"] = lost, gained, round(p, 4)
+    if p < config.easy_alpha:
         problems.append(
-            f"answers {candidate['easy_right']}/{candidate['easy_total']} easy"
-            f" general questions right, the base model {base['easy_right']}"
-            f" (tolerance {config.easy_tolerance}, gate.easy_tolerance)"
+            f"worse at easy general questions: {lost} answered right by the base model now"
+            f" wrong, {gained} the other way (p = {p:.3f} < {config.easy_alpha},"
+            " gate.easy_alpha)"
         )
     if problems:
         return GateResult(False, "; ".join(problems), m)

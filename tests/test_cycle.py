@@ -21,8 +21,7 @@ FACTS = [
 ]
 
 LENIENT = (
-    "[gate]\nmin_learned = 0.0\ndrift_tolerance = 100.0\neasy_tolerance = 100\n"
-    "old_tolerance = 100.0\n"
+    "[gate]\nmin_learned = 0.0\ndrift_tolerance = 100.0\neasy_alpha = 0.0\nold_tolerance = 100.0\n"
 )
 # What a random tiny model cannot pass: it must reproduce every new answer.
 STRICT = "[gate]\nmin_learned = 1.0\n"

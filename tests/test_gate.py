@@ -1,0 +1,129 @@
+"""The gate's statistics: a damaged adapter is refused, an unchanged one passes, and the
+easy-question check is a paired test that chance flips do not trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from evertune.adapters.gate import BASE, GateConfig, decide, easy_change, measure
+
+
+def test_easy_change_counts_the_answers_that_changed_each_way():
+    base = [True, True, True, False, False, True]
+    cand = [True, False, True, True, True, True]
+    lost, gained, p = easy_change(base, cand)
+    assert (lost, gained) == (1, 2)
+    assert p == pytest.approx(7 / 8)  # P(X >= 1), X ~ Binomial(3, 1/2)
+
+
+def test_flips_both_ways_are_not_damage():
+    # Measured on SmolLM2 (benchmarks/continual.py): a useful candidate lost 3 easy answers
+    # and gained 4; the old rule (lose at most 1) refused it.
+    base = [True] * 15 + [False] * 9
+    cand = [True] * 12 + [False] * 3 + [True] * 4 + [False] * 5
+    lost, gained, p = easy_change(base, cand)
+    assert (lost, gained) == (3, 4)
+    assert p > 0.5
+
+
+def test_losing_many_and_gaining_none_is_damage():
+    lost, gained, p = easy_change([True] * 15, [True] * 9 + [False] * 6)
+    assert (lost, gained) == (6, 0)
+    assert p == pytest.approx(1 / 64)
+
+
+def metrics(general_loss: float, easy: list[bool]) -> dict:
+    return {
+        "new_loss": None,
+        "new_exact": None,
+        "old_loss": None,
+        "general_loss": general_loss,
+        "easy": easy,
+        "easy_right": sum(easy),
+        "easy_total": len(easy),
+    }
+
+
+def test_decide_refuses_a_model_significantly_worse_at_easy_questions():
+    base = metrics(1.0, [True] * 12 + [False] * 12)
+    worse = metrics(1.0, [True] * 5 + [False] * 19)
+    verdict = decide(worse, base, base, GateConfig())
+    assert not verdict.promote
+    assert "easy general questions" in verdict.reason and "gate.easy_alpha" in verdict.reason
+    assert verdict.metrics["easy_lost"] == 7 and verdict.metrics["easy_gained"] == 0
+
+
+def test_decide_passes_a_model_that_only_flips_a_few_each_way():
+    base = metrics(1.0, [True] * 12 + [False] * 12)
+    noisy = metrics(0.95, [True] * 10 + [False] * 2 + [True] * 2 + [False] * 10)
+    verdict = decide(noisy, base, base, GateConfig())
+    assert verdict.promote, verdict.reason
+
+
+# ---- on a real (tiny) model: the measured statistics, not hand-made numbers -------------
+
+
+@pytest.fixture(scope="module")
+def tiny_refs(tiny_base, tmp_path_factory):
+    from evertune.adapters.reference import load_or_build
+
+    return load_or_build(tiny_base, limit=24)
+
+
+def adapter(tiny_base, out, damaged: bool):
+    """A rank-8 LoRA: unchanged (peft's default init, B = 0: the base model exactly) or
+    damaged (random A and B, a large update on every projection)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from evertune.adapters.train import TARGET_MODULES
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=list(TARGET_MODULES),
+            init_lora_weights=not damaged,
+        ),
+    )
+    if damaged:
+        with torch.no_grad():
+            for name, w in model.named_parameters():
+                if "lora_B" in name:
+                    w.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_the_gate_refuses_a_damaged_adapter_and_passes_an_unchanged_one(
+    tiny_base, tiny_refs, tmp_path, damaged
+):
+    from evertune.adapters import evaluate as ev
+
+    held = [r for r in tiny_refs if r.held_out]
+    model, tok = ev.load(str(tiny_base), str(adapter(tiny_base, tmp_path / "a", damaged)))
+    with ev.adapter_off(model):
+        base = measure(model, tok, [], [], held, BASE)
+    cand = measure(model, tok, [], [], held)
+    verdict = decide(cand, base, base, GateConfig())
+    assert verdict.promote is not damaged, verdict.reason
+    if damaged:
+        assert "general drift" in verdict.reason
+        assert verdict.metrics["drift"] > GateConfig().drift_tolerance
+    else:
+        assert verdict.metrics["drift"] == pytest.approx(0.0, abs=1e-3)
+        assert verdict.metrics["easy_lost"] == 0
+
+
+def test_a_rise_on_old_examples_near_zero_loss_is_not_forgetting():
+    base = metrics(1.0, [True] * 4)
+    live = {**base, "old_loss": 0.005}
+    kept = {**base, "old_loss": 0.008}  # +60%, but 0.003 nats per token
+    assert decide(kept, live, base, GateConfig()).promote
+    forgot = {**base, "old_loss": 0.9}
+    verdict = decide(forgot, live, base, GateConfig())
+    assert not verdict.promote and "gate.old_tolerance" in verdict.reason
