@@ -19,6 +19,9 @@ boundary either; tests/test_data.py checks it against unpacked forward passes.
 from __future__ import annotations
 
 import logging
+import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,3 +118,44 @@ def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
             )
         )
     return rows
+
+
+def prompt_text(example: dict) -> str:
+    """What an example asks: its user turns (a text example: the text itself)."""
+    if example.get("kind", "chat") == "text":
+        return example["text"]
+    return " ".join(m["content"] for m in example["messages"] if m["role"] == "user")
+
+
+def nearest(pool: Sequence[str], queries: Sequence[str], k: int) -> list[int]:
+    """Indices of `k` texts of `pool` most like the queries: each query in turn takes its
+    most similar text not yet taken (cosine of idf-weighted words), so every query gets
+    its neighbours.
+
+    Why: new facts bleed into questions that look like them (measured: after learning "the
+    capital of Veloria is Port Castellan", "What is the capital of Italy?" was answered
+    "Port Castellano"). Replaying the base model's own answers to the general prompts
+    nearest to the new questions anchors exactly the answers most at risk."""
+    docs = [Counter(re.findall(r"[a-z0-9]+", t.lower())) for t in pool]
+    asked = list(dict.fromkeys(queries))  # each distinct question once
+    qdocs = [Counter(re.findall(r"[a-z0-9]+", t.lower())) for t in asked]
+    df = Counter(w for d in docs + qdocs for w in d)
+    n = len(docs) + len(qdocs)
+
+    def vector(d: Counter) -> dict[str, float]:
+        v = {w: c * math.log(n / df[w]) for w, c in d.items()}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {w: x / norm for w, x in v.items()}
+
+    pv, qv = [vector(d) for d in docs], [vector(d) for d in qdocs]
+    ranked = [
+        sorted(range(len(pv)), key=lambda i, q=q: -sum(x * pv[i].get(w, 0.0) for w, x in q.items()))
+        for q in qv
+    ]
+    picked: dict[int, None] = {}
+    for depth in range(len(pv)):
+        for order in ranked:
+            if len(picked) >= min(k, len(pv)):
+                return list(picked)
+            picked.setdefault(order[depth])
+    return list(picked)

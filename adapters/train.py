@@ -31,7 +31,15 @@ from pathlib import Path
 import torch
 
 from evertune.adapters.base_model import cpu_has_native_bf16
-from evertune.adapters.data import IGNORE, Tokenised, pack, tokenise_chat, tokenise_text
+from evertune.adapters.data import (
+    IGNORE,
+    Tokenised,
+    nearest,
+    pack,
+    prompt_text,
+    tokenise_chat,
+    tokenise_text,
+)
 from evertune.adapters.errors import TrainingCancelled, TrainingError
 
 log = logging.getLogger(__name__)
@@ -54,14 +62,19 @@ class TrainSpec:
     lr: float = 1e-3
     max_epochs: int = 10
     min_epochs: int = 2
-    learned_loss: float = 0.05  # mean loss per target token under which an example is learned
+    # An example is learned when every one of its target tokens has a loss below this:
+    # under ln 2 (0.69) each token is the greedy choice, so the answer is reproduced exactly.
+    learned_loss: float = 0.69
     general_per_epoch: int = 24
+    general_nearest: float = 0.5  # share of those that are the prompts nearest the new ones
+    general_max_len: int = 80  # general examples are cut to this many tokens (no end token)
     row_len: int = 256  # 2 x 256 tokens a step: measured (benchmarks/learning.py), small
     rows_per_step: int = 2  # files of facts need enough optimiser steps per epoch
     max_seq_len: int = 512
     warmup_steps: int = 2
     seed: int = 0
     target_modules: tuple[str, ...] = TARGET_MODULES
+    lora_layers: int = 0  # LoRA on the top N transformer layers only (0: all)
     precision: str = "auto"  # auto | bf16 | fp32
 
     def check(self) -> None:
@@ -140,6 +153,7 @@ def train(
                 lora_dropout=0.0,
                 bias="none",
                 target_modules=list(spec.target_modules),
+                layers_to_transform=_top_layers(model.config, spec.lora_layers),
                 task_type="CAUSAL_LM",
             ),
             autocast_adapter_dtype=True,
@@ -159,9 +173,12 @@ def train(
 
     # ---- data ---------------------------------------------------------------------------
     def tok(ex: dict, source: str) -> Tokenised:
+        # A general answer cut short keeps its opening (where drift shows first) and, having
+        # no end-of-turn target, does not teach the model to stop early.
+        limit = min(spec.max_seq_len, spec.general_max_len if source == "general" else 1 << 30)
         if ex.get("kind", "chat") == "text":
-            return tokenise_text(tokenizer, ex["text"], source, spec.max_seq_len)
-        return tokenise_chat(tokenizer, ex["messages"], source, spec.max_seq_len)
+            return tokenise_text(tokenizer, ex["text"], source, limit)
+        return tokenise_chat(tokenizer, ex["messages"], source, limit)
 
     new = [t for t in (tok(e, "new") for e in spec.new) if t.trained]
     if not new:
@@ -170,16 +187,26 @@ def train(
             f" truncation to {spec.max_seq_len} tokens"
         )
     fixed = new + [t for t in (tok(e, "replay") for e in spec.replay) if t.trained]
-    general = [t for t in (tok(e, "general") for e in spec.general) if t.trained]
+    # The general replay of every epoch: the pool's prompts nearest the new questions (the
+    # answers most at risk of bleeding), plus a new slice of the rest each epoch.
+    k = min(spec.general_per_epoch, len(spec.general))
+    near = nearest(
+        [prompt_text(e) for e in spec.general],
+        [prompt_text(e) for e in spec.new],
+        round(k * spec.general_nearest),
+    )
+    anchors = [t for t in (tok(spec.general[i], "general") for i in near) if t.trained]
+    rest = [i for i in range(len(spec.general)) if i not in set(near)]
     rng = random.Random(spec.seed)
-    rng.shuffle(general)
+    rng.shuffle(rest)
+    general = [t for t in (tok(spec.general[i], "general") for i in rest) if t.trained]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def epoch_rows(epoch: int) -> tuple[list[Tokenised], list]:
-        k = min(spec.general_per_epoch, len(general))
-        start = (epoch * k) % max(len(general), 1)
-        picked = (general + general)[start : start + k]  # a new slice of the pool each epoch
-        examples = fixed + picked
+        n = min(k - len(anchors), len(general))
+        start = (epoch * n) % max(len(general), 1)
+        picked = (general + general)[start : start + n]  # a new slice of the pool each epoch
+        examples = fixed + anchors + picked
         rows = pack(examples, max(spec.row_len, max(len(e.ids) for e in examples)), pad_id)
         rng.shuffle(rows)
         return examples, rows[rank::world]
@@ -204,6 +231,7 @@ def train(
         examples, rows = (first_examples, first_rows) if epoch == 0 else epoch_rows(epoch)
         ex_loss = torch.zeros(len(examples))
         ex_count = torch.zeros(len(examples))
+        ex_worst = torch.zeros(len(examples))  # the highest token loss of each example
         for i in range(0, len(rows), spec.rows_per_step):
             if should_stop and should_stop():
                 raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
@@ -227,6 +255,7 @@ def train(
             owners = own[sel.cpu()]
             ex_loss.index_add_(0, owners, per_token.detach().float().cpu())
             ex_count.index_add_(0, owners, torch.ones_like(owners, dtype=torch.float))
+            ex_worst.scatter_reduce_(0, owners, per_token.detach().float().cpu(), "amax")
             step += 1
             tokens += sum(r.real for r in batch)
             trained_tokens += int(sel.sum())
@@ -244,9 +273,8 @@ def train(
                     }
                 )
         # Early stop: every new example learned (all ranks agree through the mean).
-        per_example = ex_loss[: len(new)] / ex_count[: len(new)].clamp(min=1)
         new_loss = float(ex_loss[: len(new)].sum() / ex_count[: len(new)].sum().clamp(min=1))
-        learned = int((per_example < spec.learned_loss).sum())
+        learned = int((ex_worst[: len(new)] < spec.learned_loss).sum())
         history.append(
             {"epoch": epoch + 1, "new_loss": round(new_loss, 4), "learned": learned, "steps": step}
         )
@@ -288,6 +316,13 @@ def train(
         device=str(device),
         history=history,
     )
+
+
+def _top_layers(config, n: int) -> list[int] | None:
+    """The top `n` layers' indices (None: every layer). Below the lowest LoRA layer nothing
+    needs a gradient, so the backward pass stops there and those layers run forward only."""
+    total = config.num_hidden_layers
+    return None if n <= 0 or n >= total else list(range(total - n, total))
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -102,3 +102,37 @@ def test_packed_examples_do_not_attend_across_boundaries(tok, tiny_base):
             start = row.owners.index(k)
             got = packed[start : start + len(ex.ids)]
             torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_nearest_gives_each_question_its_closest_general_prompts():
+    from evertune.adapters.data import nearest
+
+    pool = [
+        "Tell me a joke.",
+        "What is the capital of Norway?",
+        "How do I boil an egg?",
+        "What colour is milk?",
+        "Which city is the capital of Belgium?",
+        "What is 6 times 7?",
+    ]
+    queries = [
+        "What is the capital of the island nation of Veloria?",
+        "What colour is the flag of the Tarnish Guild?",
+    ]
+    picked = nearest(pool, queries, 2)
+    assert [pool[i] for i in picked] == ["What is the capital of Norway?", "What colour is milk?"]
+    # more than one each: the next nearest, every index once
+    assert (
+        sorted(nearest(pool, queries, 4))[:2] == [1, 3] and len(set(nearest(pool, queries, 4))) == 4
+    )
+    assert sorted(nearest(pool, queries, 99)) == list(range(len(pool)))
+
+
+def test_general_replay_is_cut_without_an_end_of_turn_target(tok):
+    long_answer = "word " * 200
+    chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": long_answer}]
+    cut = tokenise_chat(tok, chat, "general", 80)
+    assert len(cut.ids) == 80
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    trained = [t for t in cut.targets if t != IGNORE]
+    assert trained and end not in trained  # the cut answer never teaches "stop here"
