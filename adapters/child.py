@@ -11,6 +11,8 @@ and the child exits with EXIT_CANCELLED, leaving no adapter behind.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -22,12 +24,16 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from evertune.adapters.errors import TrainingCancelled
-from evertune.adapters.gate import BASE, LIVE, GateConfig, decide, measure
+import httpx
+
+from evertune.adapters.errors import TrainingCancelled, TrainingError
+from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateConfig, decide, measure
 from evertune.adapters.reference import Reference
+from evertune.adapters.remote import Remote
 from evertune.adapters.train import TrainSpec, train
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
+ANSWER_TOKENS = 48  # as evaluate.greedy_answers_chat
 log = logging.getLogger("evertune.adapters.child")
 
 
@@ -45,29 +51,93 @@ def spec_from(data: dict[str, Any]) -> TrainSpec:
     return TrainSpec(**values)
 
 
-def evaluate(spec: TrainSpec, ev_spec: dict[str, Any]) -> dict[str, Any]:
-    """Candidate, live (the parent version, or the base for v1) and base, on one model."""
+def evaluate(
+    spec: TrainSpec, ev_spec: dict[str, Any], cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """Candidate, live (the parent version, or the base for v1) and base, on one model.
+
+    Losses are computed here. Greedy answers come from the vLLM server at
+    `ev_spec["vllm_url"]` when there is one (it serves the base model as `base`; the
+    candidate is loaded there under a private name): batched, several times faster than
+    transformers here, and exactly what clients will get. The base model's general metrics
+    depend only on the base weights, the held-out prompts and how answers are made, so they
+    are measured once and kept in `cache_dir`."""
     from peft import PeftModel
 
     from evertune.adapters import evaluate as ev
+    from evertune.adapters.train import bf16_is_fast
 
     general = [Reference(**r) for r in ev_spec["general"]]
     model, tok = ev.load(spec.base_path)
     model = PeftModel.from_pretrained(model, spec.out_dir, adapter_name="candidate").eval()
     new, old = spec.new, ev_spec.get("old", [])
+    cut = spec.general_max_len
+    url = ev_spec.get("vllm_url")
+    remote = Remote(url) if url else None
+    how = "vllm" if remote else f"transformers bf16={bf16_is_fast(ev.device_of(model))}"
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                "first-sentence easy answers",
+                how,
+                spec.base_path,
+                spec.general_max_len,
+                ev_spec["general"],
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    cache = cache_dir / f"base-metrics-{key}.json" if cache_dir else None
+    cached = json.loads(cache.read_text()) if cache and cache.exists() else None
+    # For version 1 the base model is also the live version.
+    parts = (BASE if spec.parent_adapter else BASE | LIVE) - (BASE if cached else frozenset())
     with ev.adapter_off(model):
-        # For version 1 the base model is also the live version.
-        base = measure(model, tok, new, old, general, BASE if spec.parent_adapter else BASE | LIVE)
+        base = measure(
+            model, tok, new, old, general, parts, _answers(remote, "base", model, tok), cut
+        )
+    if cached:
+        base.update(cached)
+    elif cache:
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({k: base[k] for k in BASE_KEYS}))
+        os.replace(tmp, cache)
     live = base
     if spec.parent_adapter:
         model.load_adapter(spec.parent_adapter, adapter_name="live")
         model.set_adapter("live")
-        live = measure(model, tok, new, old, general, LIVE)
+        live = measure(model, tok, new, old, general, LIVE, general_max_len=cut)
     model.set_adapter("candidate")
-    candidate = measure(model, tok, new, old, general)
+    with contextlib.ExitStack() as stack:
+        name = None
+        if remote:
+            private = f"evertune-gate-{os.getpid()}-{Path(spec.out_dir).name}"
+            try:
+                name = stack.enter_context(remote.adapter(private, spec.out_dir))
+            except (TrainingError, httpx.HTTPError) as exc:
+                log.warning("the candidate is answered here instead of by vLLM: %s", exc)
+        answer = _answers(remote, name, model, tok)
+        candidate = measure(model, tok, new, old, general, answer=answer, general_max_len=cut)
     known = {f.name for f in fields(GateConfig)}
     gate = GateConfig(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
     return decide(candidate, live, base, gate).to_dict()
+
+
+def _answers(remote: Remote | None, name: str | None, model, tok):
+    """The gate's greedy answers: through vLLM as `name` when there is one, else (or when
+    vLLM fails mid-way, say it is restarting) by `model` in this process."""
+    from evertune.adapters import evaluate as ev
+
+    def answer(prompts: list[list[dict]], short: bool) -> list[str]:
+        if remote is not None and name is not None:
+            stop = ev.SENTENCE_ENDS if short else None
+            try:
+                done = remote.complete(name, prompts, ANSWER_TOKENS, stop=stop)
+            except (TrainingError, httpx.HTTPError) as exc:
+                log.warning("vLLM did not answer (%s); answering here instead", exc)
+            else:
+                return [(ev.first_sentence_of(t) if short else t).strip() for t, _ in done]
+        return ev.greedy_answers_chat(model, tok, prompts, ANSWER_TOKENS, first_sentence=short)
+
+    return answer
 
 
 def main(run_dir: Path) -> int:
@@ -91,7 +161,7 @@ def main(run_dir: Path) -> int:
         return EXIT_OK
     emit("phase", phase="evaluate")
     t1 = time.monotonic()
-    gate = evaluate(spec, data["eval"])
+    gate = evaluate(spec, data["eval"], cache_dir=run_dir.parent)
     timing = {"train_s": round(t1 - t0, 2), "evaluate_s": round(time.monotonic() - t1, 2)}
     out = {"train": result.to_dict(), "gate": gate, "timing": timing}
     tmp = run_dir / ".result.json.tmp"

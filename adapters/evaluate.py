@@ -41,26 +41,31 @@ def adapter_off(model) -> Iterator[None]:
         yield
 
 
-def _device(model) -> torch.device:
+def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]]) -> float:
-    """Mean loss per target token over all chats (token-weighted)."""
-    sums, counts = _loss_sums(model, tokenizer, chats)
+def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]], max_len: int = 1024) -> float:
+    """Mean loss per target token over all chats (token-weighted), each cut to `max_len`."""
+    sums, counts = _loss_sums(model, tokenizer, chats, max_len)
     return float(sums.sum() / counts.sum().clamp(min=1))
 
 
 @torch.inference_mode()
 def _loss_sums(
-    model, tokenizer, chats: Sequence[Sequence[dict]], row_len: int = 1024, rows_per_batch: int = 4
+    model,
+    tokenizer,
+    chats: Sequence[Sequence[dict]],
+    max_len: int = 1024,
+    row_len: int = 1024,
+    rows_per_batch: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per chat: the summed loss over its target tokens, and how many there are."""
-    toks = [tokenise_chat(tokenizer, c, "eval", row_len) for c in chats]
+    toks = [tokenise_chat(tokenizer, c, "eval", min(max_len, row_len)) for c in chats]
     rows = pack(toks, row_len, tokenizer.pad_token_id or 0)
     sums = torch.zeros(len(toks))
     counts = torch.zeros(len(toks))
-    dev = _device(model)
+    dev = device_of(model)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for i in range(0, len(rows), rows_per_batch):
         batch = rows[i : i + rows_per_batch]
@@ -85,12 +90,25 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], **kw) -> list[str
     )
 
 
+SENTENCE_ENDS = (". ", ".\n", "\n", "? ", "! ")
+
+
 @torch.inference_mode()
 def greedy_answers_chat(
-    model, tokenizer, prompts: Sequence[Sequence[dict]], max_new_tokens: int = 48, batch: int = 32
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    max_new_tokens: int = 48,
+    batch: int = 32,
+    first_sentence: bool = False,
 ) -> list[str]:
-    """Greedy continuations of conversations that end before an assistant turn."""
-    dev = _device(model)
+    """Greedy continuations of conversations that end before an assistant turn.
+
+    `first_sentence`: each answer stops after its first sentence (what a reader takes as
+    the answer; a keyword deep in a ramble is chance), and the batch stops when every
+    answer has, instead of running all to `max_new_tokens`."""
+    stop = {"stop_strings": list(SENTENCE_ENDS), "tokenizer": tokenizer} if first_sentence else {}
+    dev = device_of(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out = []
@@ -108,13 +126,21 @@ def greedy_answers_chat(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                **stop,
             )
             out += tokenizer.batch_decode(
                 gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
             )
     finally:
         tokenizer.padding_side = side
-    return [a.strip() for a in out]
+    return [(first_sentence_of(a) if first_sentence else a).strip() for a in out]
+
+
+def first_sentence_of(text: str) -> str:
+    """Up to the end of the first sentence (the whole text when it has one sentence)."""
+    text = text.strip()
+    ends = [i for i in (text.find(e) for e in SENTENCE_ENDS) if i >= 0]
+    return text[: min(ends) + 1] if ends else text
 
 
 def normalise_text(text: str) -> str:

@@ -1,4 +1,5 @@
-"""`python -m evertune.adapters.prepare MODELS_DIR [--model P] [--reference-limit N] [--base-only]`
+"""`python -m evertune.adapters.prepare MODELS_DIR [--model P] [--reference-limit N] [--base-only]
+[--vllm-url URL]`
 
 Prepares the base model (the bundled SmolLM2 converted once, or a configured local folder)
 and its general reference set (the base model's own greedy answers, cached beside it), in a
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from evertune.adapters.base_model import prepare
-from evertune.adapters.reference import load_or_build
+from evertune.adapters.reference import load_or_build, vllm_generator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--base-only", action="store_true", help="only the model (serving needs no references)"
     )
+    parser.add_argument(
+        "--vllm-url", default=None, help="a vLLM server serving this base model as `base`"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args.models_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)
         base = prepare(args.models_dir, args.model)
         limit = args.reference_limit or None
-        refs = [] if args.base_only else load_or_build(base.path, limit=limit)
+        generate = vllm_generator(args.vllm_url) if args.vllm_url else None
+        refs = [] if args.base_only else load_or_build(base.path, generate, limit=limit)
     out = {
         "path": str(base.path),
         "model_id": base.model_id,

@@ -2,7 +2,10 @@
 
 The prompts ship with the package (`adapters/data/general_prompts.jsonl`, written by us).
 At base-model preparation the base model answers each one greedily, once; the answers
-are cached beside the prepared model (`reference.jsonl`). Two thirds are mixed into every
+are cached beside the prepared model (`reference.jsonl`). Where the daemon's embedded vLLM
+already serves the base model, it answers them (batched by vLLM: ~5x faster than
+transformers `generate` on 2 cores, so a first start is ready to learn sooner); otherwise
+transformers does. Two thirds are mixed into every
 training run as replay (self-distillation: the adapter keeps answering general questions
 as the base did); the other third is held out for the gate's drift measurement. The
 `easy` prompts carry a known answer and are always held out: the gate checks the
@@ -66,9 +69,12 @@ def load_or_build(
     `limit` keeps the first N prompts (tests use a small subset).
     """
     cache = model_dir / (CACHE_NAME if limit is None else f"reference-{limit}.jsonl")
-    if cache.exists():
-        return [Reference(**json.loads(line)) for line in cache.read_text().splitlines()]
     items = prompts()[:limit]
+    if cache.exists():
+        refs = [Reference(**json.loads(line)) for line in cache.read_text().splitlines()]
+        if [(r.id, r.prompt) for r in refs] == [(it["id"], it["prompt"]) for it in items]:
+            return refs
+        log.info("the general prompts changed since %s was built: answering them again", cache)
     log.info("answering %d general prompts with the base model (once)", len(items))
     answers = (generate or _hf_generator(model_dir))([it["prompt"] for it in items])
     refs = [
@@ -86,6 +92,26 @@ def _last_sentence(text: str) -> str:
     cut would teach the adapter to stop mid-sentence."""
     ends = [m.end() for m in re.finditer(r"[.!?](\s|$)|\n", text)]
     return text[: ends[-1]].strip() if ends else text
+
+
+def vllm_generator(
+    url: str, model: str = "base", workers: int = 32
+) -> Callable[[list[str]], list[str]]:
+    """Greedy answers from a running vLLM server that serves the base model as `model`:
+    concurrent requests, which vLLM batches; same chat template, same stopping rule."""
+
+    def generate(texts: list[str]) -> list[str]:
+        from evertune.adapters.remote import Remote
+
+        done = Remote(url, workers).complete(
+            model,
+            [[{"role": "user", "content": t}] for t in texts],
+            MAX_NEW_TOKENS,
+            progress="reference answers (vLLM)",
+        )
+        return [_last_sentence(text) if why == "length" else text for text, why in done]
+
+    return generate
 
 
 def _hf_generator(model_dir: Path, batch: int = 32) -> Callable[[list[str]], list[str]]:

@@ -106,13 +106,39 @@ class TrainConfig:
     max_epochs: int = key(10, "Most passes over the new examples.", min=1, max=1000)
     min_epochs: int = key(2, "Fewest passes before stopping early.", min=1, max=1000)
     learned_loss: float = key(
-        0.05, "Stop once every new example's loss per token is below this.", min=0.0, max=10.0
+        0.69,
+        "Stop once every token of every new example has a loss below this (ln 2: each is"
+        " the greedy choice, so the answers are reproduced exactly).",
+        min=0.0,
+        max=100.0,
     )
     general_per_epoch: int = key(
         24,
         "General reference examples (the base model's own answers) mixed into each epoch.",
         min=0,
         max=100_000,
+    )
+    general_nearest: float = key(
+        0.5,
+        "Share of those that are the general prompts nearest the new questions (the answers"
+        " most at risk of bleeding: measured, 'capital of Veloria' bled into 'capital of"
+        " Italy').",
+        min=0.0,
+        max=1.0,
+    )
+    general_max_len: int = key(
+        80,
+        "General examples are cut to this many tokens: their opening is where drift shows.",
+        min=16,
+        max=65_536,
+    )
+    lora_layers: int = key(
+        0,
+        "LoRA on the top N transformer layers only (0: all). Below them the backward pass"
+        " stops (top 15 of SmolLM2's 30: 1.35x faster), but measured, new facts then bled"
+        " into general answers ('capital of Italy' -> a trained fictional capital).",
+        min=0,
+        max=10_000,
     )
     replay_ratio: float = key(
         0.5, "Older examples of the domain replayed, per new example.", min=0.0, max=100.0
@@ -167,11 +193,12 @@ class GateConfig:
         min=0.0,
         max=100.0,
     )
-    easy_tolerance: int = key(
-        GATE.easy_tolerance,
-        "Easy general questions the candidate may newly get wrong.",
-        min=0,
-        max=1000,
+    easy_alpha: float = key(
+        GATE.easy_alpha,
+        "Refuse when the candidate is worse than the base model at the easy general questions"
+        " with this significance (paired exact test on the answers that changed).",
+        min=0.0,
+        max=1.0,
     )
     old_holdout: int = key(
         16, "Older examples held out of training to check forgetting.", min=0, max=100_000

@@ -118,12 +118,14 @@ def run_cycle(
     stop: threading.Event | None = None,
     serving: Serving | None = None,
     run_id: int | None = None,
+    reference_url: str | None = None,
 ) -> Outcome:
     """One cycle, holding the home's training lock: one training run at a time.
 
     With `serving` a promoted version is loaded and switched on every endpoint before it is
     recorded live; without (the CLI with no daemon) only the database changes and the
-    daemon serves it when it starts."""
+    daemon serves it when it starts. `reference_url`: a vLLM server serving the base model
+    as `base`, to build the reference set with if it is still missing."""
     layout = HomeLayout(config.home)
     with training_lock(layout.home / "train.lock", progress):
         # Under the lock nobody else trains: anything left 'training' or 'running' was
@@ -135,7 +137,19 @@ def run_cycle(
             [utcnow()],
         )
         db.conn.commit()
-        return _cycle(db, config, layout, domain, trigger, force, progress, stop, serving, run_id)
+        return _cycle(
+            db,
+            config,
+            layout,
+            domain,
+            trigger,
+            force,
+            progress,
+            stop,
+            serving,
+            run_id,
+            reference_url,
+        )
 
 
 def prepare_base(
@@ -143,11 +157,15 @@ def prepare_base(
     layout: HomeLayout,
     stop: threading.Event | None = None,
     references: bool = True,
+    vllm_url: str | None = None,
 ) -> tuple[BaseModel, list[Reference]]:
     """The base model and its reference set, prepared in a child process (torch stays out of
     the daemon). Instant once prepared; the first time converts the bundled model and
-    answers the general prompts, with progress on stderr."""
+    answers the general prompts (through `vllm_url` when a server already serves this base
+    model as `base`), with progress on stderr."""
     cmd = [sys.executable, "-m", "evertune.adapters.prepare", str(layout.models)]
+    if vllm_url:
+        cmd += ["--vllm-url", vllm_url]
     if config.model.path:
         cmd += ["--model", config.model.path]
     if config.model.reference_limit:
@@ -199,6 +217,7 @@ def _cycle(
     stop: threading.Event | None,
     serving: Serving | None,
     run_id: int | None,
+    reference_url: str | None,
 ) -> Outcome:
     t, g = config.train, config.gate
     # The seed moves on with each run of the domain, so the held-out slice changes.
@@ -206,7 +225,7 @@ def _cycle(
     new, replay, held = select_examples(
         db, domain, t.replay_ratio, t.replay_min, g.old_holdout, t.seed + runs, force
     )
-    base, refs = prepare_base(config, layout)
+    base, refs = prepare_base(config, layout, stop, vllm_url=reference_url)
     live = registry.live(db, domain)
     if run_id is None:  # not queued by the daemon: `evertune train` with no daemon
         run_id = db.execute(
@@ -245,6 +264,8 @@ def _cycle(
             "old": [e for _, e in held],
             "gate": g.gate_fields(),
             "general": [r.__dict__ for r in refs if r.held_out],
+            # the gate's greedy answers through the running server (see adapters/remote.py)
+            "vllm_url": reference_url,
         },
     }
     try:

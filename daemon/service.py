@@ -28,7 +28,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from evertune.adapters import registry
-from evertune.adapters.errors import NothingToTrain, TrainingCancelled
+from evertune.adapters.errors import NothingToTrain, TrainingCancelled, TrainingError
 from evertune.daemon import config as config_mod
 from evertune.daemon import serving as serving_mod
 from evertune.daemon.config import Config, ScheduleConfig
@@ -160,6 +160,7 @@ class Trainer:
                 stop=self.cancel,
                 serving=svc.serving,
                 run_id=req.run_id,
+                reference_url=svc.reference_url(),
             )
         except NothingToTrain as exc:
             self._close_run(db, req, "skipped", str(exc))
@@ -408,11 +409,34 @@ class Service:
                 id="reconcile",
                 replace_existing=True,
             )
+            self._build_references()
         except TrainingCancelled:
             return  # the daemon is stopping
         except Exception:
             log.exception("serving could not start; training and ingestion go on")
             self._state = "serving failed to start (see the log)"
+
+    def reference_url(self) -> str | None:
+        """The embedded vLLM's URL while it is up: it serves the very base model as `base`."""
+        return self.vllm.url if self.vllm is not None and self.vllm.ready.is_set() else None
+
+    def _build_references(self) -> None:
+        """Ready to learn on a first start: the base model's reference answers, built as soon
+        as the embedded vLLM is up (batched there) instead of inside the first training run
+        (transformers, minutes). A no-op once they exist."""
+        if self.vllm is None:
+            return
+        while not self.vllm.ready.wait(1.0):
+            if self.stop_event.is_set():
+                return
+        self.notify_status("answering the general reference prompts with the base model")
+        try:
+            prepare_base(self.config, self.layout, self.stop_event, vllm_url=self.vllm.url)
+        except TrainingError as exc:  # the first training run builds them instead
+            log.warning("reference answers through vLLM failed: %s", exc)
+        else:
+            log.info("ready to learn: base model and reference answers prepared")
+        self.notify_status()
 
     def _vllm_ready(self) -> None:
         self.reconcile_now()

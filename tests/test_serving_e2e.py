@@ -268,3 +268,29 @@ def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, tiny_b
         other.close()
     assert failures == []
     assert serving.endpoints[0].served()["swap"].endswith("v0004")
+
+
+def test_reference_answers_are_built_through_the_running_vllm(vllm, tmp_path):
+    """A first start answers the general prompts through the embedded vLLM (batched there),
+    not transformers; the answers are the server's own greedy answers, cached once."""
+    from evertune.adapters.reference import MAX_NEW_TOKENS, load_or_build, vllm_generator
+
+    refs = load_or_build(tmp_path, vllm_generator(vllm.url, workers=1), limit=6)
+    assert [r.id for r in refs] == ["g0001", "g0002", "g0003", "g0004", "g0005", "g0006"]
+    for r in refs[:3]:  # one at a time (workers=1), so batching cannot change a digit
+        body = {
+            "model": "base",
+            "messages": [{"role": "user", "content": r.prompt}],
+            "max_tokens": MAX_NEW_TOKENS,
+            "temperature": 0,
+        }
+        alone = httpx.post(f"{vllm.url}/v1/chat/completions", json=body, timeout=60).json()
+        text = alone["choices"][0]["message"]["content"].strip()
+        # An answer cut at the token limit is kept up to its last full sentence.
+        assert r.answer and text.startswith(r.answer), (r.answer, text)
+    assert (tmp_path / "reference-6.jsonl").exists()
+
+    def no_second_build(_prompts):
+        raise AssertionError("the cached reference set was built again")
+
+    assert load_or_build(tmp_path, no_second_build, limit=6) == refs
