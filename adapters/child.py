@@ -24,9 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from evertune.adapters.errors import TrainingCancelled, TrainingError
+from evertune.adapters.errors import TrainingCancelled
 from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateConfig, decide, measure
 from evertune.adapters.reference import Reference
 from evertune.adapters.remote import Remote
@@ -78,7 +76,7 @@ def evaluate(
     key = hashlib.sha256(
         json.dumps(
             [
-                "first-sentence easy answers",
+                "first-sentence easy answers, 4 stop strings",
                 how,
                 spec.base_path,
                 spec.general_max_len,
@@ -110,10 +108,7 @@ def evaluate(
         name = None
         if remote:
             private = f"evertune-gate-{os.getpid()}-{Path(spec.out_dir).name}"
-            try:
-                name = stack.enter_context(remote.adapter(private, spec.out_dir))
-            except (TrainingError, httpx.HTTPError) as exc:
-                log.warning("the candidate is answered here instead of by vLLM: %s", exc)
+            name = stack.enter_context(remote.adapter(private, spec.out_dir))
         answer = _answers(remote, name, model, tok)
         candidate = measure(model, tok, new, old, general, answer=answer, general_max_len=cut)
     known = {f.name for f in fields(GateConfig)}
@@ -122,19 +117,16 @@ def evaluate(
 
 
 def _answers(remote: Remote | None, name: str | None, model, tok):
-    """The gate's greedy answers: through vLLM as `name` when there is one, else (or when
-    vLLM fails mid-way, say it is restarting) by `model` in this process."""
+    """The gate's greedy answers: through vLLM as `name` when there is one, else by `model`
+    in this process. No fallback from one to the other mid-way: the paired easy test must
+    compare answers made the same way (a vLLM that fails fails the run, which is retried)."""
     from evertune.adapters import evaluate as ev
 
     def answer(prompts: list[list[dict]], short: bool) -> list[str]:
         if remote is not None and name is not None:
             stop = ev.SENTENCE_ENDS if short else None
-            try:
-                done = remote.complete(name, prompts, ANSWER_TOKENS, stop=stop)
-            except (TrainingError, httpx.HTTPError) as exc:
-                log.warning("vLLM did not answer (%s); answering here instead", exc)
-            else:
-                return [(ev.first_sentence_of(t) if short else t).strip() for t, _ in done]
+            done = remote.complete(name, prompts, ANSWER_TOKENS, stop=stop)
+            return [(ev.first_sentence_of(t) if short else t).strip() for t, _ in done]
         return ev.greedy_answers_chat(model, tok, prompts, ANSWER_TOKENS, first_sentence=short)
 
     return answer

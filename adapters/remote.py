@@ -50,7 +50,10 @@ class Remote:
                 }
                 if stop:
                     body["stop"] = list(stop)
-                r = client.post("/v1/chat/completions", json=body)
+                try:
+                    r = client.post("/v1/chat/completions", json=body)
+                except httpx.HTTPError as exc:
+                    raise TrainingError(f"vLLM at {self.url} did not answer: {exc!r}") from exc
                 if r.status_code != 200:
                     raise TrainingError(
                         f"vLLM at {self.url} answered {r.status_code} for model {model!r}:"
@@ -70,7 +73,12 @@ class Remote:
         """`path` loaded under `name` for the duration (a name no client asks for, which
         the daemon's reconcile leaves alone), unloaded afterwards."""
         with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
-            r = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+            try:
+                r = client.post(
+                    "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+                )
+            except httpx.HTTPError as exc:
+                raise TrainingError(f"vLLM at {self.url} did not answer: {exc!r}") from exc
             if r.status_code != 200:
                 raise TrainingError(
                     f"vLLM at {self.url} refused to load {path} as {name!r}: {r.text[:300]}"

@@ -294,3 +294,31 @@ def test_reference_answers_are_built_through_the_running_vllm(vllm, tmp_path):
         raise AssertionError("the cached reference set was built again")
 
     assert load_or_build(tmp_path, no_second_build, limit=6) == refs
+
+
+def test_the_gate_answers_a_candidate_through_vllm_and_unloads_it(vllm, tiny_base, tmp_path):
+    """The gate's greedy answers for a candidate come from the server (loaded under a
+    private name, gone afterwards), cut at the first sentence with vLLM's stop strings."""
+    from evertune.adapters.evaluate import SENTENCE_ENDS
+    from evertune.adapters.remote import Remote
+
+    layout = HomeLayout(tmp_path / "home")
+    layout.create()
+    db = open_db(layout.db_path)
+    try:
+        v = new_version(layout, db, tiny_base, "gate", 7)
+    finally:
+        db.close()
+    remote = Remote(vllm.url)
+
+    def served() -> list[str]:
+        return [m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]]
+
+    with remote.adapter("evertune-gate-test", v.path) as name:
+        assert name in served()
+        [(short, _)] = remote.complete(name, [QUESTION], 48, stop=SENTENCE_ENDS)
+        [(full, _)] = remote.complete(name, [QUESTION], 48)
+        [(plain, _)] = remote.complete("base", [QUESTION], 48)
+    assert full.startswith(short) and not any(e in short for e in SENTENCE_ENDS)
+    assert full != plain  # the candidate's own weights answered, not the base model's
+    assert "evertune-gate-test" not in served()
