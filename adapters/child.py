@@ -99,17 +99,21 @@ def evaluate(
         tmp.write_text(json.dumps({k: base[k] for k in BASE_KEYS}))
         os.replace(tmp, cache)
     live = base
-    if spec.parent_adapter:
-        model.load_adapter(spec.parent_adapter, adapter_name="live")
-        model.set_adapter("live")
-        live = measure(model, tok, new, old, general, LIVE, general_max_len=cut)
-    model.set_adapter("candidate")
     with contextlib.ExitStack() as stack:
-        name = None
-        if remote:
-            private = f"evertune-gate-{os.getpid()}-{Path(spec.out_dir).name}"
-            name = stack.enter_context(remote.adapter(private, spec.out_dir))
-        answer = _answers(remote, name, model, tok)
+
+        def served(role: str, path: str) -> str | None:
+            """`path` loaded into vLLM under a private name (None: no vLLM)."""
+            if remote is None:
+                return None
+            return stack.enter_context(remote.adapter(f"evertune-gate-{os.getpid()}-{role}", path))
+
+        if spec.parent_adapter:
+            model.load_adapter(spec.parent_adapter, adapter_name="live")
+            model.set_adapter("live")
+            answer = _answers(remote, served("live", spec.parent_adapter), model, tok)
+            live = measure(model, tok, new, old, general, LIVE, answer, cut)
+        model.set_adapter("candidate")
+        answer = _answers(remote, served("candidate", spec.out_dir), model, tok)
         candidate = measure(model, tok, new, old, general, answer=answer, general_max_len=cut)
     known = {f.name for f in fields(GateConfig)}
     gate = GateConfig(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})

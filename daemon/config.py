@@ -141,7 +141,11 @@ class TrainConfig:
         max=10_000,
     )
     replay_ratio: float = key(
-        0.5, "Older examples of the domain replayed, per new example.", min=0.0, max=100.0
+        1.0,
+        "Older examples of the domain replayed, per new example (one phrasing of every"
+        " older answer before a second of any).",
+        min=0.0,
+        max=100.0,
     )
     replay_min: int = key(
         8, "Replay at least this many older examples when there are some.", min=0, max=1_000_000
