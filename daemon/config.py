@@ -140,6 +140,11 @@ class TrainConfig:
         min=0,
         max=10_000,
     )
+    consolidate: bool = key(
+        True,
+        "When an increment (trained from the live version) learned the new data but the"
+        " gate refused it for damage, train once more from the base model on every example.",
+    )
     replay_ratio: float = key(
         1.0,
         "Older examples of the domain replayed, per new example (one phrasing of every"
@@ -170,7 +175,7 @@ class TrainConfig:
     )
 
     def spec_fields(self) -> dict:
-        skip = {"replay_ratio", "replay_min", "launcher"}
+        skip = {"replay_ratio", "replay_min", "launcher", "consolidate"}
         return {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }

@@ -148,3 +148,34 @@ def test_killed_training_leaves_no_visible_version(home, tmp_path, tiny_base, ca
     assert v1["state"] == "rejected" and "interrupted" in v1["reason"]
     assert v2["state"] == "live" and v2["parent"] is None
     assert not [p for p in (home / "adapters" / "vaults").iterdir() if p.name.startswith(".")]
+
+
+def test_an_increment_refused_for_damage_is_retrained_from_the_base_on_every_example(
+    home, tmp_path, tiny_base, capsys
+):
+    drop_facts(tmp_path, FACTS[:6], "a.jsonl")
+    assert main(["train", "vaults"]) == 0
+    # From now on any drift is damage: the increment learns (min_learned 0) but is refused.
+    # A small replay (1 of the 5 older examples not held out) tells the two attempts apart.
+    write_config(home, tiny_base, "[gate]\nmin_learned = 0.0\ndrift_tolerance = 0.0\n")
+    config = (home / "evertune.toml").read_text()
+    (home / "evertune.toml").write_text(
+        config.replace("[train]\n", "[train]\nreplay_ratio = 0.5\nreplay_min = 0\n")
+    )
+    drop_facts(tmp_path, FACTS[6:], "b.jsonl")
+    main(["train", "vaults"])
+    [_, v2] = versions(capsys)
+    meta = json.loads((Path(v2["path"]) / "meta.json").read_text())
+    assert meta["consolidated"] is True
+    assert not meta["increment_gate"]["promote"] and "drift" in meta["increment_gate"]["reason"]
+    assert meta["train"]["parent_adapter"] is None  # the second attempt started from the base
+    assert meta["parent"] == "v0001"  # the lineage still names the version it replaces
+    db = open_db(home / "evertune.db", readonly=True)
+    roles = dict(
+        db.execute(
+            "SELECT role, count(*) FROM version_examples v JOIN versions s"
+            " ON s.id = v.version_id WHERE s.number = 2 GROUP BY role"
+        )
+    )
+    # every older example not held out is trained on again: 5 of 6, not the 1 of a replay
+    assert roles == {"new": 2, "replay": 5, "heldout": 1}
