@@ -87,7 +87,8 @@ def evaluate(
     cache = cache_dir / f"base-metrics-{key}.json" if cache_dir else None
     cached = json.loads(cache.read_text()) if cache and cache.exists() else None
     # For version 1 the base model is also the live version.
-    parts = (BASE if spec.parent_adapter else BASE | LIVE) - (BASE if cached else frozenset())
+    live_path = ev_spec.get("live_adapter", spec.parent_adapter)
+    parts = (BASE if live_path else BASE | LIVE) - (BASE if cached else frozenset())
     with ev.adapter_off(model):
         base = measure(
             model, tok, new, old, general, parts, _answers(remote, "base", model, tok), cut
@@ -107,10 +108,10 @@ def evaluate(
                 return None
             return stack.enter_context(remote.adapter(f"evertune-gate-{os.getpid()}-{role}", path))
 
-        if spec.parent_adapter:
-            model.load_adapter(spec.parent_adapter, adapter_name="live")
+        if live_path:
+            model.load_adapter(live_path, adapter_name="live")
             model.set_adapter("live")
-            answer = _answers(remote, served("live", spec.parent_adapter), model, tok)
+            answer = _answers(remote, served("live", live_path), model, tok)
             live = measure(model, tok, new, old, general, LIVE, answer, cut)
         model.set_adapter("candidate")
         answer = _answers(remote, served("candidate", spec.out_dir), model, tok)

@@ -299,6 +299,9 @@ def _cycle(
             "general": [r.__dict__ for r in refs if r.held_out],
             # the gate's greedy answers through the running server (see adapters/remote.py)
             "vllm_url": reference_url,
+            # what the candidate must beat: the live version, also when a consolidation
+            # trains from the base model (the training's parent is then None)
+            "live_adapter": live.path if live else None,
         },
     }
     consolidated, increment = False, None

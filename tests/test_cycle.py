@@ -170,6 +170,10 @@ def test_an_increment_refused_for_damage_is_retrained_from_the_base_on_every_exa
     assert not meta["increment_gate"]["promote"] and "drift" in meta["increment_gate"]["reason"]
     assert meta["train"]["parent_adapter"] is None  # the second attempt started from the base
     assert meta["parent"] == "v0001"  # the lineage still names the version it replaces
+    # ...and the gate still compared it with v0001, not with the base model it started from
+    assert meta["gate"]["metrics"]["live"]["new_loss"] == pytest.approx(
+        meta["increment_gate"]["metrics"]["live"]["new_loss"]
+    )
     db = open_db(home / "evertune.db", readonly=True)
     roles = dict(
         db.execute(
