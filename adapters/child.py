@@ -79,7 +79,7 @@ def evaluate(
                 "first-sentence easy answers, 4 stop strings",
                 how,
                 spec.base_path,
-                spec.general_max_len,
+                cut,
                 ev_spec["general"],
             ]
         ).encode()
@@ -90,9 +90,7 @@ def evaluate(
     live_path = ev_spec.get("live_adapter", spec.parent_adapter)
     parts = (BASE if live_path else BASE | LIVE) - (BASE if cached else frozenset())
     with ev.adapter_off(model):
-        base = measure(
-            model, tok, new, old, general, parts, _answers(remote, "base", model, tok), cut
-        )
+        base = measure(model, tok, new, old, general, parts, _answers(remote, "base"), cut)
     if cached:
         base.update(cached)
     elif cache:
@@ -111,28 +109,29 @@ def evaluate(
         if live_path:
             model.load_adapter(live_path, adapter_name="live")
             model.set_adapter("live")
-            answer = _answers(remote, served("live", live_path), model, tok)
+            answer = _answers(remote, served("live", live_path))
             live = measure(model, tok, new, old, general, LIVE, answer, cut)
         model.set_adapter("candidate")
-        answer = _answers(remote, served("candidate", spec.out_dir), model, tok)
+        answer = _answers(remote, served("candidate", spec.out_dir))
         candidate = measure(model, tok, new, old, general, answer=answer, general_max_len=cut)
     known = {f.name for f in fields(GateConfig)}
     gate = GateConfig(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
     return decide(candidate, live, base, gate).to_dict()
 
 
-def _answers(remote: Remote | None, name: str | None, model, tok):
-    """The gate's greedy answers: through vLLM as `name` when there is one, else by `model`
-    in this process. No fallback from one to the other mid-way: the paired easy test must
-    compare answers made the same way (a vLLM that fails fails the run, which is retried)."""
+def _answers(remote: Remote | None, name: str | None):
+    """The gate's greedy answers through vLLM as `name`; None (no vLLM): `measure` answers
+    with the model in this process. No fallback from one to the other mid-way: the paired
+    easy test must compare answers made the same way (a vLLM that fails fails the run,
+    which is retried)."""
+    if remote is None or name is None:
+        return None
     from evertune.adapters import evaluate as ev
 
     def answer(prompts: list[list[dict]], short: bool) -> list[str]:
-        if remote is not None and name is not None:
-            stop = ev.SENTENCE_ENDS if short else None
-            done = remote.complete(name, prompts, ANSWER_TOKENS, stop=stop)
-            return [(ev.first_sentence_of(t) if short else t).strip() for t, _ in done]
-        return ev.greedy_answers_chat(model, tok, prompts, ANSWER_TOKENS, first_sentence=short)
+        stop = ev.SENTENCE_ENDS if short else None
+        done = remote.complete(name, prompts, ANSWER_TOKENS, stop=stop)
+        return [(ev.first_sentence_of(t) if short else t).strip() for t, _ in done]
 
     return answer
 
