@@ -23,13 +23,17 @@ Version 1 is compared with the base model as its "live" version.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from evertune.adapters.reference import Reference, is_right
 
+log = logging.getLogger("evertune.adapters.gate")
 SHORT_ANSWER_CHARS = 200
 OLD_SLACK = 0.25  # nats per token: a forgotten answer costs ~1, a kept one under 0.1
 
@@ -106,32 +110,47 @@ def measure(
     )
     out["easy"] = None  # per easy question: answered right (the paired test needs which)
     out["old_right"] = None  # per held-out older short answer: still reproduced
+    spent: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(part: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        yield
+        spent[part] = round(time.monotonic() - t0, 2)
+
     chats = [e["messages"] for e in new if e.get("kind", "chat") == "chat"]
     if "new" in parts and chats:
-        out["new_loss"] = ev.mean_loss(model, tokenizer, chats)
+        with timed("new_loss"):
+            out["new_loss"] = ev.mean_loss(model, tokenizer, chats)
     qa = short_qa(new)
     if "exact" in parts and qa:
-        answers = answer([list(p) for p, _ in qa], False)
+        with timed("new_answers"):
+            answers = answer([list(p) for p, _ in qa], False)
         out["new_exact"] = sum(
             ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)
         ) / len(qa)
     old_qa = short_qa(old)
     if "old" in parts and old:
-        out["old_loss"] = ev.mean_loss(model, tokenizer, [e["messages"] for e in old])
+        with timed("old_loss"):
+            out["old_loss"] = ev.mean_loss(model, tokenizer, [e["messages"] for e in old])
     if "old" in parts and old_qa:
-        answers = answer([list(p) for p, _ in old_qa], False)
+        with timed("old_answers"):
+            answers = answer([list(p) for p, _ in old_qa], False)
         out["old_right"] = [ev.matches(a, e) for a, (_, e) in zip(answers, old_qa, strict=True)]
     if "general" in parts:
         # cut as training cuts its general replay: the openings, where drift shows first
         chats = [r.messages() for r in general]
-        out["general_loss"] = ev.mean_loss(model, tokenizer, chats, general_max_len)
+        with timed("general_loss"):
+            out["general_loss"] = ev.mean_loss(model, tokenizer, chats, general_max_len)
     easy = [r for r in general if r.expected]
     if "easy" in parts:
         questions = [[{"role": "user", "content": r.prompt}] for r in easy]
-        answers = answer(questions, True) if easy else []
+        with timed("easy_answers"):
+            answers = answer(questions, True) if easy else []
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
         out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
+    log.info("measured %s in %s s", sorted(parts), spent)
     return out
 
 

@@ -218,6 +218,13 @@ class EmbeddedVLLM:
             "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
             "PYTHONUNBUFFERED": "1",
         }
+        # vLLM-CPU's automatic binding keeps one core per server for its API process, which
+        # is idle most of the time: on 2 cores the model then ran on one. Measured: the
+        # gate's 60 easy answers through an adapter took 31.6 s bound to one core and 25.8 s
+        # to both (benchmarks/continual.py). A user's own setting wins.
+        self.env.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        )
         self.on_ready = on_ready
         self.on_state = on_state
         self.stop_timeout = stop_timeout

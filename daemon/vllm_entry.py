@@ -1,5 +1,7 @@
 """`python -m evertune.daemon.vllm_entry ARGS...`: the embedded vLLM server (the same as
-`python -m vllm.entrypoints.openai.api_server ARGS...`) with one fix for in-place loads.
+`python -m vllm.entrypoints.openai.api_server ARGS...`) with two fixes.
+
+1. In-place loads (below). 2. LoRA on CPU (`patch_cpu_lora`).
 
 vLLM 0.32 keeps the `load_inplace=True` of the request that switched a name and sends it
 with every later request to that name, and its worker reloads an adapter from disk at
@@ -43,8 +45,86 @@ def patch_inplace_flag() -> bool:
     return True
 
 
+def _rows_times_lora(inputs, weights, indices, dtype):
+    """inputs[t] @ weights[indices[t]].T for every token t, one matmul per adapter.
+
+    vLLM's CPU ops (vllm/lora/ops/torch_ops/lora_ops.py) do this with
+    `weights[indices]`: a copy of an adapter's whole matrix for every token, then a
+    batched matrix-vector product. Same result, but the copy is (tokens x rank x hidden) per
+    layer and module: measured on 2 cores with native bf16, 60 short greedy answers through
+    an adapter took 20 s against 5.7 s for the base model. Grouping the tokens by adapter
+    (a batch has a few) makes it one (tokens x hidden) @ (hidden x rank) product each.
+    Index -1 (no adapter) selects the last slot exactly as the original does."""
+    import torch
+
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    inputs = inputs.to(dtype)
+    if indices.numel() == 1 or inputs.shape[0] == 1:
+        if indices.numel() > 1:  # one input row for many tokens: broadcast as einsum does
+            return torch.einsum("bi, boi -> bo", inputs, weights[indices].to(dtype))
+        return inputs @ weights[indices[0]].to(dtype).T
+    out = inputs.new_empty((inputs.shape[0], weights.shape[1]))
+    for u in torch.unique(indices).tolist():
+        rows = indices == u
+        out[rows] = inputs[rows] @ weights[u].to(dtype).T
+    return out
+
+
+def patch_cpu_lora() -> bool:
+    """vLLM's CPU LoRA ops replaced by `_rows_times_lora` versions (same signatures and
+    results); False when this vLLM has no such ops. Runs in every vLLM process: the API
+    server calls it, and the engine process (started with spawn on CPU) imports this module
+    as its main module, which calls it at import."""
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:
+        return False
+    if getattr(lora_ops, "evertune_patched", False):
+        return True
+
+    def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+        out = _rows_times_lora(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        output_tensor[:, : out.shape[1]] = scaling * out
+
+    def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+        out = _rows_times_lora(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        limit = output_tensor.shape[0]
+        if out.shape[0] == 1 and output_tensor.shape[0] != 1:
+            limit = 1
+        common = min(out.shape[1], output_tensor.shape[1])
+        if add_inputs:
+            output_tensor[:, :common] += out[:limit, :common]
+        else:
+            output_tensor[:, :common] = out[:limit, :common]
+
+    def bgmv_expand_slice(
+        inputs,
+        lora_b_weights,
+        output_tensor,
+        lora_indices_tensor,
+        slice_offset,
+        slice_size,
+        add_inputs=True,
+    ):
+        out = _rows_times_lora(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        if add_inputs:
+            output_tensor[:, slice_offset : slice_offset + slice_size] += out
+        else:
+            output_tensor[:, slice_offset : slice_offset + slice_size] = out
+
+    for module in (lora_ops, punica_cpu):
+        for fn in (bgmv_shrink, bgmv_expand, bgmv_expand_slice):
+            if hasattr(module, fn.__name__):
+                setattr(module, fn.__name__, fn)
+    lora_ops.evertune_patched = True
+    return True
+
+
 def main() -> None:
     patch_inplace_flag()
+    patch_cpu_lora()
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
 
     vllm_main()
@@ -52,3 +132,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+elif __name__ == "__mp_main__":  # vLLM's engine process, spawned from main()
+    patch_cpu_lora()
