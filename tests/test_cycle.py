@@ -181,5 +181,35 @@ def test_an_increment_refused_for_damage_is_retrained_from_the_base_on_every_exa
             " ON s.id = v.version_id WHERE s.number = 2 GROUP BY role"
         )
     )
-    # every older example not held out is trained on again: 5 of 6, not the 1 of a replay
-    assert roles == {"new": 2, "replay": 5, "heldout": 1}
+    # every older example is trained on again, the held-out one too (a consolidation keeps
+    # every answer clients get): 6 of 6, not the 1 of a replay
+    assert roles == {"new": 2, "replay": 6}
+    assert meta["examples"]["replay"] == 6 and meta["examples"]["heldout_old"] == 0
+
+
+@pytest.mark.parametrize("margin, expected", [(100.0, 5), (0.0, 2)])
+def test_more_general_replay_when_the_live_version_nears_the_drift_tolerance(
+    home, tmp_path, tiny_base, capsys, margin, expected
+):
+    """`drifting_margin` 100 over a tolerance of 50 (a drift of -5000%): any live version is
+    near the tolerance, so the increment mixes
+    in `general_when_drifting` general examples an epoch; 0: the usual `general_per_epoch`
+    (2 here), as for version 1, which has no live version to look at."""
+    config = (home / "evertune.toml").read_text()
+    (home / "evertune.toml").write_text(
+        config.replace(
+            "[train]\n",
+            f"[train]\ngeneral_when_drifting = 5\ndrifting_margin = {margin}\n",
+        ).replace("drift_tolerance = 100.0", "drift_tolerance = 50.0")
+    )
+    drop_facts(tmp_path, FACTS[:4], "a.jsonl")
+    assert main(["train", "vaults"]) == 0
+    drop_facts(tmp_path, FACTS[4:], "b.jsonl")
+    assert main(["train", "vaults"]) == 0
+    v1, v2 = versions(capsys)
+    assert v1["state"] == "retired" and v2["state"] == "live"
+    per_epoch = [
+        json.loads((Path(v["path"]) / "meta.json").read_text())["train"]["general_per_epoch"]
+        for v in (v1, v2)
+    ]
+    assert per_epoch == [2, expected]
