@@ -796,6 +796,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, a fresh home each")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive side")
+    ap.add_argument(
+        "--naive-seeds", type=int, help="the naive side on the first N seeds only (default: all)"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="table, JSON, PNG")
     ap.add_argument("--keep", action="store_true", help="keep the temp homes")
     args = ap.parse_args()
@@ -826,7 +829,7 @@ def main() -> int:
             except DaemonDied as exc:
                 print(f"seed {seed}: the daemon stopped or never came up:\n{exc}")
                 return 1
-            if not args.no_naive:
+            if not args.no_naive and (args.naive_seeds is None or seed < args.naive_seeds):
                 entry["naive"] = run_naive(models, files, seed, sets, work)
             seeds.append(entry)
         n_easy = len(easy_questions())
@@ -853,6 +856,7 @@ def main() -> int:
             "files": args.files,
             "set": args.set,
             "naive": not args.no_naive,
+            "naive_seeds": args.naive_seeds,
             "seeds": seeds,
         }
         (args.out / "continual.json").write_text(json.dumps(raw, indent=1, default=str))

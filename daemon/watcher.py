@@ -77,7 +77,7 @@ def open_for_writing(path: Path) -> bool | None:
     if not hasattr(fcntl, "F_SETLEASE"):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -190,7 +190,9 @@ class InboxWatcher:
         """Take every file already under `folder` as finished (start-up, new folders)."""
         for root, dirs, files in os.walk(folder):
             dirs[:] = [d for d in dirs if not is_ignored(d)]
-            for name in files:
+            # a link to a folder is listed as a folder (and not followed): it is refused
+            # like any file that is not a regular one, not left there unreported
+            for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
                 self._note(Path(root) / name, True)
 
     def _note(self, path: Path, finished: bool | None) -> None:
@@ -230,7 +232,7 @@ class InboxWatcher:
                 if quiet < self._settle:
                     continue
                 try:
-                    st = path.stat()
+                    st = os.lstat(path)  # a dangling link too: it is refused, not dropped
                 except FileNotFoundError:
                     del self._pending[path]  # moved away or deleted before it was read
                     continue

@@ -13,10 +13,12 @@ The one code path used by the watcher and by `evertune ingest`. Per file:
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -85,9 +87,54 @@ class FileReport:
 Progress = Callable[[int, int], None]  # (bytes read, file size)
 
 
+class NotRegularFile(Exception):
+    """The inbox takes regular files only: not a link, a FIFO, a socket, a device or a
+    folder. A link would let anyone who can write to the inbox have the service read (and
+    train on, and serve) a file only it can read; a FIFO blocks whoever opens it."""
+
+
+KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def not_regular(path: Path) -> str | None:
+    """Why `path` is not taken (None: a regular file). Does not follow links."""
+    kind = stat.S_IFMT(os.lstat(path).st_mode)
+    if kind == stat.S_IFREG:
+        return None
+    what = KINDS.get(kind, "not a regular file")
+    return f"{what}: the inbox takes regular files only; copy the file itself into it"
+
+
+def open_regular(path: Path):
+    """`path` open for binary reading, refusing (NotRegularFile) anything but a regular
+    file without following a link or blocking on a FIFO, even if it was swapped after a
+    check."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(not_regular(path) or "a symbolic link") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(not_regular(path) or "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -103,8 +150,15 @@ def ingest_file(
 ) -> FileReport:
     """Ingest one file of `domain` that lies in the inbox; return its report."""
     path = Path(path)
-    size = path.stat().st_size
-    sha = file_sha256(path)
+    try:
+        why = not_regular(path)
+        if why is None:
+            size = path.stat().st_size
+            sha = file_sha256(path)
+    except NotRegularFile as exc:  # swapped for a link or a FIFO since the check
+        why = str(exc)
+    if why is not None:
+        return _refuse_not_regular(db, layout, path, domain, why)
     unfinished = _unfinished_move(db, domain, sha, path)
     if unfinished is not None:
         log.warning("finishing the move of %s (the previous run stopped after its commit)", path)
@@ -141,6 +195,30 @@ def ingest_file(
         report.examples_duplicate,
         report.records_rejected,
     )
+    return _finish(path, report)
+
+
+def _refuse_not_regular(
+    db: Database, layout: HomeLayout, path: Path, domain: str, why: str
+) -> FileReport:
+    """Reported and moved (the link or the node itself, never what it points to) to
+    rejected/, like any refused file: nothing dropped is lost or silently skipped."""
+    report = FileReport(
+        file=path.name,
+        domain=domain,
+        status="rejected",
+        sha256="",
+        size=0,
+        stored_path="",
+        reason=why,
+        ingested_at=utcnow(),
+    )
+    report.errors.append(Problem(None, None, why))
+    with db.atomic():
+        _record(db, layout, path, report, duplicate_of=None)
+        report.stored_path = str(free_name(db, layout.rejected / domain, path.name))
+        _update_counts(db, layout, path, report)
+    log.warning("file %s/%s: rejected: %s", domain, path.name, why)
     return _finish(path, report)
 
 
@@ -282,7 +360,7 @@ def _parsed_batches(
         if len(errors) < limits.max_errors_kept:
             errors.append(Problem(line, offset, reason))
 
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         try:
             report.format = detect_format(path, f.read(SNIFF_BYTES))
         except IngestError as exc:

@@ -8,6 +8,7 @@ must agree: the examples/files/file_errors tables, the file moved to done/ or re
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import orjson
@@ -927,3 +928,63 @@ def test_stored_name_taken_by_something_else_on_disk_is_stepped_around(db, layou
     assert Path(report.stored_path) == layout.done / DOMAIN / "a~2.jsonl"
     assert (layout.done / DOMAIN / "a.jsonl").is_dir()
     assert_kept(path, report, layout.done / DOMAIN, content.encode())
+
+
+# --- only regular files -------------------------------------------------------------------
+
+
+def _not_regular(layout: Path, kind: str, secret: Path) -> Path:
+    """A link to a readable file, a dangling link, a link to a folder, or a FIFO in the
+    inbox, as someone who can write to it (not the service user) could place there."""
+    folder = layout.inbox / DOMAIN
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}.jsonl"
+    if kind == "link":
+        path.symlink_to(secret)
+    elif kind == "dangling":
+        path.symlink_to(secret.parent / "gone.jsonl")
+    elif kind == "folder-link":
+        path.symlink_to(secret.parent, target_is_directory=True)
+    else:
+        os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, what",
+    [
+        ("link", "a symbolic link"),
+        ("dangling", "a symbolic link"),
+        ("folder-link", "a symbolic link"),
+        ("fifo", "a FIFO (named pipe)"),
+    ],
+)
+def test_only_regular_files_are_read_the_rest_is_reported_and_moved_aside(
+    db, layout, tmp_path, kind, what
+):
+    secret = tmp_path / "private" / "secret.jsonl"
+    secret.parent.mkdir()
+    secret.write_text(jsonl(qa("What is the root password?", "hunter2")))
+    path = _not_regular(layout, kind, secret)
+
+    done = []
+    worker = threading.Thread(target=lambda: done.append(ingest(db, layout, path)), daemon=True)
+    worker.start()
+    worker.join(10)  # a FIFO opened for reading would block here until someone writes
+    assert done, "ingesting a FIFO blocked"
+    [report] = done
+
+    assert report.status == "rejected"
+    assert report.reason.startswith(what) and "regular files only" in report.reason
+    assert errors(report) == [(None, report.reason)]
+    assert count(db, "examples") == 0  # the linked file was never read
+    stored = Path(report.stored_path)
+    assert stored.parent == layout.rejected / DOMAIN
+    assert not os.path.lexists(path)
+    # the link itself (or the FIFO) was moved, never what it points to
+    assert os.path.lexists(stored) and stored.is_symlink() == (kind != "fifo")
+    assert secret.read_text().startswith('{"messages"')
+    assert report_on_disk(report)["reason"] == report.reason
+    assert db.execute(
+        "SELECT status, reason FROM files WHERE id = ?", [report.file_id]
+    ).fetchone() == ("rejected", report.reason)

@@ -166,3 +166,23 @@ def test_classify_rejects_names_vllm_would_confuse(tmp_path):
         domain, why = classify(inbox, inbox / bad / "f.jsonl")
         assert domain is None and why, bad
     assert classify(inbox, inbox / "ok_name-2" / "f.jsonl") == ("ok_name-2", None)
+
+
+def test_links_and_fifos_are_handed_over_to_be_refused_not_left_unreported(inbox, watch, tmp_path):
+    """Ingestion refuses them (tests/test_ingest.py); the watcher must not drop them on the
+    way: a link to a folder is listed by os.walk as a folder, a dangling link has no
+    target to stat, a FIFO stays empty."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    legal = inbox / "legal"
+    legal.mkdir()
+    (legal / "at-start.jsonl").symlink_to(elsewhere, target_is_directory=True)
+    got = watch(unclosed=0.5)
+    assert got.wait_for(1) == [("legal", legal / "at-start.jsonl")]
+    (legal / "dangling.jsonl").symlink_to(elsewhere / "gone.jsonl")
+    os.mkfifo(legal / "pipe.jsonl")
+    assert sorted(p.name for _, p in got.wait_for(3)) == [
+        "at-start.jsonl",
+        "dangling.jsonl",
+        "pipe.jsonl",
+    ]
