@@ -20,7 +20,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from evertune.adapters.errors import RegistryError
-from evertune.store.db import utcnow
+from evertune.store.db import utcnow, write_transaction
 from evertune.store.layout import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def begin(
     db: Database, adapters_root: Path, domain: str, run_id: int | None, parent_id: int | None
 ) -> Version:
     """Reserve the next number for a training run (state 'training')."""
-    with db.atomic():
+    with write_transaction(db):
         (last,) = db.execute(
             "SELECT coalesce(max(number), 0) FROM versions WHERE domain = ?", [domain]
         ).fetchone()
@@ -206,7 +206,7 @@ def set_state(
     metrics: dict[str, Any] | None = None,
     examples: int | None = None,
 ) -> Version:
-    with db.atomic():  # a savepoint when the caller already holds a transaction
+    with write_transaction(db):  # a savepoint when the caller already holds a transaction
         db.execute(
             "UPDATE versions SET state = ?, reason = coalesce(?, reason),"
             " metrics = coalesce(?, metrics), examples = coalesce(?, examples) WHERE id = ?",
@@ -229,7 +229,7 @@ def promote(db: Database, version: Version, reason: str = "promoted") -> Version
             " candidate or a retired version can become live"
         )
     check_files(Path(version.path))
-    with db.atomic():
+    with write_transaction(db):
         db.execute(
             "UPDATE versions SET state = 'retired', reason = ? WHERE domain = ? AND state = 'live'",
             [f"replaced by {version.name}", version.domain],

@@ -45,7 +45,7 @@ from evertune.daemon.config import Config
 from evertune.daemon.errors import AdapterRefused
 from evertune.daemon.procs import die_with_parent
 from evertune.daemon.serving import Serving, make_live
-from evertune.store.db import utcnow
+from evertune.store.db import utcnow, write_transaction
 from evertune.store.layout import HomeLayout
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def _cycle(
     }
     registry.publish(version, staging, meta)
     metrics = {**gate["metrics"], "train": _train_summary(result["train"])}
-    with db.atomic():
+    with write_transaction(db):
         version = registry.set_state(
             db, version, "candidate", metrics=metrics, examples=len(new) + len(replay)
         )
@@ -393,7 +393,7 @@ def _cycle(
         except (AdapterRefused, RegistryError) as exc:
             promoted, reason = False, f"passed the gate but could not be served: {exc}"
             log.error("%s %s: %s", domain, version.name, reason)
-    with db.atomic():
+    with write_transaction(db):
         if promoted:
             db.conn.executemany(
                 "UPDATE examples SET first_version_id = ? WHERE id = ?"

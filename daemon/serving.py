@@ -48,7 +48,7 @@ from evertune.adapters.errors import RegistryError
 from evertune.daemon.config import ServeConfig
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
 from evertune.daemon.procs import die_with_parent
-from evertune.store.db import utcnow
+from evertune.store.db import utcnow, write_transaction
 
 log = logging.getLogger(__name__)
 vllm_log = logging.getLogger("evertune.vllm")
@@ -590,7 +590,7 @@ class Serving:
                 continue  # not one of ours
             same = before.get(name)
             rows.append((url, name, vid, same[1] if same and same[0] == vid else utcnow()))
-        with db.atomic():
+        with write_transaction(db):
             db.execute("DELETE FROM endpoint_models WHERE endpoint = ?", [url])
             db.conn.executemany(
                 "INSERT INTO endpoint_models (endpoint, model, version_id, loaded_at)"

@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 from sqlite_utils import Database
 
-from evertune.store.db import utcnow
+from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import IngestError, RecordError
 from evertune.store.formats import TEXT, normalise
 from evertune.store.layout import HomeLayout, fsync_dir
@@ -181,7 +181,7 @@ def ingest_file(
         report.status = "duplicate"
         report.duplicate_of = f"{first[1]} (file #{first[0]}, ingested {first[2]})"
         report.reason = "the same content was already ingested into this domain"
-    with db.atomic():
+    with write_transaction(db):
         file_id = _record(db, layout, path, report, duplicate_of=first and first[0])
         if report.status == "ingested":
             _parse_into(db, path, domain, file_id, report, limits, progress)
@@ -214,7 +214,7 @@ def _refuse_not_regular(
         ingested_at=utcnow(),
     )
     report.errors.append(Problem(None, None, why))
-    with db.atomic():
+    with write_transaction(db):
         _record(db, layout, path, report, duplicate_of=None)
         report.stored_path = str(free_name(db, layout.rejected / domain, path.name))
         _update_counts(db, layout, path, report)

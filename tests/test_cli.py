@@ -134,3 +134,47 @@ def test_status_shows_counts_errors_waiting_files_and_warnings(home, tmp_path, c
 def test_status_on_a_fresh_home_says_where_to_start(home, capsys):
     assert main(["status"]) == 0
     assert "no domains yet" in capsys.readouterr().out
+
+
+def test_two_ingests_at_once_on_one_domain_both_finish(home, tmp_path):
+    """Each waits for the other's write transaction instead of failing with "database is
+    locked" (before: one of two crashed, 3 runs of 3). Three rounds, files large enough
+    that the transactions overlap."""
+    import os
+    import subprocess
+    import sys
+
+    from evertune.store.db import open_db
+
+    env = {**os.environ, "EVERTUNE_HOME": str(home)}
+    for round_ in range(3):
+        procs = []
+        for who in ("a", "b"):
+            src = tmp_path / f"{who}{round_}.jsonl"
+            src.write_text(
+                "".join(
+                    json.dumps({"prompt": f"Q {who}{round_}-{i}", "completion": f"A{i}"}) + "\n"
+                    for i in range(20000)
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "evertune.daemon.cli",
+                        "ingest",
+                        str(src),
+                        "--domain=legal",
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out
+    db = open_db(home / "evertune.db", readonly=True)
+    assert db.execute("SELECT count(*) FROM examples").fetchone()[0] == 6 * 20000
