@@ -168,6 +168,28 @@ def init_home(config_path: Path) -> bool:
     return created
 
 
+class OneLineFormatter(logging.Formatter):
+    """Control characters in a message are escaped: a dropped file named "x\\n... ERROR
+    ..." must not forge a log line of its own. (A traceback still follows its message.)"""
+
+    _CONTROL = {c: f"\\x{c:02x}" for c in range(32) if c != 9} | {10: "\\n", 13: "\\r"}
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = record.message.translate(self._CONTROL)
+        return super().formatMessage(record)
+
+
+def setup_daemon_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    # Every scheduler job run (reconcile: every 30 s) and every HTTP request of the daemon
+    # to vLLM would be an INFO line each: the idle daemon wrote 3 lines every 30 s. What
+    # they do is logged by the daemon itself when something changes.
+    for noisy in ("apscheduler.executors", "apscheduler.scheduler", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from evertune.daemon.service import Service  # the daemon's imports, only when it runs
 
@@ -175,11 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not path.exists() and not (args.config or os.environ.get("EVERTUNE_CONFIG")):
         init_home(path)
     config = config_mod.load(path)
-    logging.basicConfig(
-        level=config.log.level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_daemon_logging(config.log.level)
     Service(config).run_forever()
     return EXIT_OK
 

@@ -287,7 +287,7 @@ class EmbeddedVLLM:
         """vLLM's output into the daemon's log, prefixed; remembers its last error line."""
         for line in proc.stdout:
             line = line.rstrip()
-            if line:
+            if line and not _own_polling(line):
                 vllm_log.info("vllm: %s", line)
                 if "Error" in line or "error:" in line:
                     self._last_error_line = line.strip()[-300:]
@@ -343,6 +343,15 @@ class EmbeddedVLLM:
             probe.close()
         pump.join(5)
         return code
+
+
+# The daemon's own polling of its server (reconcile every 30 s, health checks): logged by
+# vLLM's access log as a line each, ~5,800 lines a day into the journal of an idle daemon.
+_POLLING = re.compile(r'"GET /(v1/models|health|ping|metrics) HTTP/[\d.]+" 200')
+
+
+def _own_polling(line: str) -> bool:
+    return _POLLING.search(line) is not None
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
