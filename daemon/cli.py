@@ -174,7 +174,7 @@ class OneLineFormatter(logging.Formatter):
 
     _CONTROL = {c: f"\\x{c:02x}" for c in range(32) if c != 9} | {10: "\\n", 13: "\\r"}
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = record.message.translate(self._CONTROL)
         return super().formatMessage(record)
 
