@@ -510,16 +510,49 @@ def test_not_utf8_text_line_is_reported_by_line_and_the_rest_kept(db, layout, dr
     assert report.errors[0].offset == len(b"First line.\n")
 
 
-def test_not_utf8_json_array_is_rejected_naming_the_byte_offset(db, layout, drop):
-    content = b'[{"prompt": "Q1?", "completion": "A1."}, {"text": "caf\xe9"}]'
+def test_not_utf8_byte_in_a_json_array_rejects_its_record_and_the_rest_is_kept(db, layout, drop):
+    """Before: the whole array stopped at the bad byte (91,663 of 200k records kept, one
+    rejection reported)."""
+    records = [orjson.dumps(qa(f"Q{i}?", f"A{i}.")) for i in range(300)]
+    records[100] = b'{"text": "caf\xe9"}'
+    content = b"[\n" + b",\n".join(records) + b"\n]\n"
     path = drop(DOMAIN, "latin1.json", content)
 
     report = ingest(db, layout, path)
 
-    assert report.status == "rejected"
+    assert report.status == "ingested"
+    assert report.examples_added == 299 and report.records_rejected == 1
+    assert report.examples_added + report.records_rejected == len(records)
     offset = content.index(b"\xe9")
-    assert errors(report) == [(None, f"not UTF-8 (invalid byte near byte offset {offset})")]
-    assert_kept(path, report, layout.rejected / DOMAIN, content)
+    assert errors(report) == [(102, f"not UTF-8 (invalid byte at byte offset {offset})")]
+    assert report.errors[0].offset == content.index(b'{"text"')
+
+
+def test_jsonl_whose_first_line_is_an_array_is_still_read_line_by_line(db, layout, drop):
+    """Before: read as one JSON array; the 500 lines after it were ignored."""
+    content = '[{"prompt": "Q", "completion": "A"}]\n' + "".join(
+        jsonl(qa(f"Q{i}?", f"A{i}.")) for i in range(500)
+    )
+    report = ingest(db, layout, drop(DOMAIN, "arr.jsonl", content))
+
+    assert report.format == "jsonl"
+    assert report.examples_added == 500 and report.records_rejected == 1
+    assert [line for line, _ in errors(report)] == [1]
+
+
+def test_csv_quote_never_closed_rejects_its_row_and_keeps_the_rows_after(db, layout, drop):
+    """Before: the 1,000 rows after the quote became one 9,804-character example."""
+    rows = [f"Q{i}?,A{i}." for i in range(1000)]
+    content = "prompt,completion\nQa?,Aa.\n" + 'Qb?,"Ab.\n' + "\n".join(rows) + "\n"
+    report = ingest(db, layout, drop(DOMAIN, "quote.csv", content))
+
+    assert report.records_rejected == 1
+    assert report.examples_added == 1001
+    [(line, reason)] = errors(report)
+    assert line == 3 and "never closed" in reason
+    stored = db.execute("SELECT line FROM examples ORDER BY line").fetchall()
+    assert [n for (n,) in stored] == [2, *range(4, 1004)]  # each row at its own line
+    assert bodies(db)[1] == as_chat("Q0?", "A0.")
 
 
 # --- whole files that cannot be read ---------------------------------------------------------
