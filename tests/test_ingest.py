@@ -206,6 +206,25 @@ def test_txt_file_becomes_text_examples_split_at_paragraphs(db, layout, drop):
     assert_kept(path, report, layout.done / DOMAIN, content.encode())
 
 
+def test_one_enormous_txt_line_is_split_and_nothing_is_lost(db, layout, drop):
+    """A 20 MB line: before, quadratic slicing (a 50 MB line took 4 min 23 s while holding
+    the write transaction); now linear (reading a 50 MB line: 0.2 s on 2 cores)."""
+    import random
+
+    letters = bytes(b"abcdefghijklmnop"[i % 16] for i in range(256))
+    line = random.Random(0).randbytes(20_000_000).translate(letters).decode()
+    path = drop(DOMAIN, "big.txt", "intro\n\n" + line + "\nlast line\n")
+
+    report = ingest(db, layout, path, text_chunk_chars=2000)
+
+    assert report.records_rejected == 0
+    stored = [body for _, body, _, _ in examples(db)]
+    assert report.examples_added == len(stored)
+    assert stored[0] == "intro" and stored[-1].endswith("last line")
+    assert "".join(stored[1:]).removesuffix("last line").rstrip("\n") == line
+    assert all(len(b) <= 2000 for b in stored)
+
+
 def test_md_file_is_stored_as_one_text_example_when_small(db, layout, drop):
     content = "# Contracts\n\nA *contract* is an agreement.\n\n- offer\n- acceptance\n"
     path = drop(DOMAIN, "notes.md", content)
