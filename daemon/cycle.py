@@ -513,11 +513,23 @@ def _run_child(
     return result
 
 
-def _forward_stop(child: subprocess.Popen, stop: threading.Event | None) -> None:
-    """SIGTERM the child when the daemon stops: it cancels at its next step boundary."""
+STOP_GRACE_S = 20.0  # a training step is ~2 s on 2 cores; HTTP calls to vLLM time out
+
+
+def _forward_stop(
+    child: subprocess.Popen, stop: threading.Event | None, grace: float = STOP_GRACE_S
+) -> None:
+    """SIGTERM the child when the daemon stops: it cancels at its next step boundary. One
+    that has not exited `grace` seconds later is killed, so stopping never waits on it
+    (systemd would SIGKILL the whole service at TimeoutStopSec)."""
     if stop is None:
         return
     while child.poll() is None:
         if stop.wait(0.2):
             child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("child %d did not stop %.0f s after SIGTERM: killed", child.pid, grace)
+                child.kill()
             return

@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ from evertune.store.ingest import FileReport, ingest_file
 from evertune.store.layout import HomeLayout
 
 log = logging.getLogger(__name__)
+# Each of stop()'s waits (training, serving start-up, ingestion): within systemd's
+# TimeoutStopSec=120s together with the children's grace (cycle.STOP_GRACE_S).
+STOP_WAIT_S = 30.0
 
 # Sections a running daemon cannot change: they name processes and sockets it already runs.
 RESTART_SECTIONS = ("serve", "control", "model", "watch")
@@ -98,8 +102,11 @@ class Trainer:
             self._cv.notify_all()
         self.cancel.set()
 
-    def join(self) -> None:
-        self._thread.join()
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def queued(self) -> list[dict]:
         with self._cv:
@@ -511,21 +518,37 @@ class Service:
         self.trainer.stop()  # cancels a run in progress at its next step
         self.control.stop()
         (self.layout.home / CONTROL_URL_FILE).unlink(missing_ok=True)
+        # Every wait is bounded (systemd kills at TimeoutStopSec=120s): a child that ignores
+        # SIGTERM is killed after cycle.STOP_GRACE_S, and what still runs after its bound is
+        # named in the log. Nothing is lost by going on: an ingest not committed is redone
+        # from the inbox at the next start, a training run is recorded as interrupted.
         self.watcher.join(10)
-        self.trainer.join()
+        self._bounded("training", self.trainer.join, self.trainer.is_alive, STOP_WAIT_S)
         if self._serving_thread is not None:
-            self._serving_thread.join()
+            t = self._serving_thread
+            self._bounded("serving start-up", t.join, t.is_alive, STOP_WAIT_S)
         if self.vllm is not None:
             self.vllm.stop()
         if self.serving is not None:
             self.serving.close()
         self.writer.stop()  # lets the files already handed over finish: no half state
-        self.writer.join()
+        self._bounded("ingestion", self.writer.join, self.writer.is_alive, STOP_WAIT_S)
         if self._watchdog is not None:
-            self._watchdog.join()
+            self._watchdog.join(5)
         self._db.close()
         self._lock.release()
         log.info("stopped")
+
+    @staticmethod
+    def _bounded(what: str, join: Callable, alive: Callable[[], bool], timeout: float) -> None:
+        join(timeout)
+        if alive():
+            log.warning(
+                "stopping: %s still running after %.0f s; stopping without it (it is"
+                " resumed or redone at the next start)",
+                what,
+                timeout,
+            )
 
     def run_forever(self) -> None:
         """Start, wait for SIGTERM/SIGINT (stop) or SIGHUP (reload). Main thread only."""

@@ -51,6 +51,9 @@ class StoreWriter:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             self._db = open_db(self._db_path)

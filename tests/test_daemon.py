@@ -306,3 +306,34 @@ def test_the_daemon_process_never_loads_torch():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
+    """Stopping never waits on a child (training, preparation) that does not stop: the
+    daemon said "stopping" and still ran a minute later, waiting for one."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from evertune.daemon.cycle import _forward_stop
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            " print('ready', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "ready"
+    stop = threading.Event()
+    forward = threading.Thread(target=_forward_stop, args=(child, stop, 1.0))
+    forward.start()
+    t0 = time.monotonic()
+    stop.set()
+    forward.join(10)
+    assert child.wait(5) == -9  # SIGKILL, after the SIGTERM it ignored
+    assert 1.0 <= time.monotonic() - t0 < 10
