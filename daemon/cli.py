@@ -40,7 +40,7 @@ from evertune.daemon.lock import daemon_state
 from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import check_domain
 from evertune.store.errors import InvalidDomainError, StoreError
-from evertune.store.ingest import FileReport, free_name, ingest_file, load_report
+from evertune.store.ingest import FileReport, free_name, ingest_file, load_report, text_of
 from evertune.store.layout import HomeLayout
 from evertune.store.queries import file_row
 
@@ -258,7 +258,7 @@ def _copy_into(db, src: Path, inbox: Path) -> Path:
 def _wait_for_daemon(db, target: Path, timeout: float) -> FileReport:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        row = file_row(db, str(target))
+        row = file_row(db, text_of(target))
         if row is not None and not target.exists():
             return load_report(db, row["id"])
         time.sleep(0.2)

@@ -78,6 +78,13 @@ class WatchConfig:
         min=1.0,
         max=86_400,
     )
+    retry_seconds: float = key(
+        30.0,
+        "A file whose ingestion failed (a full disk, a locked store) stays in the inbox and"
+        " is retried after this long, then 4x longer each time, at most hourly.",
+        min=0.1,
+        max=3600,
+    )
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # Each of stop()'s waits (training, serving start-up, ingestion): within systemd's
 # TimeoutStopSec=120s together with the children's grace (cycle.STOP_GRACE_S).
 STOP_WAIT_S = 30.0
+INGEST_RETRY_MAX_S = 3600.0  # a failed ingest: watch.retry_seconds, 4x, 16x, ... an hour
 
 # Sections a running daemon cannot change: they name processes and sockets it already runs.
 RESTART_SECTIONS = ("serve", "control", "model", "watch")
@@ -288,6 +289,7 @@ class Service:
         self.serving: serving_mod.Serving | None = None
         self._db = None  # the daemon's connection for serving and control writes
         self._db_lock = threading.RLock()
+        self._ingest_failures: dict[Path, int] = {}  # files whose ingestion raised: retries
         self._serving_thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._state = "starting"
@@ -310,9 +312,27 @@ class Service:
         try:
             report = ingest_file(db, self.layout, path, domain, self.config.ingest.limits())
         except Exception:
-            # The job boundary: the file stays in the inbox and is retried at the next start.
-            log.exception("ingesting %s failed; it stays in the inbox", path)
+            # The job boundary: the file stays in the inbox and is retried, with a growing
+            # pause (a full disk, a locked store: causes that pass), and at the next start.
+            n = self._ingest_failures[path] = self._ingest_failures.get(path, 0) + 1
+            delay = min(self.config.watch.retry_seconds * 4 ** (n - 1), INGEST_RETRY_MAX_S)
+            log.exception(
+                "ingesting %s failed (%d time(s)); it stays in the inbox, retried in %.0f s",
+                path,
+                n,
+                delay,
+            )
+            if not self.stop_event.is_set():
+                self.scheduler.add_job(
+                    self._ingest_later,
+                    "date",
+                    args=[domain, path],
+                    run_date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay),
+                    id=f"retry-ingest:{path}",
+                    replace_existing=True,
+                )
             raise
+        self._ingest_failures.pop(path, None)
         outcome = report.status
         if report.status == "ingested" and report.records_rejected:
             outcome = "partial"

@@ -103,6 +103,13 @@ KINDS = {
 }
 
 
+def text_of(path: Path | str) -> str:
+    """A path as text that can be stored (SQLite, JSON reports): itself when its bytes are
+    UTF-8, else with each bad byte written as \\xNN. A dropped file whose name is not
+    UTF-8 is stored under that name in done/ (before: a traceback, and the file stayed)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def not_regular(path: Path) -> str | None:
     """Why `path` is not taken (None: a regular file). Does not follow links."""
     kind = stat.S_IFMT(os.lstat(path).st_mode)
@@ -169,7 +176,7 @@ def ingest_file(
         [domain, sha],
     ).fetchone()
     report = FileReport(
-        file=path.name,
+        file=text_of(path.name),
         domain=domain,
         status="ingested",
         sha256=sha,
@@ -189,7 +196,7 @@ def ingest_file(
     log.info(
         "file %s/%s: %s, %d new, %d duplicate examples, %d records rejected",
         domain,
-        path.name,
+        report.file,
         report.status,
         report.examples_added,
         report.examples_duplicate,
@@ -204,7 +211,7 @@ def _refuse_not_regular(
     """Reported and moved (the link or the node itself, never what it points to) to
     rejected/, like any refused file: nothing dropped is lost or silently skipped."""
     report = FileReport(
-        file=path.name,
+        file=text_of(path.name),
         domain=domain,
         status="rejected",
         sha256="",
@@ -216,9 +223,9 @@ def _refuse_not_regular(
     report.errors.append(Problem(None, None, why))
     with write_transaction(db):
         _record(db, layout, path, report, duplicate_of=None)
-        report.stored_path = str(free_name(db, layout.rejected / domain, path.name))
+        report.stored_path = str(free_name(db, layout.rejected / domain, text_of(path.name)))
         _update_counts(db, layout, path, report)
-    log.warning("file %s/%s: rejected: %s", domain, path.name, why)
+    log.warning("file %s/%s: rejected: %s", domain, report.file, why)
     return _finish(path, report)
 
 
@@ -226,7 +233,7 @@ def _unfinished_move(db: Database, domain: str, sha: str, path: Path) -> FileRep
     row = db.execute(
         "SELECT id, stored_path, report_path FROM files"
         " WHERE domain = ? AND sha256 = ? AND inbox_path = ? ORDER BY id DESC LIMIT 1",
-        [domain, sha, str(path)],
+        [domain, sha, text_of(path)],
     ).fetchone()
     if row is None or Path(row[1]).exists():
         return None
@@ -287,7 +294,7 @@ def _record(
     db: Database, layout: HomeLayout, path: Path, report: FileReport, duplicate_of: int | None
 ) -> int:
     """Insert the file's row; _update_counts completes it in the same transaction."""
-    report.stored_path = str(free_name(db, layout.done / report.domain, path.name))
+    report.stored_path = str(free_name(db, layout.done / report.domain, report.file))
     cur = db.execute(
         "INSERT INTO files (domain, name, inbox_path, stored_path, report_path, size, sha256,"
         " status, reason, duplicate_of, received_at, ingested_at)"
@@ -295,7 +302,7 @@ def _record(
         [
             report.domain,
             report.file,
-            str(path),
+            text_of(path),
             report.stored_path,
             report.stored_path + ".report.json",
             report.size,
@@ -421,7 +428,7 @@ def _insert(conn, batch: list[tuple]) -> int:
 def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileReport) -> None:
     if report.status == "ingested" and report.examples_added + report.examples_duplicate == 0:
         report.status = "rejected"
-        report.stored_path = str(free_name(db, layout.rejected / report.domain, path.name))
+        report.stored_path = str(free_name(db, layout.rejected / report.domain, report.file))
     db.execute(
         "UPDATE files SET status = ?, stored_path = ?, report_path = ?, format = ?, records = ?,"
         " examples_added = ?, examples_duplicate = ?, records_rejected = ?, reason = ?,"

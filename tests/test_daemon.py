@@ -337,3 +337,26 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     forward.join(10)
     assert child.wait(5) == -9  # SIGKILL, after the SIGTERM it ignored
     assert 1.0 <= time.monotonic() - t0 < 10
+
+
+def test_a_file_whose_ingestion_failed_is_retried_without_a_restart(tmp_path):
+    """Before: it stayed in the inbox until the next start. Here the failure is real: a
+    file where done/legal/ should be makes the move after the commit fail; once it is
+    gone, the retry finishes the move (the examples were committed once, not twice)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "done").mkdir()
+    (home / "done" / "legal").write_text("in the way")
+    d = Daemon(home, INGEST_ONLY.replace("[watch]\n", "[watch]\nretry_seconds = 0.5\n"))
+    try:
+        inbox = home / "inbox" / "legal"
+        inbox.mkdir(parents=True)
+        (inbox / "facts.jsonl").write_text("".join(CHAT % (i, i) for i in range(5)))
+        wait_for(lambda: "retried in 0 s" in d.logtext(), what="the first failure")
+        (home / "done" / "legal").unlink()
+        done = home / "done" / "legal" / "facts.jsonl"
+        wait_for(done.exists, what="the retry to move the file to done/")
+        assert not (inbox / "facts.jsonl").exists()
+        assert examples(home, "legal") == 5
+    finally:
+        assert d.stop() == 0

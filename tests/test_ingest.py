@@ -1040,3 +1040,22 @@ def test_only_regular_files_are_read_the_rest_is_reported_and_moved_aside(
     assert db.execute(
         "SELECT status, reason FROM files WHERE id = ?", [report.file_id]
     ).fetchone() == ("rejected", report.reason)
+
+
+def test_a_file_name_that_is_not_utf8_is_ingested_and_stored_under_a_readable_name(db, layout):
+    """Before: a traceback (the name could not be stored), and the file stayed for ever."""
+    folder = layout.inbox / DOMAIN
+    folder.mkdir(parents=True)
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.jsonl")
+    content = jsonl(qa("Q?", "A."))
+    with open(raw, "wb") as f:
+        f.write(content.encode())
+    path = Path(os.fsdecode(raw))
+
+    report = ingest(db, layout, path)
+
+    assert report.status == "ingested" and report.examples_added == 1
+    assert report.file == "caf\\xe9.jsonl"
+    assert Path(report.stored_path) == layout.done / DOMAIN / "caf\\xe9.jsonl"
+    assert_kept(path, report, layout.done / DOMAIN, content.encode())
+    assert report_on_disk(report)["file"] == "caf\\xe9.jsonl"
