@@ -24,9 +24,11 @@ configuration error; 3 the gate refused the candidate; 4 nothing new to train on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a full disk, a permission, a missing folder: said, not a traceback
+        where = f" ({exc.filename})" if exc.filename and exc.filename not in str(exc) else ""
+        print(f"Error: {exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except sqlite3.Error as exc:
+        print(
+            f"Error: the store could not be used: {exc}. If another evertune command is"
+            " writing to it, wait and retry; `evertune status` shows what runs.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,8 +263,13 @@ def _copy_into(db, src: Path, inbox: Path) -> Path:
     """Copy (never move) a file into the inbox; the rename makes it appear complete."""
     target = free_name(db, inbox, src.name)
     tmp = inbox / f".{target.name}.part"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, target)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
+    except BaseException:  # a full disk, Ctrl-C: no half copy left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return target
 
 

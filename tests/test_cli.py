@@ -178,3 +178,15 @@ def test_two_ingests_at_once_on_one_domain_both_finish(home, tmp_path):
             assert p.returncode == 0, out
     db = open_db(home / "evertune.db", readonly=True)
     assert db.execute("SELECT count(*) FROM examples").fetchone()[0] == 6 * 20000
+
+
+def test_an_os_error_is_one_clear_line_not_a_traceback(home, tmp_path, capsys):
+    """A folder where the inbox's domain folder should be written: the copy fails."""
+    src = tmp_path / "facts.jsonl"
+    src.write_text(CHAT % (1, 1))
+    blocker = home / "inbox" / "legal" / ".facts.jsonl.part"
+    blocker.mkdir(parents=True)  # the copy's temporary name is taken by a folder
+    assert main(["ingest", str(src), "--domain", "legal"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: [Errno 21] Is a directory") and "Traceback" not in err
+    assert str(blocker) in err
