@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # Each of stop()'s waits (training, serving start-up, ingestion): within systemd's
 # TimeoutStopSec=120s together with the children's grace (cycle.STOP_GRACE_S).
 STOP_WAIT_S = 30.0
+# One ingest job running longer than this means the writer is wedged (measured: 1M
+# examples in one file take minutes, not an hour).
+WRITER_STUCK_S = 3600.0
 INGEST_RETRY_MAX_S = 3600.0  # a failed ingest: watch.retry_seconds, 4x, 16x, ... an hour
 
 # Sections a running daemon cannot change: they name processes and sockets it already runs.
@@ -289,6 +292,7 @@ class Service:
         self.serving: serving_mod.Serving | None = None
         self._db = None  # the daemon's connection for serving and control writes
         self._db_lock = threading.RLock()
+        self._started = False
         self._ingest_failures: dict[Path, int] = {}  # files whose ingestion raised: retries
         self._serving_thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
@@ -489,7 +493,9 @@ class Service:
     def start(self) -> None:
         self.layout.create()
         self._lock.acquire()
-        self._watchdog = self.notifier.start_watchdog(self.stop_event)
+        self._watchdog = self.notifier.start_watchdog(
+            self.stop_event, healthy=lambda: self.health() is None
+        )
         self.writer.start()
         self._db = open_db(self.layout.db_path)
         self._close_leftovers()
@@ -510,6 +516,7 @@ class Service:
             self._serving_thread = threading.Thread(target=self._start_serving, name="serving")
             self._serving_thread.start()
         self._state = "running"
+        self._started = True
         log.info(
             "evertune running on %s; control API %s; drop files into %s/<domain>/",
             self.layout.home,
@@ -624,9 +631,19 @@ class Service:
         return report
 
     def health(self) -> str | None:
+        """None when every component works, else why not: /healthz answers 503 with it and
+        the systemd watchdog is not pinged, so systemd restarts a wedged service."""
         if self.stop_event.is_set():
             return "stopping"
-        return None
+        if not self._started:
+            return None  # starting: systemd's start timeout judges that, not the watchdog
+        problems = [
+            self.writer.problem(WRITER_STUCK_S),
+            self.watcher.problem(),
+            None if self.scheduler.running else "the scheduler is not running",
+            None if self.trainer.is_alive() else "the training worker thread has stopped",
+        ]
+        return "; ".join(p for p in problems if p) or None
 
     def train(self, domain: str, force: bool) -> dict[str, Any]:
         check_domain(domain)

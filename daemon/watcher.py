@@ -185,6 +185,14 @@ class InboxWatcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def problem(self) -> str | None:
+        """Why the watcher is not working (None: both its threads run)."""
+        if not self._observer.is_alive():
+            return "the inbox watcher (watchdog observer) has stopped"
+        if not self._thread.is_alive():
+            return "the inbox watcher's settle thread has stopped"
+        return None
+
     # events ------------------------------------------------------------------------------
     def scan(self, folder: Path) -> None:
         """Take every file already under `folder` as finished (start-up, new folders)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -32,6 +33,7 @@ class StoreWriter:
         self._db: Database | None = None
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
+        self.busy_since: float | None = None  # time.monotonic() the running job started
 
     def start(self) -> None:
         self._thread.start()
@@ -54,6 +56,16 @@ class StoreWriter:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def problem(self, stuck_after: float) -> str | None:
+        """Why the writer is not working: its thread died, or one job has run longer than
+        `stuck_after` seconds (files wait behind it)."""
+        if not self._thread.is_alive():
+            return "the store writer thread has stopped"
+        since = self.busy_since
+        if since is not None and time.monotonic() - since > stuck_after:
+            return f"the store writer has been on one job for {time.monotonic() - since:.0f} s"
+        return None
+
     def _run(self) -> None:
         try:
             self._db = open_db(self._db_path)
@@ -67,9 +79,12 @@ class StoreWriter:
                 job, future = item
                 if not future.set_running_or_notify_cancel():
                     continue
+                self.busy_since = time.monotonic()
                 try:
                     future.set_result(job(self._db))
                 except BaseException as exc:
                     future.set_exception(exc)
+                finally:
+                    self.busy_since = None
         finally:
             self._db.close()

@@ -360,3 +360,33 @@ def test_a_file_whose_ingestion_failed_is_retried_without_a_restart(tmp_path):
         assert examples(home, "legal") == 5
     finally:
         assert d.stop() == 0
+
+
+def test_health_names_a_wedged_writer_and_a_stopped_watcher(tmp_path):
+    """What /healthz and the systemd watchdog ask of each component (before: /healthz said
+    ok while the writer was blocked for ever on a FIFO)."""
+    import threading
+
+    from evertune.daemon.watcher import InboxWatcher
+    from evertune.daemon.writer import StoreWriter
+
+    writer = StoreWriter(tmp_path / "evertune.db")
+    writer.start()
+    release = threading.Event()
+    writer.submit(lambda db: release.wait(10))
+    wait_for(lambda: writer.problem(stuck_after=0.3), 5, "the writer to look stuck")
+    assert "on one job for" in writer.problem(stuck_after=0.3)
+    release.set()
+    wait_for(lambda: writer.problem(stuck_after=0.3) is None, 5, "the writer to recover")
+    writer.stop()
+    writer.join(5)
+    assert writer.problem(stuck_after=0.3) == "the store writer thread has stopped"
+
+    watcher = InboxWatcher(
+        tmp_path / "inbox", lambda d, p: None, settle_seconds=0.1, unclosed_timeout_seconds=1
+    )
+    watcher.start()
+    assert watcher.problem() is None
+    watcher.stop()
+    watcher.join(5)
+    assert "stopped" in watcher.problem()
