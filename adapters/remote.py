@@ -14,12 +14,26 @@ get: the server's weights, dtype and kernels.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from evertune.adapters.errors import TrainingError
+
+# The daemon's embedded server keeps its admin routes (adapter loads and unloads, ...) for
+# the holder of this key (evertune.daemon.vllm_entry.AdminGuard); the daemon generates it
+# and passes it through the environment to vLLM and to the training children.
+ADMIN_KEY_ENV = "EVERTUNE_VLLM_ADMIN_KEY"
+ADMIN_HEADER = "X-Evertune-Admin"
+
+
+def admin_headers() -> dict[str, str]:
+    """The header that opens the admin routes of the daemon's server (empty without a key:
+    an external server runs vLLM as shipped and ignores it)."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    return {ADMIN_HEADER: key} if key else {}
 
 
 class Remote:
@@ -39,7 +53,9 @@ class Remote:
         """(text, finish_reason) of a greedy completion of each conversation, in order."""
         from tqdm import tqdm
 
-        with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
+        with httpx.Client(
+            base_url=self.url, timeout=self.timeout, headers=admin_headers()
+        ) as client:
 
             def one(messages: Sequence[dict]) -> tuple[str, str]:
                 body = {
@@ -72,7 +88,9 @@ class Remote:
     def adapter(self, name: str, path: str) -> Iterator[str]:
         """`path` loaded under `name` for the duration (a name no client asks for, which
         the daemon's reconcile leaves alone), unloaded afterwards."""
-        with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
+        with httpx.Client(
+            base_url=self.url, timeout=self.timeout, headers=admin_headers()
+        ) as client:
             try:
                 r = client.post(
                     "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -45,6 +46,7 @@ from sqlite_utils import Database
 from evertune.adapters import registry
 from evertune.adapters.base_model import cpu_has_native_bf16
 from evertune.adapters.errors import RegistryError
+from evertune.adapters.remote import ADMIN_KEY_ENV, admin_headers
 from evertune.daemon.config import ServeConfig
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
 from evertune.daemon.procs import die_with_parent
@@ -69,6 +71,7 @@ class Endpoint:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0):
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers |= admin_headers()  # the embedded server's admin routes (AdminGuard)
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -176,6 +179,9 @@ def vllm_command(model_path: Path, cfg: ServeConfig, served_name: str) -> list[s
         str(cfg.max_lora_rank),
         "--max-loras",
         str(cfg.max_loras),
+        # the admin routes (adapter loads, sleep, ...) for the daemon only: see AdminGuard
+        "--middleware",
+        "evertune.daemon.vllm_entry.AdminGuard",
         "--host",
         cfg.host,
         "--port",
@@ -212,6 +218,9 @@ class EmbeddedVLLM:
         self.name = name
         self.url = f"http://{cfg.host}:{cfg.port}"
         self.command = vllm_command(model_path, cfg, served_name)
+        # A key for this daemon's server only: in the environment of the daemon, vLLM and the
+        # training children (which load candidates under private names), nowhere on disk.
+        os.environ.setdefault(ADMIN_KEY_ENV, secrets.token_urlsafe(32))
         self.env = {
             **os.environ,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",

@@ -1,7 +1,8 @@
 """`python -m evertune.daemon.vllm_entry ARGS...`: the embedded vLLM server (the same as
 `python -m vllm.entrypoints.openai.api_server ARGS...`) with two fixes.
 
-1. In-place loads (below). 2. LoRA on CPU (`patch_cpu_lora`).
+1. In-place loads (below). 2. LoRA on CPU (`patch_cpu_lora`). And `AdminGuard`, the
+middleware that keeps the admin routes for the daemon.
 
 vLLM 0.32 keeps the `load_inplace=True` of the request that switched a name and sends it
 with every later request to that name, and its worker reloads an adapter from disk at
@@ -16,6 +17,78 @@ runs vLLM as shipped (correct, only slower on switched names).
 from __future__ import annotations
 
 import functools
+import hmac
+import json
+import os
+
+from evertune.adapters.remote import ADMIN_HEADER, ADMIN_KEY_ENV
+
+# What clients need, open to anyone who can reach the server (loopback by default): the
+# OpenAI-compatible generation routes, the model list, health and metrics.
+CLIENT_ROUTES = frozenset(
+    {
+        ("GET", "/health"),
+        ("GET", "/ping"),
+        ("POST", "/ping"),
+        ("GET", "/version"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+    }
+)
+
+
+class AdminGuard:
+    """ASGI middleware (`--middleware evertune.daemon.vllm_entry.AdminGuard`): every route
+    that is not a client route needs the `X-Evertune-Admin` header with the key the daemon
+    generated for this server (`EVERTUNE_VLLM_ADMIN_KEY`, in its environment only).
+
+    Why: with runtime LoRA updating on, anyone who can reach vLLM can load any path (or a
+    hub id) under a served name, or unload it, by /v1/load_lora_adapter, /adapters and
+    DELETE /adapters/{name} (vLLM's --api-key does not cover the last two), and vLLM has
+    more admin routes (sleep, pause, collective_rpc, weight updates). An allowlist closes
+    every one of them, present and future. Without a key every admin route is refused."""
+
+    def __init__(self, app):
+        self.app = app
+        key = os.environ.get(ADMIN_KEY_ENV, "")
+        self.key = key.encode() if key else None
+        self.header = ADMIN_HEADER.lower().encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"{scope['method']} {scope['path']} is reserved for the"
+                    " evertune daemon",
+                    "type": "Forbidden",
+                    "code": 403,
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _allowed(self, scope) -> bool:
+        method, path = scope["method"], scope["path"]
+        if (method, path) in CLIENT_ROUTES or (method == "GET" and path.startswith("/v1/models/")):
+            return True
+        given = dict(scope.get("headers") or []).get(self.header)
+        return self.key is not None and given is not None and hmac.compare_digest(given, self.key)
 
 
 def patch_inplace_flag() -> bool:

@@ -151,3 +151,18 @@ def test_a_domain_table_overrides_schedule_keys_for_that_domain_only(tmp_path):
     assert (other.cron, other.on_drop, other.min_new_examples) == ("", True, 5)
     path.write_text('[serve]\nmode = "external"\nurls = ["http://10.0.0.5:8000"]\n')
     assert config.load(path, env={}).serve.urls == ("http://10.0.0.5:8000",)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.org"])
+def test_the_embedded_server_stays_on_loopback(tmp_path, host):
+    path = tmp_path / "evertune.toml"
+    path.write_text(f'[serve]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError, match="would open the embedded vLLM server"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_hosts_are_fine(tmp_path, host):
+    path = tmp_path / "evertune.toml"
+    path.write_text(f'[serve]\nhost = "{host}"\n')
+    assert config.load(path).serve.host == host

@@ -322,3 +322,34 @@ def test_the_gate_answers_a_candidate_through_vllm_and_unloads_it(vllm, tiny_bas
     assert full.startswith(short) and not any(e in short for e in SENTENCE_ENDS)
     assert full != plain  # the candidate's own weights answered, not the base model's
     assert "evertune-gate-test" not in served()
+
+
+def test_no_client_without_the_daemons_key_can_load_or_unload_by_any_route(home, vllm, tiny_base):
+    """Before: any local user could load any path under a served name, or unload it (vLLM's
+    --api-key does not even cover POST /adapters and DELETE /adapters/{name})."""
+    layout, db, serving = home
+    v1 = make_live(db, new_version(layout, db, tiny_base, "alpha", 1), serving, "test")
+    served = serving.endpoints[0].served()
+    assert "alpha" in served
+    tries = [
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": v1.path}),
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": v1.path}),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": "alpha"}),
+        ("POST", "/adapters", {"name": "evil", "src": v1.path}),
+        ("DELETE", "/adapters/alpha", None),
+        ("POST", "/sleep", None),
+        ("POST", "/reset_prefix_cache", None),
+    ]
+    with httpx.Client(base_url=vllm.url, timeout=30) as anyone:
+        for method, path, body in tries:
+            r = anyone.request(method, path, json=body)
+            assert r.status_code == 403, (method, path, r.status_code, r.text)
+            assert "reserved for the evertune daemon" in r.text
+        # what clients need still works without any key
+        assert anyone.get("/v1/models").status_code == 200
+        r = anyone.post(
+            "/v1/chat/completions",
+            json={"model": "alpha", "messages": QUESTION, "max_tokens": 2, "temperature": 0},
+        )
+        assert r.status_code == 200
+    assert serving.endpoints[0].served() == served  # nothing was swapped or unloaded
