@@ -794,6 +794,7 @@ def main() -> int:
     ap.add_argument("--models", type=Path, help="a prepared models/ folder to reuse (symlinked)")
     ap.add_argument("--files", type=int, default=4, help=f"files of facts, 1-{len(FILES)}")
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, a fresh home each")
+    ap.add_argument("--first-seed", type=int, default=0, help="start at this seed instead of 0")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive side")
     ap.add_argument(
@@ -821,7 +822,7 @@ def main() -> int:
         if not (models / BASE_DIR).is_dir():
             ap.error(f"{models} has no {BASE_DIR}/ (a prepared models/ folder)")
         seeds = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             print(HEADER, flush=True)
             entry: dict[str, Any] = {"seed": seed}
             try:
@@ -829,7 +830,8 @@ def main() -> int:
             except DaemonDied as exc:
                 print(f"seed {seed}: the daemon stopped or never came up:\n{exc}")
                 return 1
-            if not args.no_naive and (args.naive_seeds is None or seed < args.naive_seeds):
+            naive_wanted = args.naive_seeds is None or seed - args.first_seed < args.naive_seeds
+            if not args.no_naive and naive_wanted:
                 entry["naive"] = run_naive(models, files, seed, sets, work)
             seeds.append(entry)
         n_easy = len(easy_questions())
