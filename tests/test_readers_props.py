@@ -24,6 +24,7 @@ from evertune.store.layout import HomeLayout
 
 SETTINGS = settings(
     max_examples=60,
+    derandomize=True,  # the same examples on every run: CI cannot fail by the draw
     deadline=None,  # no wall-clock assertion (busy CI machines); a hang still fails the run
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -89,11 +90,12 @@ cell = st.text(max_size=30).map(lambda t: t.replace("\x00", ""))
 @given(st.lists(st.lists(cell, min_size=1, max_size=4), max_size=30))
 def test_csv_every_row_is_kept_or_rejected_once(rows):
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    # every cell quoted: unquoted, a row of one "\r" cell is written as a blank line
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(["prompt", "completion"])
     writer.writerows(rows)
     report, stored = ingest_bytes("f.csv", out.getvalue().encode())
-    records = len(rows)  # csv.writer quotes a lone empty cell (""), so no row is blank
+    records = len(rows)
     if records == 0:
         assert report.status == "rejected"
         return
