@@ -13,7 +13,6 @@ key, when set, says where the state lives; otherwise `$EVERTUNE_HOME`, else the 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import tomllib
 import types
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evertune.adapters.gate import GateConfig as GateDefaults
+from evertune.daemon.control import is_loopback
 from evertune.daemon.errors import ConfigError
 from evertune.store.ingest import IngestLimits
 
@@ -488,15 +488,6 @@ def _check_cron(where: str, dotted: str, cron: str) -> None:
         ) from exc
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_together(where: str, s: dict[str, Any]) -> None:
     """Rules that span keys: each key alone was valid."""
     serve, train = s["serve"], s["train"]
@@ -509,7 +500,7 @@ def _check_together(where: str, s: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{where}: serve.urls has {url!r}; give base URLs like http://host:8000"
             )
-    if serve.mode == "embedded" and not _is_loopback(serve.host):
+    if serve.mode == "embedded" and not is_loopback(serve.host):
         raise ConfigError(
             f"{where}: serve.host = {serve.host!r} would open the embedded vLLM server to"
             " other machines, and clients there need no key; keep it on 127.0.0.1 (put a"

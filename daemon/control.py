@@ -148,7 +148,7 @@ class _Answer(Exception):
         self.status = status
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -184,7 +184,7 @@ class ControlServer:
         allow_remote: bool = False,
         token_group: str = "evertune",
     ):
-        if not allow_remote and not _is_loopback(host):
+        if not allow_remote and not is_loopback(host):
             raise ControlError(
                 f"the control API may only listen on loopback (127.0.0.1, ::1, localhost),"
                 f" not {host!r}: it can retrain and roll back every domain; put a proxy with"
