@@ -311,7 +311,7 @@ class Service:
         self.writer.submit(lambda db: self._ingest(db, domain, path))
 
     def _ingest(self, db, domain: str, path: Path) -> FileReport | None:
-        if not path.exists():  # reported twice (event + scan) and already moved: nothing to do
+        if not os.path.lexists(path):  # reported twice (event + scan), already moved: done
             return None
         try:
             report = ingest_file(db, self.layout, path, domain, self.config.ingest.limits())

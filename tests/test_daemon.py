@@ -390,3 +390,21 @@ def test_health_names_a_wedged_writer_and_a_stopped_watcher(tmp_path):
     watcher.stop()
     watcher.join(5)
     assert "stopped" in watcher.problem()
+
+
+def test_links_dropped_into_the_inbox_end_in_rejected_with_a_report(daemon, tmp_path):
+    """Through the real daemon: a dangling link (which exists() calls absent) and a link
+    to a readable file are refused and moved aside, not skipped and not read."""
+    d = daemon()
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text(CHAT % (1, 1))
+    inbox = d.home / "inbox" / "legal"
+    inbox.mkdir(parents=True)
+    (inbox / "dangling.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (inbox / "link.jsonl").symlink_to(secret)
+    rejected = d.home / "rejected" / "legal"
+    for name in ("dangling.jsonl", "link.jsonl"):
+        wait_for(lambda n=name: (rejected / n).is_symlink(), what=f"{name} in rejected/")
+        report = json.loads((rejected / f"{name}.report.json").read_text())
+        assert report["status"] == "rejected" and "symbolic link" in report["reason"]
+    assert examples(d.home, "legal") == 0
