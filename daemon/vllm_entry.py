@@ -1,8 +1,7 @@
 """`python -m evertune.daemon.vllm_entry ARGS...`: the embedded vLLM server (the same as
-`python -m vllm.entrypoints.openai.api_server ARGS...`) with two fixes.
-
-1. In-place loads (below). 2. LoRA on CPU (`patch_cpu_lora`). And `AdminGuard`, the
-middleware that keeps the admin routes for the daemon.
+`python -m vllm.entrypoints.openai.api_server ARGS...`) with two fixes, in-place loads
+(below) and LoRA on CPU (`patch_cpu_lora`), and `AdminGuard`, the middleware that keeps
+the admin routes for the daemon.
 
 vLLM 0.32 keeps the `load_inplace=True` of the request that switched a name and sends it
 with every later request to that name, and its worker reloads an adapter from disk at

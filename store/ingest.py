@@ -223,7 +223,7 @@ def _refuse_not_regular(
     report.errors.append(Problem(None, None, why))
     with write_transaction(db):
         _record(db, layout, path, report, duplicate_of=None)
-        report.stored_path = str(free_name(db, layout.rejected / domain, text_of(path.name)))
+        report.stored_path = str(free_name(db, layout.rejected / domain, report.file))
         _update_counts(db, layout, path, report)
     log.warning("file %s/%s: rejected: %s", domain, report.file, why)
     return _finish(path, report)
