@@ -559,6 +559,25 @@ def test_jsonl_whose_first_line_is_an_array_is_still_read_line_by_line(db, layou
     assert [line for line, _ in errors(report)] == [1]
 
 
+def test_jsonl_line_over_the_record_size_limit_is_rejected_unread_and_the_rest_kept(
+    db, layout, drop
+):
+    """Before: the whole line was held and parsed (4x a 50 MB line in memory); now a line
+    over max_record_bytes is read past in pieces and rejected at its line and offset."""
+    big = orjson.dumps(qa("big " + "z" * 5000, "answer")).decode()
+    content = jsonl(qa("Q1?", "A1.")) + big + "\n" + jsonl(qa("Q2?", "A2."))
+    path = drop(DOMAIN, "big-line.jsonl", content)
+
+    report = ingest(db, layout, path, max_record_bytes=4096)
+
+    assert report.examples_added == 2 and report.records_rejected == 1
+    assert errors(report) == [
+        (2, f"record too large: {len(big) + 1:,} bytes on one line (at most 4,096)")
+    ]
+    assert [b[0]["content"] for b in bodies(db)] == ["Q1?", "Q2?"]
+    assert [line for *_, line, _ in examples(db)] == [1, 3]
+
+
 def test_csv_quote_never_closed_rejects_its_row_and_keeps_the_rows_after(db, layout, drop):
     """Before: the 1,000 rows after the quote became one 9,804-character example."""
     rows = [f"Q{i}?,A{i}." for i in range(1000)]

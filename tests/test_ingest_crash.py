@@ -173,3 +173,29 @@ def test_ingesting_a_100_mb_file_keeps_peak_memory_under_300_mb(layout, name):
     assert peak_mb < 300, f"peak RSS {peak_mb:.0f} MB while ingesting {size >> 20} MB"
     assert not path.exists()
     assert (layout.done / DOMAIN / name).stat().st_size == size
+
+
+def test_a_50_mb_jsonl_line_is_rejected_without_holding_it_in_memory(layout):
+    """Before: the line was read, decoded and parsed whole: 4x its size at the peak."""
+    path = layout.inbox / DOMAIN / "one-huge-line.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        f.write(LINE % (0, 0))
+        f.write('{"messages": [{"role": "user", "content": "')
+        for _ in range(50):
+            f.write("x" * (1 << 20))
+        f.write('"}, {"role": "assistant", "content": "ok"}]}\n')
+        f.write(LINE % (1, 1))
+
+    child = start_child(layout, path)
+    out, err = child.communicate(timeout=120)
+
+    assert child.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert (result["status"], result["examples_added"], result["records_rejected"]) == (
+        "ingested",
+        2,
+        1,
+    )
+    peak_mb = result["maxrss_kb"] / 1024
+    assert peak_mb < 120, f"peak RSS {peak_mb:.0f} MB for a file with one 50 MB line"
