@@ -42,7 +42,16 @@ from evertune.daemon.lock import daemon_state
 from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import check_domain
 from evertune.store.errors import InvalidDomainError, StoreError
-from evertune.store.ingest import FileReport, free_name, ingest_file, load_report, text_of
+from evertune.store.ingest import (
+    FileReport,
+    free_name,
+    ingest_file,
+    load_report,
+    part_path,
+    remove_stale_parts,
+    text_of,
+    waiting_copy,
+)
 from evertune.store.layout import HomeLayout
 from evertune.store.queries import file_row
 
@@ -260,9 +269,15 @@ def _expand(paths: list[str]) -> list[Path]:
 
 
 def _copy_into(db, src: Path, inbox: Path) -> Path:
-    """Copy (never move) a file into the inbox; the rename makes it appear complete."""
+    """Copy (never move) a file into the inbox; the rename makes it appear complete. The
+    leftovers of an earlier command that was killed are dealt with first: its partial
+    copies are deleted, and its complete copy still waiting in the inbox is used."""
+    remove_stale_parts(inbox)
+    waiting = waiting_copy(inbox, src)
+    if waiting is not None:
+        return waiting
     target = free_name(db, inbox, src.name)
-    tmp = inbox / f".{target.name}.part"
+    tmp = part_path(inbox, target.name)
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, target)

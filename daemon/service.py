@@ -44,7 +44,7 @@ from evertune.daemon.watcher import InboxWatcher, misplaced
 from evertune.daemon.writer import StoreWriter
 from evertune.store.db import open_db, utcnow
 from evertune.store.domains import check_domain
-from evertune.store.ingest import FileReport, ingest_file
+from evertune.store.ingest import FileReport, ingest_file, remove_stale_parts
 from evertune.store.layout import HomeLayout
 
 log = logging.getLogger(__name__)
@@ -506,6 +506,9 @@ class Service:
         os.replace(tmp, url_file)
         for why in misplaced(self.layout.inbox):
             log.warning("not ingested: %s", why)
+        for folder in (d for d in self.layout.inbox.iterdir() if d.is_dir()):
+            for part in remove_stale_parts(folder):
+                log.warning("removed %s: the partial copy of a command that was stopped", part)
         self.watcher.start()
         self.trainer.start()
         self.scheduler.start()

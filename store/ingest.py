@@ -482,6 +482,60 @@ def free_name(db: Database, folder: Path, name: str) -> Path:
     return candidate
 
 
+PART = ".part"
+
+
+def part_path(folder: Path, name: str) -> Path:
+    """Where a copy into the inbox is written before it is renamed in: hidden (the watcher
+    ignores dot files) and named by the writing process, so that a copy cut short by a
+    kill is known as stale once that process is gone."""
+    return folder / f".{name}.{os.getpid()}{PART}"
+
+
+def remove_stale_parts(folder: Path) -> list[Path]:
+    """Delete the partial copies in `folder` whose writing process is gone (a CLI killed
+    mid-copy, a full disk): they hold nothing that is not still in the source file."""
+    removed = []
+    for p in folder.glob(f".*{PART}"):
+        pid = p.name[: -len(PART)].rsplit(".", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def waiting_copy(folder: Path, src: Path) -> Path | None:
+    """A file already in `folder` (not yet ingested) with exactly `src`'s content: the copy
+    of an earlier command that was interrupted before the file was ingested. Running the
+    command again ingests that one instead of leaving a second copy (`name~2`) behind."""
+    size, sha = src.stat().st_size, None
+    for p in sorted(folder.iterdir()):
+        try:
+            if p.name.startswith(".") or not_regular(p) or p.stat().st_size != size:
+                continue
+            sha = sha or file_sha256(src)
+            if file_sha256(p) == sha:
+                return p
+        except OSError:  # ingested (moved) meanwhile, or unreadable: not this one
+            continue
+    return None
+
+
 def _finish(path: Path, report: FileReport) -> FileReport:
     """Write the report beside the stored file, then move the file there (after the commit)."""
     stored = Path(report.stored_path)

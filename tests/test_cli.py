@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from evertune.daemon.cli import main
+from evertune.store.ingest import part_path
 
 CHAT = (
     '{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}]}\n'
@@ -184,9 +185,37 @@ def test_an_os_error_is_one_clear_line_not_a_traceback(home, tmp_path, capsys):
     """A folder where the inbox's domain folder should be written: the copy fails."""
     src = tmp_path / "facts.jsonl"
     src.write_text(CHAT % (1, 1))
-    blocker = home / "inbox" / "legal" / ".facts.jsonl.part"
+    blocker = part_path(home / "inbox" / "legal", "facts.jsonl")
     blocker.mkdir(parents=True)  # the copy's temporary name is taken by a folder
     assert main(["ingest", str(src), "--domain", "legal"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: [Errno 21] Is a directory") and "Traceback" not in err
     assert str(blocker) in err
+
+
+def test_ingest_after_a_killed_copy_deletes_its_partial_copy(home, tmp_path, capsys):
+    """Before: the `.part` of a command killed mid-copy stayed in the inbox for ever."""
+    inbox = home / "inbox" / "legal"
+    inbox.mkdir(parents=True)
+    stale = inbox / ".facts.jsonl.999999999.part"  # no such process
+    stale.write_text(CHAT % (1, 1)[:20])
+    src = tmp_path / "facts.jsonl"
+    src.write_text(CHAT % (1, 1))
+    assert main(["ingest", str(src), "--domain", "legal"]) == 0
+    assert not stale.exists()
+    assert sorted(p.name for p in inbox.iterdir()) == []
+    assert (home / "done" / "legal" / "facts.jsonl").read_text() == src.read_text()
+
+
+def test_ingest_again_after_a_kill_takes_the_copy_waiting_in_the_inbox(home, tmp_path, capsys):
+    """Before: the copy left by a command killed before it was ingested stayed beside a
+    second copy `facts~2.jsonl`, ingested as a duplicate of it."""
+    src = tmp_path / "facts.jsonl"
+    src.write_text(CHAT % (1, 1) + CHAT % (2, 2))
+    inbox = home / "inbox" / "legal"
+    inbox.mkdir(parents=True)
+    (inbox / "facts.jsonl").write_text(src.read_text())  # copied, then the command was killed
+    assert main(["ingest", str(src), "--domain", "legal"]) == 0
+    assert "legal/facts.jsonl: ingested, 2 new examples" in capsys.readouterr().out
+    assert sorted(p.name for p in (home / "done" / "legal").glob("*.jsonl")) == ["facts.jsonl"]
+    assert list(inbox.iterdir()) == []

@@ -408,3 +408,19 @@ def test_links_dropped_into_the_inbox_end_in_rejected_with_a_report(daemon, tmp_
         report = json.loads((rejected / f"{name}.report.json").read_text())
         assert report["status"] == "rejected" and "symbolic link" in report["reason"]
     assert examples(d.home, "legal") == 0
+
+
+def test_the_partial_copy_of_a_killed_command_is_removed_at_start_and_the_rest_ingested(
+    daemon, tmp_path
+):
+    home = tmp_path / "home"
+    inbox = home / "inbox" / "legal"
+    inbox.mkdir(parents=True)
+    stale = inbox / ".facts.jsonl.999999999.part"  # its process is gone
+    stale.write_text(CHAT % (1, 1))
+    (inbox / "kept.jsonl").write_text(CHAT % (2, 2))
+    d = daemon(home)
+    db = home / "evertune.db"
+    wait_for(lambda: db.exists() and examples(home, "legal") == 1, what="kept.jsonl ingested")
+    wait_for(lambda: not stale.exists(), what="the partial copy removed")
+    assert f"removed {stale}: the partial copy of a command that was stopped" in d.logtext()
