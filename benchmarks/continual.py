@@ -463,6 +463,10 @@ def one_cycle(
         "gate_metrics": {k2: v for k2, v in metrics.items() if k2 != "train"},
         "train": metrics.get("train"),
         "examples": meta.get("examples"),
+        # the increment was refused and this version was trained again from the base model
+        # on every example (its time is in train_s/evaluate_s: both runs together)
+        "consolidated": bool(meta.get("consolidated")),
+        "increment_reason": (meta.get("increment_gate") or {}).get("reason"),
         "easy_base": base_easy,
         "easy_total": len(easy),
     }
@@ -626,6 +630,8 @@ def row_text(c: dict[str, Any], n_easy: int) -> str:
         return f"{v:{w}.1f}" if isinstance(v, int | float) else f"{'-':>{w}s}"
 
     prom = {True: "yes", False: "no", None: "?"}[c.get("promoted")]
+    if c.get("consolidated"):
+        prom += "*"  # promoted (or refused) after a consolidation from the base model
     ret = c.get("retained") or []
     retained = f"{min(ret)}; {','.join(map(str, ret))}" if ret else "-"
     drift = c.get("drift")
@@ -675,7 +681,11 @@ def summary(seeds: list[dict[str, Any]], mach: dict[str, Any]) -> str:
     naive = [c for s in seeds for c in (s.get("naive") or {}).get("cycles", [])]
     lines = ["", f"summary over {len(seeds)} seed(s), {len(ours)} cycles of ours:"]
     n_prom = sum(bool(c["promoted"]) for c in ours)
-    lines.append(f"  ours: promoted {n_prom}/{len(ours)} ({n_prom / max(len(ours), 1):.0%})")
+    n_cons = sum(bool(c.get("consolidated")) for c in ours)
+    lines.append(
+        f"  ours: promoted {n_prom}/{len(ours)} ({n_prom / max(len(ours), 1):.0%});"
+        f" {n_cons} after a consolidation from the base model (*)"
+    )
     serving = [c["t"]["serving"] for c in ours if c["t"].get("serving") is not None]
     lines.append(
         f"  ours: drop-to-serving p50 {statistics.median(serving):.1f} s over {len(serving)}"
@@ -841,7 +851,7 @@ def main() -> int:
                 f"\nseed {s['seed']}: base model easy {s['ours']['base']['easy']}/{n_easy},"
                 f" facts known per file {s['ours']['base']['facts_known']};"
                 " times in s (serve/detect/queue/start: from the file landing;"
-                " train/eval/publ: durations)",
+                " train/eval/publ: durations); prom *: after a consolidation from the base",
                 HEADER,
             ]
             for k in range(1, len(files) + 1):
