@@ -242,14 +242,18 @@ def promote(db: Database, version: Version, reason: str = "promoted") -> Version
 
 
 def abandon_unfinished(db: Database, adapters_root: Path) -> list[Version]:
-    """At start: versions left 'training' by a crash are rejected; staging folders removed."""
-    rows = db.execute(f"SELECT {_COLUMNS} FROM versions WHERE state = 'training'").fetchall()
+    """At start (under the training lock): versions a crash left 'training' (their staging
+    folders removed) or 'candidate' (published on disk, never recorded live) are rejected."""
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM versions WHERE state IN ('training', 'candidate')"
+    ).fetchall()
     out = []
     for row in rows:
         v = _version(db, row)
         shutil.rmtree(staging_dir(adapters_root, v.domain, v.number), ignore_errors=True)
-        out.append(set_state(db, v, "rejected", reason="training was interrupted"))
-        log.warning("%s %s: training was interrupted; marked rejected", v.domain, v.name)
+        what = "training" if v.state == "training" else "publishing"
+        out.append(set_state(db, v, "rejected", reason=f"{what} was interrupted"))
+        log.warning("%s %s: %s was interrupted; marked rejected", v.domain, v.name, what)
     return out
 
 

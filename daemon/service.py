@@ -34,7 +34,7 @@ from evertune.daemon import config as config_mod
 from evertune.daemon import serving as serving_mod
 from evertune.daemon.config import Config, ScheduleConfig
 from evertune.daemon.control import ControlServer
-from evertune.daemon.cycle import prepare_base, run_cycle
+from evertune.daemon.cycle import close_interrupted, prepare_base, run_cycle, training_lock
 from evertune.daemon.errors import ConfigError
 from evertune.daemon.lock import DaemonLock
 from evertune.daemon.metrics import Metrics
@@ -530,7 +530,9 @@ class Service:
 
     def _close_leftovers(self) -> None:
         """Runs a previous daemon queued but never started are closed (the startup check
-        queues their domains again)."""
+        queues their domains again), and what it left half done when it was killed (a run
+        'running', a version 'training' or 'candidate'), unless a CLI `evertune train`
+        holds the training lock (it closes them itself when it starts)."""
         self.db_write(
             lambda db: db.execute(
                 "UPDATE runs SET state = 'cancelled', error = 'the daemon stopped before it"
@@ -538,6 +540,9 @@ class Service:
                 [utcnow()],
             )
         )
+        with training_lock(self.layout.home / "train.lock", None, wait=False) as held:
+            if held:
+                self.db_write(lambda db: close_interrupted(db, self.layout))
 
     def stop(self) -> None:
         log.info("stopping")

