@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable (keys are stable)")
     p.set_defaults(func=cmd_versions)
 
+    p = sub.add_parser(
+        "export", help="copy a version's adapter out, or merge it into the base model"
+    )
+    p.add_argument("domain")
+    p.add_argument("--version", metavar="vNNNN", help="the version (default: the live one)")
+    p.add_argument("--out", required=True, help="a new (or empty) folder to write")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="the base model with the adapter merged in: a plain Hugging Face model folder",
+    )
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("rollback", help="make the previous (or given) version live again")
     p.add_argument("domain")
     p.add_argument("--to", metavar="vNNNN", help="the version (default: the previous live one)")
@@ -498,6 +511,33 @@ def cmd_versions(args: argparse.Namespace) -> int:
             f"{v.name}  {v.state:9s}{pin} parent {v.parent or '-':5s}  {v.created_at}"
             f"  {v.examples} examples{extra}" + (f"  ({v.reason})" if v.reason else "")
         )
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evertune.adapters import registry
+    from evertune.adapters.export import export_version
+
+    domain = check_domain(args.domain)
+    layout = HomeLayout(config_mod.load(args.config).home)
+    db = open_db(layout.db_path, readonly=True)
+    try:
+        if args.version:
+            version = registry.find(db, domain, args.version)
+        else:
+            version = registry.live(db, domain)
+            if version is None:
+                raise UsageError(f"{domain} has no live version; name one with --version vNNNN")
+    finally:
+        db.close()
+    out = Path(args.out).expanduser().resolve()
+    what = "merged into its base model" if args.merged else "adapter"
+    print(f"exporting {domain} {version.name} ({what}) to {out} ...", flush=True)
+    info = export_version(Path(version.path), out, merged=args.merged)
+    if args.merged:
+        print(f"{out}: {domain} {version.name} merged into {info['base_model']} (safetensors)")
+    else:
+        print(f"{out}: the adapter of {domain} {version.name} (load it with peft or vLLM)")
     return EXIT_OK
 
 
