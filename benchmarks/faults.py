@@ -11,7 +11,7 @@ random moment of one phase, in turn:
   ingest     0-1 s after a file of 20-40k records lands (60 new, the rest repeats and
              invalid lines: its transaction is open for about a second)
   train      0-2 s after a training run is recorded running
-  publish    0-0.4 s after the new version is recorded as a candidate (folder published,
+  publish    0-0.2 s after the new version is recorded as a candidate (folder published,
              the vLLM loads and the switch of the stable name under way)
   reconcile  0-1.5 s after the stable name was unloaded from vLLM behind the daemon's back
              and a stale version name loaded (the next reconcile, every second, repairs it)
@@ -419,7 +419,7 @@ def trial(
             180,
             daemon,
         )
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.0, 0.2))
     else:  # reconcile: vLLM loses the stable name behind the daemon's back
         from evertune.adapters.remote import admin_headers
 
@@ -431,8 +431,9 @@ def trial(
         if rng.random() < 0.5:  # and sometimes new data too
             drop_file(home, exp, rng, domain, name, rng.randint(20, 80))
         time.sleep(rng.uniform(0.0, 1.5))
-    where = landed(home, url, before) if daemon.proc.poll() is None else "daemon already gone"
-    daemon.kill()
+    gone = daemon.proc.poll() is not None
+    daemon.kill()  # first: the state it leaves is what the check below reads
+    where = "daemon already gone" if gone else landed(home, url, before)
     return {
         "trial": k,
         "phase": phase,
@@ -462,7 +463,13 @@ def final_check(home: Path, url: str, exp: Expected) -> tuple[list[str], float]:
 
 
 def run_trials(
-    trials: int, seed: int, home: Path, model: Path, vllm_url: str, out=print
+    trials: int,
+    seed: int,
+    home: Path,
+    model: Path,
+    vllm_url: str,
+    out=print,
+    phases: tuple[str, ...] = PHASES,
 ) -> dict[str, Any]:
     """`trials` kills in the phases' order, each followed by a restart; after every one
     the service is checked idle (the next trial starts from a checked state). `vllm_url`:
@@ -474,7 +481,7 @@ def run_trials(
     exp = Expected()
     results = []
     for k in range(trials):
-        phase = PHASES[k % len(PHASES)]
+        phase = phases[k % len(phases)]
         t0 = time.monotonic()
         r = trial(k, phase, home, vllm_url, exp, rng)
         bad, idle_s = final_check(home, vllm_url, exp)
@@ -511,7 +518,12 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--phases", default=",".join(PHASES), help=f"kill in these, in turn ({','.join(PHASES)})"
+    )
     args = ap.parse_args()
+    if set(args.phases.split(",")) - set(PHASES):
+        ap.error(f"--phases takes {','.join(PHASES)}")
     from evertune.adapters.base_model import cpu_has_native_bf16
     from evertune.daemon.config import ServeConfig
     from evertune.daemon.serving import EmbeddedVLLM
@@ -533,6 +545,7 @@ def main() -> int:
             model,
             vllm.url,
             out=lambda s: print(s, flush=True),
+            phases=tuple(args.phases.split(",")),
         )
     finally:
         vllm.stop()

@@ -38,6 +38,7 @@ import bisect
 import gc
 import logging
 import math
+import os
 import shutil
 import socket
 import tempfile
@@ -50,7 +51,7 @@ import httpx
 from signatures import SignatureMaker  # benchmarks/signatures.py, beside this script
 
 from evertune.adapters import registry
-from evertune.adapters.base_model import prepare
+from evertune.adapters.base_model import cpu_has_native_bf16, prepare
 from evertune.daemon.config import ServeConfig
 from evertune.daemon.serving import EmbeddedVLLM, Endpoint, Serving, make_live
 from evertune.store.db import open_db
@@ -362,7 +363,10 @@ def main() -> None:
         vlog.propagate = False
 
     base = prepare(Path(args.models))
-    print(f"base model: {base.path}")
+    kind = (
+        "native bf16" if cpu_has_native_bf16() else "AVX2 only (no native bf16: vLLM serves fp32)"
+    )
+    print(f"machine: {kind}, {os.cpu_count()} cores; base model: {base.path}")
     tmp = Path(tempfile.mkdtemp(prefix="evertune-swap-"))
     layout = HomeLayout(tmp / "home")
     layout.create()
