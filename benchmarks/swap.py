@@ -349,6 +349,13 @@ def main() -> None:
         " (and on until 2 x --clients requests have come back)",
     )
     ap.add_argument("--vllm-log", default=None, help="write vLLM's output to this file")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="what vLLM serves in (auto: bf16 where the CPU has it, as the daemon does);"
+        " float32 on a bf16 machine shows the AVX2 machines' serving numerics",
+    )
     args = ap.parse_args()
     if args.versions < 2:
         ap.error("--versions must be at least 2 (v1 is live before the clients start)")
@@ -377,7 +384,7 @@ def main() -> None:
     maker = SignatureMaker(base.path, count=args.versions)
     print(f"signatures made in {time.monotonic() - t:.1f} s: {maker.describe()}")
 
-    cfg = ServeConfig(port=free_port(), kv_cache_gib=1, max_loras=4)
+    cfg = ServeConfig(port=free_port(), kv_cache_gib=1, max_loras=4, dtype=args.dtype)
     server = EmbeddedVLLM(base.path, cfg, name="swap-bench-vllm")
     ep = TimedEndpoint(server.url, timeout=120)
     http = httpx.Client(base_url=server.url, timeout=120)
