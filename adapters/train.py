@@ -107,6 +107,7 @@ class TrainResult:
     precision: str
     device: str
     history: list[dict] = field(default_factory=list)
+    world_size: int = 1  # processes that trained it (torchrun), each on its shard of rows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,8 +209,14 @@ def train(
         picked = (general + general)[start : start + n]  # a new slice of the pool each epoch
         examples = fixed + anchors + picked
         rows = pack(examples, max(spec.row_len, max(len(e.ids) for e in examples)), pad_id)
-        rng.shuffle(rows)
-        return examples, rows[rank::world]
+        rng.shuffle(rows)  # the same order on every rank (same seed)
+        if world == 1:
+            return examples, rows
+        # Every rank the same number of steps (DDP all-reduces each step: an uneven shard
+        # would hang the others): the shards are cut from the rows taken round, so a few
+        # rows are seen twice in an epoch instead of some never.
+        per_rank = math.ceil(len(rows) / world / spec.rows_per_step) * spec.rows_per_step
+        return examples, [rows[(rank + world * i) % len(rows)] for i in range(per_rank)]
 
     # ---- optimise -----------------------------------------------------------------------
     first_examples, first_rows = epoch_rows(0)
@@ -272,9 +279,14 @@ def train(
                         "eta_s": round(elapsed / step * (total_steps - step)),
                     }
                 )
-        # Early stop: every new example learned (all ranks agree through the mean).
+        if world > 1:  # each rank saw its shard: the epoch's figures are over all of them
+            for t, op in ((ex_loss, "SUM"), (ex_count, "SUM"), (ex_worst, "MAX")):
+                torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
+        # Early stop: every new example learned (every rank computes the same from the sums).
         new_loss = float(ex_loss[: len(new)].sum() / ex_count[: len(new)].sum().clamp(min=1))
-        learned = int((ex_worst[: len(new)] < spec.learned_loss).sum())
+        learned = int(
+            ((ex_worst[: len(new)] < spec.learned_loss) & (ex_count[: len(new)] > 0)).sum()
+        )
         history.append(
             {"epoch": epoch + 1, "new_loss": round(new_loss, 4), "learned": learned, "steps": step}
         )
@@ -315,6 +327,7 @@ def train(
         precision="bf16" if bf16 else "fp32",
         device=str(device),
         history=history,
+        world_size=world,
     )
 
 

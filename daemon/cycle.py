@@ -451,8 +451,9 @@ def _train_summary(r: dict) -> dict:
         "learned",
         "precision",
         "device",
+        "world_size",
     )
-    return {k: r[k] for k in keys}
+    return {k: r.get(k) for k in keys}
 
 
 def _finish_failed(db: Database, version, run_id: int, state: str, error: str) -> None:
@@ -466,6 +467,19 @@ def _finish_failed(db: Database, version, run_id: int, state: str, error: str) -
     db.conn.commit()
 
 
+def child_launcher(launcher: str) -> list[str]:
+    """The command that starts the training child, before `-m evertune.adapters.child`:
+    this Python, or the configured launcher. `torchrun ...` runs as this Python's
+    `-m torch.distributed.run ...`: the same torch, and no reliance on PATH (under systemd
+    the venv's bin/ is not on it)."""
+    words = shlex.split(launcher) if launcher else []
+    if not words:
+        return [sys.executable]
+    if words[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+    return words
+
+
 def _run_child(
     db: Database,
     config: Config,
@@ -477,8 +491,7 @@ def _run_child(
 ) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    launcher = shlex.split(config.train.launcher) if config.train.launcher else [sys.executable]
-    cmd = [*launcher, "-m", "evertune.adapters.child", str(run_dir)]
+    cmd = [*child_launcher(config.train.launcher), "-m", "evertune.adapters.child", str(run_dir)]
     log_path = run_dir / "child.log"
     with log_path.open("w") as err:
         child = subprocess.Popen(
