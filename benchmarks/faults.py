@@ -60,41 +60,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_tiny_model(path: Path) -> Path:
-    """The tests' tiny random Llama (tests/conftest.py: tiny_base), with the real tokenizer
-    of the bundled SmolLM2 (never downloaded)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from evertune.adapters.base_model import bundled_gguf
-
-    gguf = bundled_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        initializer_range=0.15,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def config_text(model: Path, vllm_url: str) -> str:
+def config_text(model: Path, *vllm_urls: str) -> str:
     # A gate that promotes whatever learned (the tiny model cannot learn facts): every
     # cycle publishes, so kills land in publishes too. Nothing is pruned: every folder a
     # version ever had must still be there to be checked.
+    urls = ", ".join(f'"{u}"' for u in vllm_urls)
     return f"""
 [model]
 path = "{model}"
@@ -118,7 +88,7 @@ quiet_seconds = 0.5
 retry_seconds = 1
 [serve]
 mode = "external"
-urls = ["{vllm_url}"]
+urls = [{urls}]
 reconcile_seconds = 1
 [control]
 port = 0
@@ -377,19 +347,22 @@ def wait_for(predicate, timeout: float, daemon: Daemon) -> bool:
     return False
 
 
+def restarted_in_line(home: Path, url: str) -> list[str]:
+    """Wait up to SERVE_WITHIN_S for vLLM to serve the database's live versions (the
+    daemon has just started); the violation if it does not."""
+    t0 = time.monotonic()
+    while not serves_live(home, url)[0] and time.monotonic() - t0 < SERVE_WITHIN_S:
+        time.sleep(0.1)
+    ok, why = serves_live(home, url)
+    return [] if ok else [f"{SERVE_WITHIN_S:.0f} s after the restart: {why}"]
+
+
 def trial(
     k: int, phase: str, home: Path, url: str, exp: Expected, rng: random.Random
 ) -> dict[str, Any]:
     daemon = Daemon(home)
     up_s = daemon.wait_up()
-    t_up = time.monotonic()
-    violations = []
-    # Restarted after the previous kill: vLLM is brought in line with the database.
-    while not serves_live(home, url)[0] and time.monotonic() - t_up < SERVE_WITHIN_S:
-        time.sleep(0.1)
-    ok, why = serves_live(home, url)
-    if not ok:
-        violations.append(f"{SERVE_WITHIN_S:.0f} s after the restart: {why}")
+    violations = restarted_in_line(home, url)
     before = {"files": query(home, "SELECT count(*) FROM files")[0][0]}
     last_run = query(home, "SELECT coalesce(max(id), 0) FROM runs")[0][0]
     last_version = query(home, "SELECT coalesce(max(id), 0) FROM versions")[0][0]
@@ -447,13 +420,7 @@ def final_check(home: Path, url: str, exp: Expected) -> tuple[list[str], float]:
     """Start once more, let it finish everything, check, stop cleanly."""
     daemon = Daemon(home)
     daemon.wait_up()
-    t_up = time.monotonic()
-    violations = []
-    while not serves_live(home, url)[0] and time.monotonic() - t_up < SERVE_WITHIN_S:
-        time.sleep(0.1)
-    ok, why = serves_live(home, url)
-    if not ok:
-        violations.append(f"{SERVE_WITHIN_S:.0f} s after the restart: {why}")
+    violations = restarted_in_line(home, url)  # the restart after the kill
     idle_s = wait_idle(home, exp, daemon)
     violations += check(home, url, exp)
     code = daemon.stop()
@@ -524,14 +491,14 @@ def main() -> int:
     args = ap.parse_args()
     if set(args.phases.split(",")) - set(PHASES):
         ap.error(f"--phases takes {','.join(PHASES)}")
-    from evertune.adapters.base_model import cpu_has_native_bf16
+    from evertune.adapters.base_model import cpu_has_native_bf16, tiny_random_model
     from evertune.daemon.config import ServeConfig
     from evertune.daemon.serving import EmbeddedVLLM
 
     work = Path(tempfile.mkdtemp(prefix="evertune-faults-"))
     kind = "native bf16" if cpu_has_native_bf16() else "AVX2 only (no native bf16)"
     print(f"machine: {kind}, {os.cpu_count()} cores; work folder {work}", flush=True)
-    model = build_tiny_model(work / "tiny-model")
+    model = tiny_random_model(work / "tiny-model")
     vllm = EmbeddedVLLM(model, ServeConfig(port=free_port(), start_timeout_seconds=600))
     vllm.start()
     t0 = time.monotonic()

@@ -70,35 +70,9 @@ def no_leaked_threads():
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random Llama (6.6M parameters) with the real SmolLM2 tokenizer, built from
     config: seconds to train on a CPU, same chat template as the served model."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from evertune.adapters.base_model import tiny_random_model
 
-    from evertune.adapters.base_model import bundled_gguf
-
-    path = tmp_path_factory.mktemp("tiny-base")
-    gguf = bundled_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        # Wider than the default 0.02, so the tied 49k-row head can produce confident logits
-        # and a few steps visibly learn (with 0.02 the loss cannot fall below ~10).
-        initializer_range=0.15,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_random_model(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture(scope="session")
