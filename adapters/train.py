@@ -280,9 +280,13 @@ def train(
                     }
                 )
         if world > 1:  # each rank saw its shard: the epoch's figures are over all of them
-            for t, op in ((ex_loss, "SUM"), (ex_count, "SUM"), (ex_worst, "MAX")):
-                torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
-        # Early stop: every new example learned (every rank computes the same from the sums).
+            # (on the training device: nccl reduces GPU tensors only)
+            sums, worst = torch.stack([ex_loss, ex_count]).to(device), ex_worst.to(device)
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+            (ex_loss, ex_count), ex_worst = sums.cpu(), worst.cpu()
+        # Early stop: every new example learned. Every rank computes the same from the
+        # reduced figures, so all stop at the same epoch.
         new_loss = float(ex_loss[: len(new)].sum() / ex_count[: len(new)].sum().clamp(min=1))
         learned = int(
             ((ex_worst[: len(new)] < spec.learned_loss) & (ex_count[: len(new)] > 0)).sum()
@@ -293,10 +297,7 @@ def train(
         log.info(
             "epoch %d: new-example loss %.4f, %d/%d learned", epoch + 1, new_loss, learned, len(new)
         )
-        done = torch.tensor([float(learned == len(new))])
-        if world > 1:
-            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
-        if epoch + 1 >= spec.min_epochs and done.item() == 1.0:
+        if epoch + 1 >= spec.min_epochs and learned == len(new):
             break
     seconds = time.perf_counter() - t0
 
