@@ -288,9 +288,7 @@ def train(
         # Early stop: every new example learned. Every rank computes the same from the
         # reduced figures, so all stop at the same epoch.
         new_loss = float(ex_loss[: len(new)].sum() / ex_count[: len(new)].sum().clamp(min=1))
-        learned = int(
-            ((ex_worst[: len(new)] < spec.learned_loss) & (ex_count[: len(new)] > 0)).sum()
-        )
+        learned = int((ex_worst[: len(new)] < spec.learned_loss).sum())
         history.append(
             {"epoch": epoch + 1, "new_loss": round(new_loss, 4), "learned": learned, "steps": step}
         )

@@ -160,7 +160,7 @@ def run_cycle(
     daemon serves it when it starts. `reference_url`: a vLLM server serving the base model
     as `base`, to build the reference set with if it is still missing."""
     layout = HomeLayout(config.home)
-    with training_lock(layout.home / "train.lock", progress):
+    with training_lock(layout.train_lock_path, progress):
         close_interrupted(db, layout)
         return _cycle(
             db,

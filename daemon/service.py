@@ -540,7 +540,7 @@ class Service:
                 [utcnow()],
             )
         )
-        with training_lock(self.layout.home / "train.lock", None, wait=False) as held:
+        with training_lock(self.layout.train_lock_path, None, wait=False) as held:
             if held:
                 self.db_write(lambda db: close_interrupted(db, self.layout))
 

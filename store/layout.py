@@ -40,6 +40,11 @@ class HomeLayout:
         """Held (flock) by the running daemon; its content is the daemon's pid."""
         return self.home / "daemon.lock"
 
+    @property
+    def train_lock_path(self) -> Path:
+        """Held (flock) by whoever trains: the daemon's trainer or a CLI `evertune train`."""
+        return self.home / "train.lock"
+
     def create(self) -> None:
         for folder in (self.inbox, self.done, self.rejected, self.adapters, self.models):
             folder.mkdir(parents=True, exist_ok=True)

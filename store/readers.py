@@ -69,7 +69,7 @@ def _utf8_problem(raw: bytes) -> str | None:
     return None
 
 
-def read_jsonl(f: BinaryIO, *, max_record_bytes: int = 16 << 20) -> Iterator[Item]:
+def read_jsonl(f: BinaryIO, *, max_record_bytes: int) -> Iterator[Item]:
     """One record per line. A line longer than `max_record_bytes` is rejected without being
     held: it is read past in 1 MB pieces (a 50 MB line was held, decoded and parsed whole,
     4x its size in memory, for an example far over any example size limit)."""

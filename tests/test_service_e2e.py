@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 from evertune.store.db import open_db
 
 pytestmark = pytest.mark.e2e
 
 FACTS = json.loads((Path(__file__).parent / "data" / "facts.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(vllm_port: int) -> str:
