@@ -113,7 +113,16 @@ def evaluate(
             live = measure(model, tok, new, old, general, LIVE, answer, cut)
         model.set_adapter("candidate")
         answer = _answers(remote, served("candidate", spec.out_dir))
-        candidate = measure(model, tok, new, old, general, answer=answer, general_max_len=cut)
+        candidate = measure(
+            model,
+            tok,
+            new,
+            old,
+            general,
+            answer=answer,
+            general_max_len=cut,
+            changed=ev_spec.get("changed", ()),
+        )
     known = {f.name for f in fields(GateConfig)}
     gate = GateConfig(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
     return decide(candidate, live, base, gate).to_dict()

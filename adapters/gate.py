@@ -24,10 +24,11 @@ Version 1 is compared with the base model as its "live" version.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +45,9 @@ class GateConfig:
     training drifted +104% and lost 5 of 15 easy answers; ours drifted -27% and lost 1."""
 
     min_learned: float = 0.8
+    # of the new answers that replace an answer a version learned, at most this share may
+    # still be the old answer (a candidate that gives it has not learned the change)
+    max_stale: float = 0.10
     old_tolerance: float = 0.10
     drift_tolerance: float = 0.10
     easy_alpha: float = 0.05
@@ -94,10 +98,12 @@ def measure(
     parts: frozenset[str] = ALL,
     answer: Answer | None = None,
     general_max_len: int = 1024,
+    changed: Sequence[dict] = (),
 ) -> dict[str, Any]:
     """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
     metrics not in `parts` are None. Losses are computed on `model`; greedy answers by
-    `answer` when given (the same weights served by vLLM), else by `model`."""
+    `answer` when given (the same weights served by vLLM), else by `model`. `changed`:
+    {"prompt": messages, "old": [answers]} for new examples that replace older answers."""
     from evertune.adapters import evaluate as ev  # torch: only in the training child
 
     if answer is None:
@@ -109,6 +115,7 @@ def measure(
         ("new_loss", "new_exact", "old_loss", "general_loss", "easy_right", "easy_total")
     )
     out["easy"] = None  # per easy question: answered right (the paired test needs which)
+    out["stale"] = out["changed"] = None  # changed prompts still answered the old way, of
     out["old_right"] = None  # per held-out older short answer: still reproduced
     spent: dict[str, float] = {}
 
@@ -129,6 +136,13 @@ def measure(
         out["new_exact"] = sum(
             ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)
         ) / len(qa)
+        olds = {_key(c["prompt"]): c["old"] for c in changed}
+        stale = [
+            any(ev.matches(a, o) for o in olds[_key(p)]) and not ev.matches(a, e)
+            for a, (p, e) in zip(answers, qa, strict=True)
+            if _key(p) in olds
+        ]
+        out["stale"], out["changed"] = sum(stale), len(stale)
     old_qa = short_qa(old)
     if "old" in parts and old:
         with timed("old_loss"):
@@ -154,6 +168,10 @@ def measure(
     return out
 
 
+def _key(prompt: Sequence[dict]) -> str:
+    return json.dumps(list(prompt), sort_keys=True)
+
+
 def easy_change(base: list[bool], candidate: list[bool]) -> tuple[int, int, float]:
     """(lost, gained, p): answers right only for the base, right only for the candidate, and
     the one-sided exact McNemar p-value of losing at least `lost` of the changed answers if
@@ -177,6 +195,14 @@ def decide(
             f"learned {candidate['new_exact']:.0%} of the new short answers"
             f" (needs {config.min_learned:.0%}, gate.min_learned)"
         )
+    if candidate.get("changed"):
+        m["stale"], m["changed"] = candidate["stale"], candidate["changed"]
+        if candidate["stale"] > config.max_stale * candidate["changed"]:
+            problems.append(
+                f"still gives the old answer to {candidate['stale']} of {candidate['changed']}"
+                f" questions whose answer changed (at most {config.max_stale:.0%},"
+                " gate.max_stale)"
+            )
     if candidate["new_loss"] is not None and candidate["new_loss"] >= live["new_loss"]:
         problems.append(
             f"loss on the new examples {candidate['new_loss']:.3f} is not below"

@@ -220,6 +220,13 @@ class GateConfig:
         min=0.0,
         max=1.0,
     )
+    max_stale: float = key(
+        GATE.max_stale,
+        "Of the new answers that replace an answer a version learned, the share the candidate"
+        " may still answer the old way.",
+        min=0.0,
+        max=1.0,
+    )
     old_tolerance: float = key(
         GATE.old_tolerance,
         "Allowed rise of the loss on held-out older examples against the live version.",

@@ -47,6 +47,7 @@ from evertune.daemon.procs import die_with_parent
 from evertune.daemon.serving import Serving, make_live
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.layout import HomeLayout
+from evertune.store.queries import CURRENT, FRESH
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def select_examples(
             )
         ]
 
-    new, old = rows("first_version_id IS NULL"), rows("first_version_id IS NOT NULL")
+    # superseded examples (a newer answer to the same prompt) are never trained, replayed
+    # or held out again
+    new, old = rows(FRESH), rows(f"first_version_id IS NOT NULL AND {CURRENT}")
     if not new and force:
         new, old = old, []  # --force with nothing new: train again on everything
     if not new:
@@ -94,6 +97,30 @@ def select_examples(
     replay, held = sample_old(old, len(new), replay_ratio, replay_min, old_holdout, seed)
     held_ids = {i for i, _ in held}
     return new, replay, held, [(i, e) for i, e in old if i not in held_ids]
+
+
+def replaced_answers(db: Database, domain: str, new_ids: list[int]) -> list[dict]:
+    """{"prompt", "old"} for each new example whose prompt had other answers that a version
+    was trained on: the answers the candidate must no longer give."""
+    olds: dict[int, list[str]] = {}
+    for i, body in db.execute(
+        "SELECT n.id, o.body FROM examples n JOIN examples o ON o.domain = n.domain"
+        " AND o.prompt_hash = n.prompt_hash AND o.id != n.id"
+        " AND o.first_version_id IS NOT NULL"
+        " WHERE n.domain = ? AND n.id IN (SELECT value FROM json_each(?)) ORDER BY o.id",
+        [domain, json.dumps(new_ids)],
+    ):
+        olds.setdefault(i, []).append(_answer_of(_example("chat", body)))
+    out = []
+    for i, body in db.execute(
+        "SELECT id, body FROM examples WHERE id IN (SELECT value FROM json_each(?))",
+        [json.dumps(sorted(olds))],
+    ):
+        msgs = json.loads(body)
+        old = [a for a in olds[i] if a != msgs[-1]["content"]]
+        if old and msgs[-1]["role"] == "assistant":  # as gate.short_qa asks it
+            out.append({"prompt": msgs[:-1], "old": old})
+    return out
 
 
 def sample_old(
@@ -316,6 +343,8 @@ def _cycle(
             # what the candidate must beat: the live version, also when a consolidation
             # trains from the base model (the training's parent is then None)
             "live_adapter": live.path if live else None,
+            # new answers that replace answers a version learned: the old must be gone
+            "changed": replaced_answers(db, domain, [i for i, _ in new]),
         },
     }
     drift = (live.metrics or {}).get("drift") if live else None

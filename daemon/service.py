@@ -46,6 +46,7 @@ from evertune.store.db import open_db, utcnow
 from evertune.store.domains import check_domain
 from evertune.store.ingest import FileReport, ingest_file, remove_stale_parts
 from evertune.store.layout import HomeLayout
+from evertune.store.queries import FRESH
 
 log = logging.getLogger(__name__)
 # Each of stop()'s waits (training, serving start-up, ingestion): within systemd's
@@ -64,7 +65,7 @@ def fresh_examples(db, domain: str) -> int:
     """Examples no version was trained on and no refused candidate already tried: what makes
     a new run worth it (a refused run's data would only be refused again)."""
     (n,) = db.execute(
-        "SELECT count(*) FROM examples e WHERE e.domain = ? AND e.first_version_id IS NULL"
+        f"SELECT count(*) FROM examples e WHERE e.domain = ? AND {FRESH}"
         " AND NOT EXISTS (SELECT 1 FROM version_examples ve JOIN versions v"
         " ON v.id = ve.version_id WHERE ve.example_id = e.id AND ve.role = 'new'"
         " AND v.state = 'rejected')",

@@ -109,6 +109,7 @@ def _empty_summary(name: str) -> dict[str, Any]:
         "files": {"ingested": 0, "rejected": 0, "duplicate": 0},
         "examples": 0,
         "examples_new": 0,
+        "examples_superseded": 0,
         "live_version": None,
         "run": None,
         "last_errors": [],

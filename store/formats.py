@@ -17,7 +17,10 @@ Every problem raises RecordError with a reason meant for the user.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
+
+import orjson
 
 from evertune.store.errors import RecordError
 
@@ -40,6 +43,14 @@ _CANONICAL_ROLES = frozenset({"system", "user", "assistant"})
 SHAPES = (
     "messages | conversations | instruction+output | prompt+completion | question+answer | text"
 )
+
+
+def prompt_hash(messages: list[dict]) -> bytes:
+    """blake2b-128 of a chat's prompt: every message before its last assistant turn, system
+    prompt included. Two examples with the same prompt and different answers are the same
+    question answered twice: the newer answer supersedes the older (store.ingest)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return hashlib.blake2b(orjson.dumps(messages[:last]), digest_size=16, person=b"prompt").digest()
 
 
 def normalise(record: Any, max_chars: int) -> tuple[str, list[dict] | str, int]:

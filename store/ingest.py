@@ -29,7 +29,7 @@ from sqlite_utils import Database
 
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import IngestError, RecordError
-from evertune.store.formats import TEXT, normalise
+from evertune.store.formats import TEXT, normalise, prompt_hash
 from evertune.store.layout import HomeLayout, fsync_dir
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 
@@ -37,8 +37,19 @@ log = logging.getLogger(__name__)
 
 INSERT_EXAMPLE = (
     "INSERT OR IGNORE INTO examples"
-    " (domain, kind, body, content_hash, chars, file_id, line)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " (domain, kind, body, content_hash, chars, file_id, line, prompt_hash)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The file's last answer to each prompt, in the order read (a later line wins).
+FILE_PROMPTS = """
+    CREATE TEMP TABLE IF NOT EXISTS file_prompts (
+        prompt_hash BLOB PRIMARY KEY, content_hash BLOB NOT NULL, line INTEGER
+    )
+"""
+NOTE_PROMPT = (
+    "INSERT INTO file_prompts (prompt_hash, content_hash, line) VALUES (?, ?, ?)"
+    " ON CONFLICT (prompt_hash) DO UPDATE"
+    " SET content_hash = excluded.content_hash, line = excluded.line"
 )
 
 
@@ -73,6 +84,11 @@ class FileReport:
     examples_added: int = 0
     examples_duplicate: int = 0
     records_rejected: int = 0
+    # older examples (earlier files or lines) answering a prompt this file answers anew:
+    # kept in the store, never trained on again
+    examples_superseded: int = 0
+    examples_reinstated: int = 0  # superseded examples this file gives again: current again
+    superseded_lines: list[dict] = field(default_factory=list)  # {line, by_line} in this file
     reason: str | None = None
     duplicate_of: str | None = None
     errors: list[Problem] = field(default_factory=list)
@@ -256,6 +272,8 @@ def load_report(db: Database, file_id: int) -> FileReport:
         "examples_added",
         "examples_duplicate",
         "records_rejected",
+        "examples_superseded",
+        "examples_reinstated",
         "reason",
         "duplicate_of",
         "ingested_at",
@@ -282,6 +300,14 @@ def load_report(db: Database, file_id: int) -> FileReport:
     report = FileReport(
         **row, errors=errors, errors_by_reason=orjson.loads(by_reason) if by_reason else {}
     )
+    report.superseded_lines = [
+        {"line": old, "by_line": new}
+        for old, new in db.execute(
+            "SELECT o.line, n.line FROM examples o JOIN examples n ON n.id = o.superseded_by"
+            " WHERE o.file_id = ? AND n.file_id = ? ORDER BY o.line",
+            [file_id, file_id],
+        )
+    ]
     if dup is not None:
         name, when = db.execute(
             "SELECT name, ingested_at FROM files WHERE id = ?", [dup]
@@ -335,12 +361,15 @@ def _parse_into(
     added = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    db.execute(FILE_PROMPTS)
+    db.execute("DELETE FROM file_prompts")
     try:
         for batch in _parsed_batches(path, domain, file_id, report, limits, progress):
             added += _insert(db.conn, batch)
     finally:
         if gc_was_enabled:
             gc.enable()
+    _supersede(db, domain, file_id, report, limits)
     report.examples_added = added
     report.examples_duplicate = report.records - report.records_rejected - added
     if added + report.examples_duplicate == 0 and report.reason is None:
@@ -405,7 +434,8 @@ def _parsed_batches(
             valid += 1
             digest = blake2b(data, digest_size=16, person=kind.encode()).digest()
             text = body if kind == TEXT else data.decode()
-            batch.append((domain, kind, text, digest, chars, file_id, line))
+            prompt = None if kind == TEXT else prompt_hash(body)
+            batch.append((domain, kind, text, digest, chars, file_id, line, prompt))
             if len(batch) >= limits.batch_size:
                 yield batch
                 batch = []
@@ -422,7 +452,43 @@ def _parsed_batches(
 def _insert(conn, batch: list[tuple]) -> int:
     before = conn.total_changes
     conn.executemany(INSERT_EXAMPLE, batch)
-    return conn.total_changes - before
+    added = conn.total_changes - before
+    conn.executemany(NOTE_PROMPT, [(r[7], r[3], r[6]) for r in batch if r[7] is not None])
+    return added
+
+
+def _supersede(
+    db: Database, domain: str, file_id: int, report: FileReport, limits: IngestLimits
+) -> None:
+    """The file's last answer to each of its prompts becomes the domain's current one: every
+    other current example with that prompt is superseded by it (kept, pointing at it), and
+    the answer itself is current again if an earlier file's answer had superseded it."""
+    winners = (
+        "SELECT p.prompt_hash, e.id, p.line FROM file_prompts p"
+        " JOIN examples e ON e.domain = :domain AND e.content_hash = p.content_hash"
+    )
+    args = {"domain": domain, "file": file_id}
+    same_file = db.execute(
+        f"SELECT o.line, w.line FROM ({winners}) w JOIN examples o"
+        " ON o.domain = :domain AND o.prompt_hash = w.prompt_hash AND o.id != w.id"
+        " WHERE o.file_id = :file AND o.superseded_by IS NULL ORDER BY o.line",
+        args,
+    ).fetchall()
+    report.superseded_lines = [
+        {"line": a, "by_line": b} for a, b in same_file[: limits.max_errors_kept]
+    ]
+    report.examples_superseded = db.execute(
+        f"UPDATE examples SET superseded_by = w.id FROM ({winners}) w"
+        " WHERE examples.domain = :domain AND examples.prompt_hash = w.prompt_hash"
+        " AND examples.id != w.id AND examples.superseded_by IS NULL",
+        args,
+    ).rowcount
+    report.examples_reinstated = db.execute(
+        f"UPDATE examples SET superseded_by = NULL WHERE id IN (SELECT id FROM ({winners}))"
+        " AND superseded_by IS NOT NULL",
+        args,
+    ).rowcount
+    db.execute("DELETE FROM file_prompts")
 
 
 def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileReport) -> None:
@@ -432,7 +498,7 @@ def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileRep
     db.execute(
         "UPDATE files SET status = ?, stored_path = ?, report_path = ?, format = ?, records = ?,"
         " examples_added = ?, examples_duplicate = ?, records_rejected = ?, reason = ?,"
-        " errors_by_reason = ? WHERE id = ?",
+        " errors_by_reason = ?, examples_superseded = ?, examples_reinstated = ? WHERE id = ?",
         [
             report.status,
             report.stored_path,
@@ -444,6 +510,8 @@ def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileRep
             report.records_rejected,
             report.reason,
             orjson.dumps(report.errors_by_reason).decode(),
+            report.examples_superseded,
+            report.examples_reinstated,
             report.file_id,
         ],
     )
@@ -459,7 +527,12 @@ def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileRep
             report.domain,
             f"file_{report.status}",
             f"{report.file}: {report.examples_added} new, {report.examples_duplicate} duplicate,"
-            f" {report.records_rejected} rejected",
+            f" {report.records_rejected} rejected"
+            + (
+                f", {report.examples_superseded} older examples superseded"
+                if report.examples_superseded
+                else ""
+            ),
         ],
     )
 

@@ -8,6 +8,10 @@ import orjson
 from sqlite_utils import Database
 
 LAST_ERRORS = 5
+# An example no version was trained on yet and no newer answer to its prompt superseded:
+# what the next training run learns (the scheduler counts these too).
+FRESH = "first_version_id IS NULL AND superseded_by IS NULL"
+CURRENT = "superseded_by IS NULL"
 
 
 def domain_names(db: Database) -> list[str]:
@@ -24,8 +28,9 @@ def domain_summary(db: Database, domain: str) -> dict[str, Any]:
         "SELECT status, count(*) FROM files WHERE domain = ? GROUP BY status", [domain]
     ):
         files[status] = n
-    examples, new = db.execute(
-        "SELECT count(*), count(*) FILTER (WHERE first_version_id IS NULL)"
+    examples, new, superseded = db.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE {FRESH}),"
+        " count(*) FILTER (WHERE superseded_by IS NOT NULL)"
         " FROM examples WHERE domain = ?",
         [domain],
     ).fetchone()
@@ -47,6 +52,7 @@ def domain_summary(db: Database, domain: str) -> dict[str, Any]:
         "files": files,
         "examples": examples,
         "examples_new": new,
+        "examples_superseded": superseded,
         "live_version": f"v{live[0]:04d}" if live else None,
         "run": None
         if run is None

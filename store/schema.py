@@ -5,7 +5,8 @@ Append new migrations at the end; never edit one that has shipped. Tables:
 - files: every file dropped, one row per drop (a re-drop of the same content is a row
   with status 'duplicate' pointing at the first); where it went (done/ or rejected/).
 - file_errors: the rejected records of a file (file, line, byte offset, reason), capped.
-- examples: normalised examples, unique per (domain, content_hash), with their source.
+- examples: normalised examples, unique per (domain, content_hash), with their source; an
+  example answering the same prompt as a newer one is superseded by it (m003).
 - runs / versions / version_examples: training runs, adapter versions and which examples
   each version was trained on (filled by evertune.adapters).
 - endpoint_models: what each serving endpoint actually serves (filled by the serving side).
@@ -14,6 +15,7 @@ Append new migrations at the end; never edit one that has shipped. Tables:
 
 from __future__ import annotations
 
+import orjson
 from sqlite_utils import Database, Migrations
 
 MIGRATION_SET = "evertune"
@@ -161,3 +163,39 @@ def m002_runs_versions_events(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX events_domain_ts ON events (domain, ts)")
+
+
+@migrations()
+def m003_superseded_examples(db: Database) -> None:
+    """A newer answer to the same prompt supersedes the older example (kept, never trained
+    on again). prompt_hash: blake2b-128 of the conversation before the last assistant turn
+    (store.formats.prompt_hash); NULL for text examples. Rows already stored get theirs
+    here, and the latest (file, line) of each prompt supersedes the others."""
+    from evertune.store.formats import prompt_hash
+
+    db.execute("ALTER TABLE examples ADD COLUMN prompt_hash BLOB")
+    db.execute("ALTER TABLE examples ADD COLUMN superseded_by INTEGER REFERENCES examples(id)")
+    # per file: older examples its answers superseded, superseded ones it brought back
+    db.execute("ALTER TABLE files ADD COLUMN examples_superseded INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE files ADD COLUMN examples_reinstated INTEGER NOT NULL DEFAULT 0")
+    rows = db.execute("SELECT id, body FROM examples WHERE kind = 'chat'").fetchall()
+    db.conn.executemany(
+        "UPDATE examples SET prompt_hash = ? WHERE id = ?",
+        [(prompt_hash(orjson.loads(body)), i) for i, body in rows],
+    )
+    db.execute("CREATE INDEX examples_domain_prompt ON examples (domain, prompt_hash)")
+    db.execute(
+        """
+        UPDATE examples SET superseded_by = w.id
+        FROM (
+            SELECT domain, prompt_hash, id FROM (
+                SELECT domain, prompt_hash, id, row_number() OVER (
+                    PARTITION BY domain, prompt_hash ORDER BY file_id DESC, line DESC, id DESC
+                ) AS rn
+                FROM examples WHERE prompt_hash IS NOT NULL
+            ) WHERE rn = 1
+        ) AS w
+        WHERE examples.domain = w.domain AND examples.prompt_hash = w.prompt_hash
+            AND examples.id != w.id
+        """
+    )

@@ -127,3 +127,41 @@ def test_a_rise_on_old_examples_near_zero_loss_is_not_forgetting():
     forgot = {**base, "old_loss": 0.9}
     verdict = decide(forgot, live, base, GateConfig())
     assert not verdict.promote and "gate.old_tolerance" in verdict.reason
+
+
+def test_decide_refuses_a_candidate_that_still_gives_answers_that_changed():
+    base = metrics(1.0, [True] * 4)
+    changed = {**base, "stale": 2, "changed": 10}
+    verdict = decide(changed, base, base, GateConfig())
+    assert not verdict.promote and "gate.max_stale" in verdict.reason
+    assert "old answer to 2 of 10" in verdict.reason
+    assert (verdict.metrics["stale"], verdict.metrics["changed"]) == (2, 10)
+    assert decide({**changed, "stale": 1}, base, base, GateConfig()).promote
+
+
+def test_measure_counts_a_changed_question_answered_the_old_way_as_stale(tiny_base):
+    """The answers are given (as vLLM would give them): what is counted is the point."""
+    from evertune.adapters import evaluate as ev
+
+    model, tok = ev.load(str(tiny_base))
+    new = [
+        {
+            "kind": "chat",
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        }
+        for q, a in [("Port?", "Port 9002."), ("Gate?", "Gate B."), ("Dock?", "Dock 4.")]
+    ]
+    given = {"Port?": "It is port 9001.", "Gate?": "Gate B.", "Dock?": "Dock 4, not dock 3."}
+    changed = [
+        {"prompt": [{"role": "user", "content": "Port?"}], "old": ["Port 9001."]},
+        {"prompt": [{"role": "user", "content": "Gate?"}], "old": ["Gate A."]},
+        {"prompt": [{"role": "user", "content": "Dock?"}], "old": ["dock 3"]},
+    ]
+
+    def answer(prompts, first_sentence):
+        return [given[p[-1]["content"]] for p in prompts]
+
+    out = measure(model, tok, new, [], [], frozenset({"exact"}), answer, changed=changed)
+    # Port: the old answer -> stale; Gate: the new one; Dock: both (new given) -> not stale
+    assert (out["stale"], out["changed"]) == (1, 3)
+    assert out["new_exact"] == pytest.approx(2 / 3)
