@@ -40,17 +40,15 @@ INSERT_EXAMPLE = (
     " (domain, kind, body, content_hash, chars, file_id, line, prompt_hash)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# The file's last answer to each prompt, in the order read (a later line wins).
+# The file's examples whose prompt has another example in the domain, in the order read.
 FILE_PROMPTS = """
     CREATE TEMP TABLE IF NOT EXISTS file_prompts (
-        prompt_hash BLOB PRIMARY KEY, content_hash BLOB NOT NULL, line INTEGER
+        seq INTEGER PRIMARY KEY, prompt_hash BLOB NOT NULL, content_hash BLOB NOT NULL,
+        line INTEGER
     )
 """
-NOTE_PROMPT = (
-    "INSERT INTO file_prompts (prompt_hash, content_hash, line) VALUES (?, ?, ?)"
-    " ON CONFLICT (prompt_hash) DO UPDATE"
-    " SET content_hash = excluded.content_hash, line = excluded.line"
-)
+NOTE_PROMPT = "INSERT INTO file_prompts (prompt_hash, content_hash, line) VALUES (?, ?, ?)"
+PROBE_CHUNK = 10_000  # prompts per IN (...) probe: under SQLite's 32766 bound variables
 
 
 @dataclass(frozen=True)
@@ -434,7 +432,7 @@ def _parsed_batches(
             valid += 1
             digest = blake2b(data, digest_size=16, person=kind.encode()).digest()
             text = body if kind == TEXT else data.decode()
-            prompt = None if kind == TEXT else prompt_hash(body)
+            prompt = None if kind == TEXT else prompt_hash(body, data)
             batch.append((domain, kind, text, digest, chars, file_id, line, prompt))
             if len(batch) >= limits.batch_size:
                 yield batch
@@ -453,23 +451,45 @@ def _insert(conn, batch: list[tuple]) -> int:
     before = conn.total_changes
     conn.executemany(INSERT_EXAMPLE, batch)
     added = conn.total_changes - before
-    conn.executemany(NOTE_PROMPT, [(r[7], r[3], r[6]) for r in batch if r[7] is not None])
+    # Prompts with a second example in the domain (only then can either be superseded), from
+    # the (domain, prompt_hash) index alone; most files answer new prompts only, so this is
+    # one probe per prompt and nothing else (measured: a table of every prompt of the file,
+    # joined afterwards, cost as much as the insert itself).
+    prompts = list({r[7] for r in batch if r[7] is not None})
+    conflicts = set()
+    for i in range(0, len(prompts), PROBE_CHUNK):
+        chunk = prompts[i : i + PROBE_CHUNK]
+        conflicts.update(
+            h
+            for (h,) in conn.execute(
+                "SELECT prompt_hash FROM examples WHERE domain = ? AND prompt_hash IN"
+                f" ({','.join('?' * len(chunk))}) GROUP BY prompt_hash HAVING count(*) > 1",
+                [batch[0][0], *chunk],
+            )
+        )
+    if conflicts:
+        conn.executemany(NOTE_PROMPT, [(r[7], r[3], r[6]) for r in batch if r[7] in conflicts])
     return added
 
 
 def _supersede(
     db: Database, domain: str, file_id: int, report: FileReport, limits: IngestLimits
 ) -> None:
-    """The file's last answer to each of its prompts becomes the domain's current one: every
-    other current example with that prompt is superseded by it (kept, pointing at it), and
-    the answer itself is current again if an earlier file's answer had superseded it."""
-    winners = (
-        "SELECT p.prompt_hash, e.id, p.line FROM file_prompts p"
-        " JOIN examples e ON e.domain = :domain AND e.content_hash = p.content_hash"
-    )
+    """The file's last answer to each prompt it shares with other examples becomes the
+    domain's current one: every other current example with that prompt is superseded by it
+    (kept, pointing at it), and the answer itself is current again if an earlier file's
+    answer had superseded it."""
     args = {"domain": domain, "file": file_id}
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS winners (prompt_hash BLOB, id INTEGER, line)")
+    db.execute("DELETE FROM winners")
+    db.execute(
+        "INSERT INTO winners SELECT p.prompt_hash, e.id, p.line FROM file_prompts p"
+        " JOIN examples e ON e.domain = :domain AND e.content_hash = p.content_hash"
+        " WHERE p.seq IN (SELECT max(seq) FROM file_prompts GROUP BY prompt_hash)",
+        args,
+    )
     same_file = db.execute(
-        f"SELECT o.line, w.line FROM ({winners}) w JOIN examples o"
+        "SELECT o.line, w.line FROM winners w JOIN examples o"
         " ON o.domain = :domain AND o.prompt_hash = w.prompt_hash AND o.id != w.id"
         " WHERE o.file_id = :file AND o.superseded_by IS NULL ORDER BY o.line",
         args,
@@ -478,17 +498,17 @@ def _supersede(
         {"line": a, "by_line": b} for a, b in same_file[: limits.max_errors_kept]
     ]
     report.examples_superseded = db.execute(
-        f"UPDATE examples SET superseded_by = w.id FROM ({winners}) w"
+        "UPDATE examples SET superseded_by = w.id FROM winners w"
         " WHERE examples.domain = :domain AND examples.prompt_hash = w.prompt_hash"
         " AND examples.id != w.id AND examples.superseded_by IS NULL",
         args,
     ).rowcount
     report.examples_reinstated = db.execute(
-        f"UPDATE examples SET superseded_by = NULL WHERE id IN (SELECT id FROM ({winners}))"
-        " AND superseded_by IS NOT NULL",
-        args,
+        "UPDATE examples SET superseded_by = NULL WHERE id IN (SELECT id FROM winners)"
+        " AND superseded_by IS NOT NULL"
     ).rowcount
-    db.execute("DELETE FROM file_prompts")
+    for table in ("file_prompts", "winners"):
+        db.execute(f"DELETE FROM {table}")
 
 
 def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileReport) -> None:

@@ -529,3 +529,34 @@ def test_content_part_that_is_not_an_object_is_rejected_naming_its_type():
 def test_every_rejection_is_a_value_error_for_callers_that_catch_broadly():
     with pytest.raises(ValueError):
         normalise({"messages": []}, LIMIT)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "assistant", "content": "Hi."}],
+        [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": 'A, "quoted".'}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "A.", "weight": 0},
+            {"role": "user", "content": "ünïcode ☃?"},
+            {"role": "assistant", "content": "B."},
+        ],
+        [
+            {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "A."},
+            {"role": "user", "content": "trailing"},
+        ],
+    ],
+)
+def test_the_prompt_hash_from_the_encoded_chat_is_the_prompt_hash(messages):
+    import orjson
+
+    from evertune.store.formats import prompt_hash
+
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    expected = prompt_hash(messages)
+    assert prompt_hash(messages, orjson.dumps(messages)) == expected
+    assert expected == prompt_hash([*messages[:last], {"role": "assistant", "content": "other"}])
+    assert expected != prompt_hash([{"role": "user", "content": "x"}, *messages])
