@@ -48,6 +48,7 @@ class Version:
     created_at: str
     promoted_at: str | None
     parent: str | None = None
+    forgotten: bool = False  # trained on examples since forgotten: never served again
 
     @property
     def name(self) -> str:
@@ -66,17 +67,20 @@ class Version:
             "pinned": self.pinned,
             "reason": self.reason,
             "promoted": self.promoted_at,
+            "forgotten": self.forgotten,
         }
 
 
 _COLUMNS = (
     "id, domain, number, state, parent_id, path, pinned, examples, metrics, reason,"
-    " created_at, promoted_at"
+    " created_at, promoted_at, forgotten"
 )
 
 
 def _version(db: Database, row: tuple) -> Version:
-    v = Version(*row[:6], bool(row[6]), row[7], json.loads(row[8] or "{}"), *row[9:12])
+    v = Version(
+        *row[:6], bool(row[6]), row[7], json.loads(row[8] or "{}"), *row[9:12], None, bool(row[12])
+    )
     if v.parent_id is not None:
         (number,) = db.execute("SELECT number FROM versions WHERE id = ?", [v.parent_id]).fetchone()
         v = Version(**{**v.__dict__, "parent": version_name(number)})
@@ -264,7 +268,7 @@ def prune(db: Database, domain: str, keep_last: int) -> list[Path]:
     keep = {v.id for v in versions[-keep_last:]} if keep_last else set()
     removed = []
     for v in versions:
-        if v.state in ("live", "training") or v.pinned or v.id in keep:
+        if v.state in ("live", "training") or v.pinned or (v.id in keep and not v.forgotten):
             continue
         path = Path(v.path)
         if path.exists():

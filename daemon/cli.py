@@ -119,7 +119,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train even with no new examples (on everything the domain has)",
     )
+    p.add_argument(
+        "--from-base",
+        action="store_true",
+        help="rebuild: train from the base model on every current example (not from the live"
+        " version), through the gate as usual",
+    )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "forget",
+        help="remove examples (by question, or every example of a file); versions that learned"
+        " them stop being served and the domain is rebuilt from the base model",
+    )
+    p.add_argument("domain")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="QUESTION",
+        help="a question as asked with no system prompt (repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        type=Path,
+        action="append",
+        default=[],
+        help="every example of this file, matched by prompt (any format ingest reads)",
+    )
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("versions", help="the adapter versions of a domain")
     p.add_argument("domain")
@@ -363,18 +391,26 @@ def _short(path: Path, layout: HomeLayout) -> str:
 
 # train / versions ---------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from evertune.adapters.errors import NothingToTrain
-    from evertune.daemon.cycle import run_cycle
 
     domain = check_domain(args.domain)
     config = config_mod.load(args.config)
     client = _daemon(config)
     if client is not None:
-        return _train_through_daemon(client, config, domain, args.force)
+        run_id = client.train(domain, args.force, args.from_base)["run_id"]
+        return _follow_run(config, domain, run_id)
     db = open_db(HomeLayout(config.home).db_path)
+    return _train_here(db, config, domain, args.force, args.from_base, "manual")
+
+
+def _train_here(db, config, domain: str, force: bool, from_base: bool, trigger: str) -> int:
+    from evertune.adapters.errors import NothingToTrain
+    from evertune.daemon.cycle import run_cycle
+
     show = _TrainProgress(domain)
     try:
-        outcome = run_cycle(db, config, domain, trigger="manual", force=args.force, progress=show)
+        outcome = run_cycle(
+            db, config, domain, trigger=trigger, force=force, progress=show, from_base=from_base
+        )
     except NothingToTrain as exc:
         show.close()
         print(str(exc))
@@ -417,9 +453,66 @@ def _daemon(config: config_mod.Config):
     return ControlClient.from_home(layout.home, url)
 
 
-def _train_through_daemon(client, config: config_mod.Config, domain: str, force: bool) -> int:
-    """Queue the run in the daemon, then follow its row in the store until it ends."""
-    run_id = client.train(domain, force)["run_id"]
+def cmd_forget(args: argparse.Namespace) -> int:
+    from evertune.daemon.cycle import training_lock
+    from evertune.daemon.forget import forget, matching, prompts_of_file, prompts_of_questions
+
+    domain = check_domain(args.domain)
+    if not args.prompt and not args.file:
+        raise UsageError("say what to forget: --prompt QUESTION (repeatable) or --file FILE")
+    hashes = prompts_of_questions(args.prompt)
+    for f in args.file:
+        if not f.is_file():
+            raise UsageError(f"{f}: no such file")
+        hashes += prompts_of_file(f)
+    config = config_mod.load(args.config)
+    layout = HomeLayout(config.home)
+    db = open_db(layout.db_path)
+    n = len(matching(db, domain, hashes))
+    if n == 0:
+        what = "that prompt" if len(hashes) == 1 else "those prompts"
+        print(f"{domain}: no stored example answers {what}; nothing forgotten")
+        return EXIT_NOTHING
+    client = _daemon(config)
+    if client is not None:
+        run_id = client.forget(domain, [h.hex() for h in hashes])["run_id"]
+        code = _follow_run(config, domain, run_id)
+        (data,) = db.execute(
+            "SELECT data FROM events WHERE domain = ? AND kind = 'examples_forgotten'"
+            " ORDER BY id DESC LIMIT 1",
+            [domain],
+        ).fetchone() or (None,)
+        if data:
+            _print_forgotten(orjson.loads(data))
+        return code
+    with training_lock(layout.train_lock_path, None):
+        gone = forget(db, domain, hashes, None)
+    _print_forgotten(gone.to_json())
+    if gone.remaining == 0:
+        print(f"{domain}: no example left to rebuild from; the domain has no live version")
+        return EXIT_OK
+    return _train_here(db, config, domain, False, True, "forget")
+
+
+def _print_forgotten(g: dict) -> None:
+    print(
+        f"{g['domain']}: {g['examples']} examples forgotten (from {len(g['files'])} files, kept"
+        f" in done/ and marked in their reports); versions no longer served:"
+        f" {', '.join(g['versions']) or 'none'}"
+    )
+    if g["pinned"]:
+        print(
+            f"  pinned, so kept and still served under their own names until unpinned:"
+            f" {', '.join(g['pinned'])} (evertune unpin {g['domain']} VERSION)"
+        )
+    print(
+        f"  live: {g['live_before'] or 'none'} -> {g['live_now'] or 'none (stable name unloaded)'}"
+        f" until the rebuild from the base model on the {g['remaining']} remaining examples"
+    )
+
+
+def _follow_run(config: config_mod.Config, domain: str, run_id: int) -> int:
+    """Follow a run queued in the daemon through its row in the store until it ends."""
     db = open_db(HomeLayout(config.home).db_path, readonly=True)
     show = _TrainProgress(domain)
     shown = None

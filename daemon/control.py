@@ -3,7 +3,8 @@
     GET  /healthz        {"ok": true} | 503 {"ok": false, "why": ...}     no token
     GET  /metrics        Prometheus text exposition                       no token
     GET  /v1/status      handler.status()
-    POST /v1/train       {"domain": str, "force": bool = false}
+    POST /v1/train       {"domain": str, "force": bool = false, "from_base": bool = false}
+    POST /v1/forget      {"domain": str, "prompt_hashes": [hex str]}  -> {"run_id"}
     POST /v1/rollback    {"domain": str, "to": str | null = null}
     POST /v1/pin         {"domain": str, "version": str}
     POST /v1/unpin       {"domain": str, "version": str}
@@ -75,7 +76,9 @@ class ControlHandler(Protocol):
         """None when the daemon is healthy, else why it is not (served as 503)."""
         ...
 
-    def train(self, domain: str, force: bool) -> dict[str, Any]: ...
+    def train(self, domain: str, force: bool, from_base: bool) -> dict[str, Any]: ...
+
+    def forget(self, domain: str, prompt_hashes: list) -> dict[str, Any]: ...
 
     def rollback(self, domain: str, to: str | None) -> dict[str, Any]: ...
 
@@ -281,7 +284,11 @@ _DOMAIN = ("domain", str, _REQUIRED)
 _VERSION = ("version", str, _REQUIRED)
 _ROUTES = {
     "/v1/status": ("GET", _call("status")),
-    "/v1/train": ("POST", _call("train", _DOMAIN, ("force", bool, False))),
+    "/v1/train": (
+        "POST",
+        _call("train", _DOMAIN, ("force", bool, False), ("from_base", bool, False)),
+    ),
+    "/v1/forget": ("POST", _call("forget", _DOMAIN, ("prompt_hashes", list, _REQUIRED))),
     "/v1/rollback": ("POST", _call("rollback", _DOMAIN, ("to", str, None))),
     "/v1/pin": ("POST", _call("pin", _DOMAIN, _VERSION)),
     "/v1/unpin": ("POST", _call("unpin", _DOMAIN, _VERSION)),
@@ -462,8 +469,11 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/v1/status").json()
 
-    def train(self, domain: str, force: bool = False) -> dict[str, Any]:
-        return self._post("/v1/train", {"domain": domain, "force": force})
+    def train(self, domain: str, force: bool = False, from_base: bool = False) -> dict[str, Any]:
+        return self._post("/v1/train", {"domain": domain, "force": force, "from_base": from_base})
+
+    def forget(self, domain: str, prompt_hashes: list[str]) -> dict[str, Any]:
+        return self._post("/v1/forget", {"domain": domain, "prompt_hashes": prompt_hashes})
 
     def rollback(self, domain: str, to: str | None = None) -> dict[str, Any]:
         return self._post("/v1/rollback", {"domain": domain, "to": to})

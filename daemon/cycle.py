@@ -72,8 +72,10 @@ def select_examples(
     old_holdout: int,
     seed: int,
     force: bool,
+    from_base: bool = False,
 ) -> tuple[list, list, list, list]:
-    """(new, replay, held-out old, every old not held out) as (id, example dict) lists."""
+    """(new, replay, held-out old, every old not held out) as (id, example dict) lists.
+    `from_base`: a rebuild, every current example new (trained on and checked by the gate)."""
 
     def rows(where: str) -> list[tuple[int, dict]]:
         return [
@@ -87,6 +89,8 @@ def select_examples(
     # superseded examples (a newer answer to the same prompt) are never trained, replayed
     # or held out again
     new, old = rows(FRESH), rows(f"first_version_id IS NOT NULL AND {CURRENT}")
+    if from_base:
+        new, old = rows(CURRENT), []
     if not new and force:
         new, old = old, []  # --force with nothing new: train again on everything
     if not new:
@@ -179,8 +183,12 @@ def run_cycle(
     serving: Serving | None = None,
     run_id: int | None = None,
     reference_url: str | None = None,
+    from_base: bool = False,
 ) -> Outcome:
     """One cycle, holding the home's training lock: one training run at a time.
+
+    `from_base`: a rebuild (`train --from-base`, `forget`): trained from the base model on
+    every current example of the domain, gated against the live version as usual.
 
     With `serving` a promoted version is loaded and switched on every endpoint before it is
     recorded live; without (the CLI with no daemon) only the database changes and the
@@ -201,6 +209,7 @@ def run_cycle(
             serving,
             run_id,
             reference_url,
+            from_base,
         )
 
 
@@ -292,12 +301,13 @@ def _cycle(
     serving: Serving | None,
     run_id: int | None,
     reference_url: str | None,
+    from_base: bool = False,
 ) -> Outcome:
     t, g = config.train, config.gate
     # The seed moves on with each run of the domain, so the held-out slice changes.
     (runs,) = db.execute("SELECT count(*) FROM runs WHERE domain = ?", [domain]).fetchone()
     new, replay, held, every_old = select_examples(
-        db, domain, t.replay_ratio, t.replay_min, g.old_holdout, t.seed + runs, force
+        db, domain, t.replay_ratio, t.replay_min, g.old_holdout, t.seed + runs, force, from_base
     )
     base, refs = prepare_base(config, layout, stop, vllm_url=reference_url)
     live = registry.live(db, domain)
@@ -328,7 +338,7 @@ def _cycle(
         "train": {
             "base_path": str(base.path),
             "out_dir": str(staging),
-            "parent_adapter": live.path if live else None,
+            "parent_adapter": live.path if live and not from_base else None,
             "new": [e for _, e in new],
             "replay": [e for _, e in replay],
             "general": [{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out],
@@ -364,7 +374,12 @@ def _cycle(
     consolidated, increment = False, None
     try:
         result = _run_child(db, config, run_dir, spec, run_id, progress, stop)
-        if live and t.consolidate and _damaged_but_learned(result["gate"], g.min_learned):
+        if (
+            live
+            and not from_base
+            and t.consolidate
+            and _damaged_but_learned(result["gate"], g.min_learned)
+        ):
             # Drift is measured against the base model and compounds version after version
             # (measured: -16%, -5%, +11% over three files). An increment that learned the
             # new data but damaged the model is redone from the base model on every example.
@@ -409,7 +424,8 @@ def _cycle(
         "train": {k: v for k, v in spec["train"].items() if k not in ("new", "replay", "general")},
         "result": result["train"],
         "gate": gate,
-        "consolidated": consolidated,  # trained from the base model on every example
+        "consolidated": consolidated or from_base,  # from the base model on every example
+        "rebuilt": from_base,  # asked for: `train --from-base` or `forget`
         "increment_gate": increment,  # the refused increment's verdict, when consolidated
         "timing": result.get("timing"),
         "created": version.created_at,

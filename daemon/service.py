@@ -35,7 +35,8 @@ from evertune.daemon import serving as serving_mod
 from evertune.daemon.config import Config, ScheduleConfig
 from evertune.daemon.control import ControlServer
 from evertune.daemon.cycle import close_interrupted, prepare_base, run_cycle, training_lock
-from evertune.daemon.errors import ConfigError
+from evertune.daemon.errors import ConfigError, UsageError
+from evertune.daemon.forget import forget as forget_examples
 from evertune.daemon.lock import DaemonLock
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.notify import Notifier
@@ -80,6 +81,8 @@ class Request:
     trigger: str
     force: bool
     run_id: int
+    from_base: bool = False  # a rebuild from the base model (train --from-base, forget)
+    forget: list[bytes] | None = None  # prompts to forget first (then a rebuild)
 
 
 class Trainer:
@@ -117,11 +120,21 @@ class Trainer:
         with self._cv:
             return [{"domain": r.domain, "run_id": r.run_id} for r in self._queue]
 
-    def request(self, domain: str, trigger: str, force: bool = False) -> int:
+    def request(
+        self,
+        domain: str,
+        trigger: str,
+        force: bool = False,
+        from_base: bool = False,
+        forget: list[bytes] | None = None,
+    ) -> int:
         with self._cv:
             for r in self._queue:
                 if r.domain == domain:
                     r.force = r.force or force
+                    r.from_base = r.from_base or from_base or forget is not None
+                    if forget is not None:
+                        r.forget = [*(r.forget or []), *forget]
                     return r.run_id
             run_id = self.service.db_write(
                 lambda db: (
@@ -132,7 +145,11 @@ class Trainer:
                     ).lastrowid
                 )
             )
-            self._queue.append(Request(domain, trigger, force, run_id))
+            req = Request(domain, trigger, force, run_id, from_base, forget)
+            if forget is not None:  # forgotten means no longer served: next, not last
+                self._queue.appendleft(req)
+            else:
+                self._queue.append(req)
             self._cv.notify_all()
         log.info("%s: training queued (run %d, %s)", domain, run_id, trigger)
         return run_id
@@ -162,6 +179,14 @@ class Trainer:
         svc.notify_status(f"training {req.domain}")
         t0 = time.monotonic()
         try:
+            if req.forget is not None:
+                with training_lock(svc.layout.train_lock_path, None):
+                    gone = forget_examples(db, req.domain, req.forget, svc.serving)
+                if gone.remaining == 0:
+                    raise NothingToTrain(
+                        f"{req.domain}: {gone.examples} examples forgotten; no example is left"
+                        " to rebuild from, so the domain has no live version"
+                    )
             outcome = run_cycle(
                 db,
                 svc.config,
@@ -173,6 +198,7 @@ class Trainer:
                 serving=svc.serving,
                 run_id=req.run_id,
                 reference_url=svc.reference_url(),
+                from_base=req.from_base or req.forget is not None,
             )
         except NothingToTrain as exc:
             self._close_run(db, req, "skipped", str(exc))
@@ -654,9 +680,18 @@ class Service:
         ]
         return "; ".join(p for p in problems if p) or None
 
-    def train(self, domain: str, force: bool) -> dict[str, Any]:
+    def train(self, domain: str, force: bool, from_base: bool = False) -> dict[str, Any]:
         check_domain(domain)
-        return {"run_id": self.trainer.request(domain, "manual", force), "domain": domain}
+        run_id = self.trainer.request(domain, "manual", force, from_base)
+        return {"run_id": run_id, "domain": domain}
+
+    def forget(self, domain: str, prompt_hashes: list) -> dict[str, Any]:
+        check_domain(domain)
+        try:
+            hashes = [bytes.fromhex(h) for h in prompt_hashes]
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"prompt_hashes must be hex strings: {exc}") from exc
+        return {"run_id": self.trainer.request(domain, "forget", forget=hashes), "domain": domain}
 
     def rollback(self, domain: str, to: str | None) -> dict[str, Any]:
         with self._db_lock:

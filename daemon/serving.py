@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -674,6 +675,7 @@ def rollback(
             if v.state == "retired"
             and v.promoted_at
             and v.promoted_at < (live.promoted_at or "")
+            and not v.forgotten
             and Path(v.path).is_dir()
         ]
         if not earlier:
@@ -682,6 +684,11 @@ def rollback(
                 f" to (see `evertune versions {domain}`)"
             )
         target = max(earlier, key=lambda v: v.promoted_at)
+    if target.forgotten:
+        raise RegistryError(
+            f"{domain} {target.name} was trained on examples since forgotten"
+            " (evertune forget): it is never served again"
+        )
     if target.state != "retired":
         raise RegistryError(
             f"{domain} {target.name} is {target.state}: only a version that was live before"
@@ -694,6 +701,10 @@ def set_pinned(
     db: Database, domain: str, name: str, pinned: bool, serving: Serving | None
 ) -> registry.Version:
     v = registry.find(db, domain, name)
+    if pinned and v.forgotten:
+        raise RegistryError(
+            f"{domain} {name} was trained on examples since forgotten: it cannot be pinned"
+        )
     if pinned:
         if v.state not in ("live", "retired"):
             raise RegistryError(
@@ -703,5 +714,7 @@ def set_pinned(
     db.execute("UPDATE versions SET pinned = ? WHERE id = ?", [int(pinned), v.id])
     db.conn.commit()
     if serving is not None:
-        serving.reconcile(db)
+        serving.reconcile(db)  # unpinned and forgotten: unloaded here...
+    if not pinned and v.forgotten:
+        shutil.rmtree(v.path, ignore_errors=True)  # ...and its folder gone
     return registry.get(db, v.id)

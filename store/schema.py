@@ -166,7 +166,7 @@ def m002_runs_versions_events(db: Database) -> None:
 
 
 @migrations()
-def m003_superseded_examples(db: Database) -> None:
+def m003_superseded_and_forgotten(db: Database) -> None:
     """A newer answer to the same prompt supersedes the older example (kept, never trained
     on again). prompt_hash: blake2b-128 of the conversation before the last assistant turn
     (store.formats.prompt_hash); NULL for text examples. Rows already stored get theirs
@@ -178,6 +178,9 @@ def m003_superseded_examples(db: Database) -> None:
     # per file: older examples its answers superseded, superseded ones it brought back
     db.execute("ALTER TABLE files ADD COLUMN examples_superseded INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE files ADD COLUMN examples_reinstated INTEGER NOT NULL DEFAULT 0")
+    # `evertune forget`: examples of the file removed; versions trained on removed examples
+    db.execute("ALTER TABLE files ADD COLUMN examples_forgotten INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE versions ADD COLUMN forgotten INTEGER NOT NULL DEFAULT 0")
     rows = db.execute("SELECT id, body FROM examples WHERE kind = 'chat'").fetchall()
     db.conn.executemany(
         "UPDATE examples SET prompt_hash = ? WHERE id = ?",

@@ -152,7 +152,7 @@ def test_the_migration_gives_stored_examples_their_prompt_and_supersedes_older_a
             [i, body, bytes([i]), file_id, line],
         )
     db.conn.commit()
-    schema.m003_superseded_examples(db)
+    schema.m003_superseded_and_forgotten(db)
     got = {
         i: (ph, s) for i, ph, s in db.execute("SELECT id, prompt_hash, superseded_by FROM examples")
     }

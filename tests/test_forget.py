@@ -1,0 +1,125 @@
+"""`evertune forget` and `train --from-base` on the tiny model and a real store (no daemon:
+the CLI does the work itself, as `train` does)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cycle import FACTS, LENIENT, drop_facts, versions, write_config
+
+from evertune.daemon.cli import main
+from evertune.store.db import open_db
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, tiny_base) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EVERTUNE_HOME", str(home))
+    monkeypatch.delenv("EVERTUNE_CONFIG", raising=False)
+    write_config(home, tiny_base, LENIENT)
+    return home
+
+
+def rows(home: Path, sql: str, args=()) -> list[tuple]:
+    db = open_db(home / "evertune.db", readonly=True)
+    try:
+        return db.execute(sql, list(args)).fetchall()
+    finally:
+        db.close()
+
+
+def questions(home: Path, sql_where: str = "1") -> set[str]:
+    return {
+        json.loads(body)[-2]["content"]
+        for (body,) in rows(home, f"SELECT body FROM examples WHERE {sql_where}")
+    }
+
+
+def trained_on(home: Path, number: int) -> set[str]:
+    return {
+        json.loads(body)[-2]["content"]
+        for (body,) in rows(
+            home,
+            "SELECT e.body FROM version_examples ve JOIN versions v ON v.id = ve.version_id"
+            " JOIN examples e ON e.id = ve.example_id WHERE v.number = ?"
+            " AND ve.role IN ('new', 'replay')",
+            [number],
+        )
+    }
+
+
+def test_forget_retires_exactly_the_versions_that_saw_it_and_rebuilds_from_the_base(
+    home, tmp_path, capsys
+):
+    drop_facts(tmp_path, FACTS[:4], "a.jsonl")
+    assert main(["train", "vaults"]) == 0  # v1: a
+    drop_facts(tmp_path, FACTS[4:6], "b.jsonl")
+    assert main(["train", "vaults"]) == 0  # v2: b, from v1
+    capsys.readouterr()
+    q = FACTS[5][0]
+    assert main(["forget", "vaults", "--prompt", q]) == 0
+    out = capsys.readouterr().out
+    assert "1 examples forgotten" in out and "no longer served: v0002" in out
+    assert "live: v0002 -> v0001" in out  # the last version that never saw it, meanwhile
+    v1, v2, v3 = versions(capsys)
+    # v2 learned it: retired for good, folder gone; v1 never saw it: kept
+    assert (v2["state"], v2["forgotten"], Path(v2["path"]).exists()) == ("retired", True, False)
+    assert v1["forgotten"] is False and Path(v1["path"]).is_dir()
+    # the rebuild: from the base model, on exactly the examples that remain
+    assert v3["state"] == "live"
+    meta = json.loads((Path(v3["path"]) / "meta.json").read_text())
+    assert meta["rebuilt"] is True and meta["train"]["parent_adapter"] is None
+    remaining = {f for f, _ in FACTS[:6]} - {q}
+    assert questions(home) == remaining
+    assert trained_on(home, 3) == remaining
+    # the dropped file stays in done/, its row and report say what was forgotten
+    [(stored, n)] = rows(
+        home, "SELECT stored_path, examples_forgotten FROM files WHERE name = 'b.jsonl'"
+    )
+    assert n == 1 and Path(stored).is_file()
+    assert json.loads(Path(stored + ".report.json").read_text())["examples_forgotten"] == 1
+    # a forgotten version cannot come back
+    assert main(["rollback", "vaults", "--to", "v0002"]) != 0
+    assert "forgotten" in capsys.readouterr().err
+
+
+def test_a_pinned_version_that_saw_it_is_kept_and_reported(home, tmp_path, capsys):
+    drop_facts(tmp_path, FACTS[:3], "a.jsonl")
+    assert main(["train", "vaults"]) == 0
+    assert main(["pin", "vaults", "v0001"]) == 0
+    capsys.readouterr()
+    assert main(["forget", "vaults", "--prompt", FACTS[0][0]]) == 0
+    out = capsys.readouterr().out
+    assert "pinned, so kept" in out and "v0001" in out
+    assert "live: v0001 -> none (stable name unloaded)" in out  # no version without it
+    v1, v2 = versions(capsys)
+    assert v1["forgotten"] and v1["pinned"] and Path(v1["path"]).is_dir()
+    assert v2["state"] == "live" and trained_on(home, 2) == {FACTS[1][0], FACTS[2][0]}
+    # unpinned: gone
+    assert main(["unpin", "vaults", "v0001"]) == 0
+    assert not Path(v1["path"]).exists()
+
+
+def test_forget_by_file_and_nothing_to_forget(home, tmp_path, capsys):
+    src = drop_facts(tmp_path, FACTS[:3], "a.jsonl")
+    drop_facts(tmp_path, FACTS[3:5], "b.jsonl")
+    assert main(["forget", "vaults", "--prompt", "What was never asked?"]) == 4
+    assert "nothing forgotten" in capsys.readouterr().out
+    assert main(["forget", "vaults", "--file", str(src)]) == 0  # no version yet: a v1
+    assert questions(home) == {f for f, _ in FACTS[3:5]}
+    [v1] = versions(capsys)
+    assert v1["state"] == "live" and trained_on(home, 1) == {f for f, _ in FACTS[3:5]}
+
+
+def test_train_from_base_rebuilds_on_every_example(home, tmp_path, capsys):
+    drop_facts(tmp_path, FACTS[:3], "a.jsonl")
+    assert main(["train", "vaults"]) == 0
+    drop_facts(tmp_path, FACTS[3:5], "b.jsonl")
+    assert main(["train", "vaults", "--from-base"]) == 0
+    _, v2 = versions(capsys)
+    meta = json.loads((Path(v2["path"]) / "meta.json").read_text())
+    assert meta["rebuilt"] and meta["train"]["parent_adapter"] is None
+    assert meta["parent"] == "v0001"  # lineage: the version it replaces
+    assert trained_on(home, 2) == {f for f, _ in FACTS[:5]}
