@@ -27,6 +27,12 @@ each adapter continuing the previous one, older files replayed as the service sa
 them), measured the same way in-process, and put through the real gate
 (evertune.adapters.child.evaluate) to see what it would have said.
 
+With --change-forget (and --files 1): then a file giving 5 of file 1's facts another value
+(every phrasing), scored on the stable name as changed facts answered with the new value /
+still with the old one / the 5 unchanged kept; then `evertune forget` of 2 unchanged facts
+(all phrasings, through the daemon: retire, rebuild from the base model, gate, serve),
+scored as forgotten facts still answered (target 0) and the other 8 kept, with seconds.
+
 Prints a table per seed and a summary (promotion rate of ours, the gate's refusal rate of
 naive, p50 drop-to-serving, the CPU kind and its measured matmul peak); writes the table to
 OUT/continual.txt, every raw number to OUT/continual.json and a plot to OUT/continual.png.
@@ -275,7 +281,12 @@ def typed(sets: dict[str, dict[str, str]], section: str) -> dict[str, Any]:
 
 
 def run_ours(
-    models: Path, files: list[list[dict]], seed: int, sets: dict, keep: bool
+    models: Path,
+    files: list[list[dict]],
+    seed: int,
+    sets: dict,
+    keep: bool,
+    change_forget: bool = False,
 ) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix=f"evertune-continual-s{seed}-"))
     port = free_port()
@@ -346,6 +357,10 @@ def run_ours(
             out["cycles"].append(cycle)
             last_run = cycle.get("run_id") or last_run
             print(row_text(cycle, len(easy)), flush=True)
+        if change_forget:
+            out["change_forget"] = change_and_forget(
+                proc, home, url, files[0], last_run, easy, out["base"]["easy"]
+            )
         return out
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -366,6 +381,74 @@ def tail(home: Path) -> str:
         return (home / "daemon.log").read_text()[-3000:]
     except OSError:
         return ""
+
+
+NEW_VALUES = ["Quillon-Marsh", "Tarrowby", "Ebbenstock", "Vashti-Orrel", "Kelmscar"]
+
+
+def changed_facts(facts: list[dict]) -> list[dict]:
+    """The first five facts of a file with another value (every phrasing: a full change)."""
+    out = []
+    for f, value in zip(facts, NEW_VALUES, strict=False):
+        at = f["answer"].lower().index(f["expected"])
+        answer = f["answer"][:at] + value + f["answer"][at + len(f["expected"]) :]
+        out.append({**f, "answer": answer, "expected": value.lower(), "old": f["expected"]})
+    return out
+
+
+def change_and_forget(
+    proc: subprocess.Popen, home: Path, url: str, first: list[dict], last_run: int, easy, base
+) -> dict[str, Any]:
+    """After file 1: a file changing half of its facts, then `evertune forget` of two of the
+    unchanged facts (through the daemon). Measured on the stable name after each."""
+    changed = changed_facts(first)
+    cycle = one_cycle(proc, home, url, [first, changed], 2, last_run, easy, base)
+    ans = cycle.get("answers", {})
+    out: dict[str, Any] = {
+        "change": {
+            "promoted": cycle["promoted"],
+            "reason": cycle["reason"],
+            "serving_s": cycle["t"]["serving"],
+            "consolidated": cycle["consolidated"],
+            "new_value": sum(knows(ans.get(f["question"]), f["expected"]) for f in changed),
+            "old_value": sum(knows(ans.get(f["question"]), f["old"]) for f in changed),
+            "unchanged": sum(knows(ans.get(f["question"]), f["expected"]) for f in first[5:]),
+            "of": len(changed),
+            "drift": cycle["drift"],
+        }
+    }
+    gone, kept = first[5:7], first[7:]
+    argv = [sys.executable, "-m", "evertune.daemon.cli", "forget", DOMAIN]
+    for f in gone:
+        for q in phrasings(f):
+            argv += ["--prompt", q]
+    t0 = time.time()
+    done = subprocess.run(
+        argv, env={**os.environ, "EVERTUNE_HOME": str(home)}, capture_output=True, text=True
+    )
+    seconds = round(time.time() - t0, 1)
+    ask_ = asker(url, DOMAIN)
+    qs = [f["question"] for f in [*gone, *kept, *changed]]
+    a = dict(zip(qs, ask_(qs), strict=True)) if DOMAIN in served(url) else {}
+    out["forget"] = {
+        "exit": done.returncode,
+        "output": done.stdout.strip()[-600:],
+        "seconds": seconds,
+        "forgotten_answered": sum(knows(a.get(f["question"]), f["expected"]) for f in gone),
+        "kept": sum(knows(a.get(f["question"]), f["expected"]) for f in [*kept, *changed]),
+        "kept_of": len(kept) + len(changed),
+    }
+    c, f = out["change"], out["forget"]
+    print(
+        f"change: {'promoted' if c['promoted'] else 'REFUSED'}{'*' if c['consolidated'] else ''}"
+        f" in {c['serving_s']} s; changed facts new value {c['new_value']}/{c['of']}, old value"
+        f" {c['old_value']}/{c['of']}; unchanged {c['unchanged']}/{len(first) - c['of']};"
+        f" drift {c['drift']}; {c['reason']}\n"
+        f"forget 2 facts: exit {f['exit']} in {f['seconds']} s; forgotten facts answered"
+        f" {f['forgotten_answered']}/2; the others {f['kept']}/{f['kept_of']}",
+        flush=True,
+    )
+    return out
 
 
 def one_cycle(
@@ -812,9 +895,16 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=HERE / "results", help="table, JSON, PNG")
     ap.add_argument("--keep", action="store_true", help="keep the temp homes")
+    ap.add_argument(
+        "--change-forget",
+        action="store_true",
+        help="after the files: a file changing 5 facts of file 1, then a forget of 2 others",
+    )
     args = ap.parse_args()
     if not 1 <= args.files <= len(FILES):
         ap.error(f"--files must be 1-{len(FILES)}")
+    if args.change_forget and args.files != 1:
+        ap.error("--change-forget follows file 1: use it with --files 1")
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
     sets = parse_sets(args.set)
@@ -836,7 +926,7 @@ def main() -> int:
             print(HEADER, flush=True)
             entry: dict[str, Any] = {"seed": seed}
             try:
-                entry["ours"] = run_ours(models, files, seed, sets, args.keep)
+                entry["ours"] = run_ours(models, files, seed, sets, args.keep, args.change_forget)
             except DaemonDied as exc:
                 print(f"seed {seed}: the daemon stopped or never came up:\n{exc}")
                 return 1

@@ -373,6 +373,17 @@ def _print_report(r: FileReport, layout: HomeLayout) -> None:
         f"{r.domain}/{r.file}: {r.status}, {r.examples_added} new examples,"
         f" {r.examples_duplicate} duplicate, {r.records_rejected} records rejected -> {where}"
     )
+    if r.examples_superseded or r.examples_reinstated:
+        print(
+            f"  {r.examples_superseded} older answers superseded by this file's"
+            + (
+                f", {r.examples_reinstated} earlier answers current again"
+                if r.examples_reinstated
+                else ""
+            )
+        )
+    for s in r.superseded_lines[:10]:
+        print(f"  line {s['line']}: superseded by line {s['by_line']} (same prompt, later answer)")
     if r.status == "rejected" and r.reason:
         print(f"  reason: {r.reason}")
     for e in r.errors[:10]:
@@ -585,9 +596,23 @@ def cmd_versions(args: argparse.Namespace) -> int:
     layout = HomeLayout(config_mod.load(args.config).home)
     db = open_db(layout.db_path, readonly=True) if layout.db_path.exists() else None
     versions = registry.list_versions(db, domain) if db and is_initialised(db) else []
+    # of the examples each version was trained on, how many newer answers have replaced
+    superseded = dict(
+        db.execute(
+            "SELECT ve.version_id, count(*) FROM version_examples ve JOIN examples e"
+            " ON e.id = ve.example_id WHERE e.domain = ? AND e.superseded_by IS NOT NULL"
+            " AND ve.role IN ('new', 'replay') GROUP BY ve.version_id",
+            [domain],
+        ).fetchall()
+        if versions
+        else []
+    )
     if args.json:
         sys.stdout.write(
-            orjson.dumps([v.to_json() for v in versions], option=orjson.OPT_INDENT_2).decode()
+            orjson.dumps(
+                [{**v.to_json(), "superseded": superseded.get(v.id, 0)} for v in versions],
+                option=orjson.OPT_INDENT_2,
+            ).decode()
             + "\n"
         )
         return EXIT_OK
@@ -599,7 +624,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
         if "drift" in m:
             exact = m["candidate"].get("new_exact")
             extra = f" learned {'-' if exact is None else f'{exact:.0%}'}, drift {m['drift']:+.0%}"
+        if "changed" in m:
+            extra += f", old answer kept {m['stale']}/{m['changed']}"
+        if superseded.get(v.id):
+            extra += f", {superseded[v.id]} since superseded"
         pin = " pinned" if v.pinned else ""
+        pin += " forgotten" if v.forgotten else ""
         print(
             f"{v.name}  {v.state:9s}{pin} parent {v.parent or '-':5s}  {v.created_at}"
             f"  {v.examples} examples{extra}" + (f"  ({v.reason})" if v.reason else "")
@@ -749,7 +779,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         f = dom["files"]
         print(
             f"domain {dom['name']}: {dom['examples']} examples ({dom['examples_new']} not yet"
-            f" trained on); files: {f['ingested']} ingested, {f['rejected']} rejected,"
+            f" trained on"
+            + (
+                f", {dom['examples_superseded']} superseded by newer answers"
+                if dom.get("examples_superseded")
+                else ""
+            )
+            + f"); files: {f['ingested']} ingested, {f['rejected']} rejected,"
             f" {f['duplicate']} duplicate, {f['waiting']} waiting; live version:"
             f" {dom['live_version'] or 'none'}"
         )
