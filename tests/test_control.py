@@ -50,8 +50,11 @@ class RecordingHandler:
     def health(self) -> str | None:
         return self.unhealthy
 
-    def train(self, domain: str, force: bool) -> dict[str, Any]:
-        return self._record("train", domain, force)
+    def train(self, domain: str, force: bool, from_base: bool) -> dict[str, Any]:
+        return self._record("train", domain, force, from_base)
+
+    def forget(self, domain: str, prompt_hashes: list) -> dict[str, Any]:
+        return self._record("forget", domain, prompt_hashes)
 
     def rollback(self, domain: str, to: str | None) -> dict[str, Any]:
         return self._record("rollback", domain, to)
@@ -250,8 +253,10 @@ def test_each_route_calls_the_handler_with_its_arguments(
     client: ControlClient, handler: RecordingHandler
 ) -> None:
     assert client.status() == {"called": "status", "args": []}
-    assert client.train("legal") == {"called": "train", "args": ["legal", False]}
+    assert client.train("legal") == {"called": "train", "args": ["legal", False, False]}
     client.train("legal", force=True)
+    client.train("legal", from_base=True)
+    client.forget("legal", ["00ff"])
     client.rollback("legal")
     client.rollback("legal", to="v0003")
     client.pin("legal", "v0002")
@@ -260,8 +265,10 @@ def test_each_route_calls_the_handler_with_its_arguments(
     client.reconcile()
     assert handler.calls == [
         ("status", ()),
-        ("train", ("legal", False)),
-        ("train", ("legal", True)),
+        ("train", ("legal", False, False)),
+        ("train", ("legal", True, False)),
+        ("train", ("legal", False, True)),
+        ("forget", ("legal", ["00ff"])),
         ("rollback", ("legal", None)),
         ("rollback", ("legal", "v0003")),
         ("pin", ("legal", "v0002")),
