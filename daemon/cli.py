@@ -7,6 +7,8 @@
 
     evertune train DOMAIN [--force]      one training cycle now, waits (0 promoted, 3 refused
                                          by the gate, 4 nothing new to train on)
+    evertune forget DOMAIN --prompt Q | --file F   remove examples; stop serving what learned
+                                         them; rebuild from the base model
     evertune versions DOMAIN [--json]    versions with state and metrics
     evertune rollback DOMAIN [--to V]    the previous (or given) version becomes live
     evertune pin DOMAIN vNNNN            keep a version loaded (as DOMAIN@vNNNN) and kept
@@ -488,6 +490,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if client is not None:
         run_id = client.forget(domain, [h.hex() for h in hashes])["run_id"]
         code = _follow_run(config, domain, run_id)
+        if code == EXIT_NOTHING:  # forgotten, and no rebuild was due (it says why)
+            code = EXIT_OK
         (data,) = db.execute(
             "SELECT data FROM events WHERE domain = ? AND kind = 'examples_forgotten'"
             " ORDER BY id DESC LIMIT 1",
@@ -499,8 +503,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     with training_lock(layout.train_lock_path, None):
         gone = forget(db, domain, hashes, None)
     _print_forgotten(gone.to_json())
-    if gone.remaining == 0:
-        print(f"{domain}: no example left to rebuild from; the domain has no live version")
+    if not gone.rebuild:
+        print(gone.no_rebuild_reason())
         return EXIT_OK
     return _train_here(db, config, domain, False, True, "forget")
 
@@ -518,7 +522,11 @@ def _print_forgotten(g: dict) -> None:
         )
     print(
         f"  live: {g['live_before'] or 'none'} -> {g['live_now'] or 'none (stable name unloaded)'}"
-        f" until the rebuild from the base model on the {g['remaining']} remaining examples"
+        + (
+            f" until the rebuild from the base model on the {g['remaining']} remaining examples"
+            if g.get("rebuild")
+            else ""
+        )
     )
 
 

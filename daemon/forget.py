@@ -47,9 +47,27 @@ class Forgotten:
     live_before: str | None = None
     live_now: str | None = None  # the fallback served until the rebuild, if any
     remaining: int = 0  # examples left to rebuild from
+    retired_any: bool = False  # some version had learned them
+
+    @property
+    def rebuild(self) -> bool:
+        """A rebuild from the base model is due: a version had learned them, and examples
+        remain (else the domain simply has no version that knows them any more)."""
+        return self.retired_any and self.remaining > 0
+
+    def no_rebuild_reason(self) -> str:
+        if not self.retired_any:
+            return (
+                f"{self.domain}: {self.examples} examples forgotten; no version had learned"
+                " them, so nothing is rebuilt"
+            )
+        return (
+            f"{self.domain}: {self.examples} examples forgotten; no example is left to rebuild"
+            " from, so the domain has no live version"
+        )
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "rebuild": self.rebuild}
 
 
 def prompts_of_questions(questions: Iterable[str]) -> list[bytes]:
@@ -168,6 +186,7 @@ def forget(db: Database, domain: str, hashes: list[bytes], serving: Serving | No
             "SELECT count(*) FROM examples WHERE domain = ? AND superseded_by IS NULL", [domain]
         ).fetchone()
         out.files = [path for _, path, _ in files]
+        out.retired_any = bool(tainted)
         out.versions = [v.name for v in tainted if not v.pinned]
         out.pinned = [v.name for v in tainted if v.pinned]
         now = registry.live(db, domain)

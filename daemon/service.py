@@ -132,9 +132,11 @@ class Trainer:
             for r in self._queue:
                 if r.domain == domain:
                     r.force = r.force or force
-                    r.from_base = r.from_base or from_base or forget is not None
+                    r.from_base = r.from_base or from_base
                     if forget is not None:
                         r.forget = [*(r.forget or []), *forget]
+                        self._queue.remove(r)
+                        self._queue.appendleft(r)
                     return r.run_id
             run_id = self.service.db_write(
                 lambda db: (
@@ -182,11 +184,8 @@ class Trainer:
             if req.forget is not None:
                 with training_lock(svc.layout.train_lock_path, None):
                     gone = forget_examples(db, req.domain, req.forget, svc.serving)
-                if gone.remaining == 0:
-                    raise NothingToTrain(
-                        f"{req.domain}: {gone.examples} examples forgotten; no example is left"
-                        " to rebuild from, so the domain has no live version"
-                    )
+                if not gone.rebuild:
+                    raise NothingToTrain(gone.no_rebuild_reason())
             outcome = run_cycle(
                 db,
                 svc.config,

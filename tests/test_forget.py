@@ -107,8 +107,11 @@ def test_forget_by_file_and_nothing_to_forget(home, tmp_path, capsys):
     drop_facts(tmp_path, FACTS[3:5], "b.jsonl")
     assert main(["forget", "vaults", "--prompt", "What was never asked?"]) == 4
     assert "nothing forgotten" in capsys.readouterr().out
-    assert main(["forget", "vaults", "--file", str(src)]) == 0  # no version yet: a v1
+    assert main(["forget", "vaults", "--file", str(src)]) == 0
+    assert "no version had learned them, so nothing is rebuilt" in capsys.readouterr().out
     assert questions(home) == {f for f, _ in FACTS[3:5]}
+    assert versions(capsys) == []
+    assert main(["train", "vaults"]) == 0  # the rest, as any new data
     [v1] = versions(capsys)
     assert v1["state"] == "live" and trained_on(home, 1) == {f for f, _ in FACTS[3:5]}
 
@@ -123,3 +126,44 @@ def test_train_from_base_rebuilds_on_every_example(home, tmp_path, capsys):
     assert meta["rebuilt"] and meta["train"]["parent_adapter"] is None
     assert meta["parent"] == "v0001"  # lineage: the version it replaces
     assert trained_on(home, 2) == {f for f, _ in FACTS[:5]}
+
+
+def test_forget_through_the_running_daemon(tmp_path, tiny_base):
+    """The CLI hands the prompts to the daemon, which forgets them in its training queue
+    (no run can train on them meanwhile) and rebuilds; the CLI follows the run."""
+    from test_daemon import INGEST_ONLY, Daemon, evertune
+
+    home = tmp_path / "home"
+    write_config(home, tiny_base, LENIENT)
+    training = (home / "evertune.toml").read_text()
+    d = Daemon(home, INGEST_ONLY + training)
+    try:
+        src = tmp_path / "a.jsonl"
+        src.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": q},
+                            {"role": "assistant", "content": a},
+                        ]
+                    }
+                )
+                + "\n"
+                for q, a in FACTS[:4]
+            )
+        )
+        assert evertune(home, "ingest", str(src), "--domain", "vaults").returncode == 0
+        assert evertune(home, "train", "vaults").returncode == 0
+        out = evertune(home, "forget", "vaults", "--prompt", FACTS[0][0])
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "1 examples forgotten" in out.stdout and "no longer served: v0001" in out.stdout
+        assert "vaults v0002: promoted, now live" in out.stdout
+    finally:
+        assert d.stop() == 0
+    assert questions(home) == {f for f, _ in FACTS[1:4]}
+    assert trained_on(home, 2) == {f for f, _ in FACTS[1:4]}
+    assert rows(home, "SELECT number, state, forgotten FROM versions ORDER BY number") == [
+        (1, "retired", 1),
+        (2, "live", 0),
+    ]

@@ -22,6 +22,12 @@ from evertune.store.db import open_db
 pytestmark = pytest.mark.e2e
 
 FACTS = json.loads((Path(__file__).parent / "data" / "facts.json").read_text())
+# The first fact with another value, in every phrasing: dropped later, it supersedes it.
+CHANGED = {
+    **FACTS[0],
+    "answer": FACTS[0]["answer"].replace("BLUEFIN-42", "REDWING-77"),
+    "expected": "redwing-77",
+}
 
 
 def config(vllm_port: int) -> str:
@@ -162,16 +168,24 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
         assert all(knows(url, "vaults", f) for f in FACTS[:3])
         assert knows(url, "vaults@v0001", FACTS[0])
 
-        # 2. A second file: v2 trains from v1 with replay; the first facts still hold.
-        drop(home, "b.jsonl", FACTS[3:6])
+        # 2. A second file: v2 trains from v1 with replay; the first facts still hold, but
+        # for the one the file changes: its new answer supersedes the old, which is gone.
+        drop(home, "b.jsonl", [*FACTS[3:6], CHANGED])
         state2 = wait_for(lambda: gated(home, 2), 900, "v0002 trained and gated", d)
         meta = json.loads((home / "adapters" / "vaults" / "v0002" / "meta.json").read_text())
         assert meta["parent"] == "v0001" and meta["examples"]["replay"] >= 1
         assert state2 == "live", f"the gate refused v0002: {meta['gate']['reason']}"
         wait_for(lambda: live_and_served(home, url, "v0002"), 120, "v0002 served", d)
         assert all(knows(url, "vaults", f) for f in FACTS[3:6])
-        held = sum(knows(url, "vaults", f) for f in FACTS[:3])
-        assert held == 3, f"only {held}/3 of the first facts still hold after v2"
+        held = sum(knows(url, "vaults", f) for f in FACTS[1:3])
+        assert held == 2, f"only {held}/2 of the unchanged first facts still hold after v2"
+        answer = ask(url, "vaults", CHANGED["question"]).lower()
+        assert CHANGED["expected"] in answer and FACTS[0]["expected"] not in answer, answer
+        assert meta["gate"]["metrics"]["changed"] == 3  # each phrasing of the changed fact
+        (superseded,) = rows(home, "SELECT count(*) FROM examples WHERE superseded_by IS NOT NULL")[
+            0
+        ]
+        assert superseded == 3
         live = "v0002"
 
         # 3. SIGTERM while the third file trains: cancelled, nothing half-published.
@@ -215,7 +229,9 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
         live = "v0004"
         wait_for(lambda: live_and_served(home, url, live), 120, "v0004 served", d)
         assert all(knows(url, "vaults", f) for f in FACTS[6:9])
-        assert all(knows(url, "vaults", f) for f in FACTS[:6]), "earlier files forgotten"
+        assert all(knows(url, "vaults", f) for f in [CHANGED, *FACTS[1:6]]), (
+            "earlier files forgotten"
+        )
 
         # 5. vLLM killed: the daemon restarts it and loads the live adapters again.
         status = json.loads(
@@ -232,7 +248,7 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
         os.killpg(_vllm_pid(home), signal.SIGKILL)
         wait_for(lambda: not served(url), 60, "vLLM to be gone", d)
         wait_for(lambda: live_and_served(home, url, live), 600, f"vLLM back with {live}", d)
-        assert knows(url, "vaults", FACTS[0])
+        assert knows(url, "vaults", CHANGED)
         assert "vLLM exited" in d.logtext()
     finally:
         assert d.stop() == 0
