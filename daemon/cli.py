@@ -10,6 +10,7 @@
     evertune forget DOMAIN --prompt Q | --file F   remove examples; stop serving what learned
                                          them; rebuild from the base model
     evertune versions DOMAIN [--json]    versions with state and metrics
+    evertune report DOMAIN [--out FILE]  the status page's views as one HTML file
     evertune rollback DOMAIN [--to V]    the previous (or given) version becomes live
     evertune pin DOMAIN vNNNN            keep a version loaded (as DOMAIN@vNNNN) and kept
     evertune unpin DOMAIN vNNNN
@@ -41,7 +42,7 @@ from evertune.adapters.errors import AdapterError
 from evertune.daemon import config as config_mod
 from evertune.daemon.errors import ConfigError, EvertuneError, UsageError
 from evertune.daemon.lock import daemon_state
-from evertune.store.db import is_initialised, open_db
+from evertune.store.db import is_initialised, open_db, utcnow
 from evertune.store.domains import check_domain
 from evertune.store.errors import InvalidDomainError, StoreError
 from evertune.store.ingest import (
@@ -150,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="every example of this file, matched by prompt (any format ingest reads)",
     )
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser(
+        "report",
+        help="the status page's views of a domain as one self-contained HTML file (offline)",
+    )
+    p.add_argument("domain")
+    p.add_argument("--out", type=Path, help="the file to write (default: DOMAIN-report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("versions", help="the adapter versions of a domain")
     p.add_argument("domain")
@@ -595,6 +604,28 @@ class _TrainProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evertune.daemon import status_page
+    from evertune.daemon.status import status_report
+
+    domain = check_domain(args.domain)
+    config = config_mod.load(args.config)
+    layout = HomeLayout(config.home)
+    db = open_db(layout.db_path, readonly=True) if layout.db_path.exists() else None
+    data = status_page.page_data(db, status_report(config))
+    data["domains"] = [d for d in data["domains"] if d["name"] == domain]
+    if not data["domains"]:
+        raise UsageError(f"{domain}: no such domain in {layout.home} (see `evertune status`)")
+    data["made"] = utcnow()
+    out = args.out or Path(f"{domain}-report.html")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(status_page.report(data))
+    tmp.replace(out)
+    v = data["domains"][0]["versions"]
+    print(f"{out}: {domain}, {len(v)} versions; open it in any browser (works offline)")
+    return EXIT_OK
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

@@ -72,6 +72,10 @@ class ControlHandler(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def page_data(self) -> dict[str, Any]:
+        """What the status page draws (evertune.daemon.status_page.page_data)."""
+        ...
+
     def health(self) -> str | None:
         """None when the daemon is healthy, else why it is not (served as 503)."""
         ...
@@ -295,7 +299,14 @@ _ROUTES = {
     "/v1/reload": ("POST", _call("reload")),
     "/v1/reconcile": ("POST", _call("reconcile")),
 }
-_PUBLIC = {"/healthz": "GET", "/metrics": "GET"}
+# Read-only and loopback like /metrics: no token. /status is the page (status_page.html).
+_PUBLIC = {
+    "/healthz": "GET",
+    "/metrics": "GET",
+    "/status": "GET",
+    "/status/data.json": "GET",
+    "/status/plotly.js": "GET",
+}
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -334,6 +345,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 return self._healthz(control)
             if path == "/metrics":
                 return self._send(200, generate_latest(control.registry), CONTENT_TYPE_LATEST)
+            if path.startswith("/status"):
+                return self._status_page(control, path)
             self._authorize(control)
             body = self._body() if method == "POST" else {}
             result = _ROUTES[path][1](control.handler, body)
@@ -359,6 +372,16 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._json(200, {"ok": True})
         else:
             self._json(503, {"ok": False, "why": why})
+
+    def _status_page(self, control: ControlServer, path: str) -> None:
+        from evertune.daemon import status_page
+
+        if path == "/status":
+            return self._send(200, status_page.page(), "text/html; charset=utf-8")
+        if path == "/status/plotly.js":
+            return self._send(200, status_page.plotly_js(), "application/javascript")
+        data = json.dumps(control.handler.page_data()).encode()
+        return self._send(200, data, "application/json")
 
     def _authorize(self, control: ControlServer) -> None:
         header = self.headers.get("Authorization", "")

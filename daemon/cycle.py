@@ -432,7 +432,12 @@ def _cycle(
         "finished": utcnow(),
     }
     registry.publish(version, staging, meta)
-    metrics = {**gate["metrics"], "train": _train_summary(result["train"])}
+    # the row keeps what the status page draws, also once retention deletes the folder
+    metrics = {
+        **gate["metrics"],
+        "train": _train_summary(result["train"]),
+        "timing": result.get("timing"),
+    }
     with write_transaction(db):
         version = registry.set_state(
             db, version, "candidate", metrics=metrics, examples=len(new) + len(replay)
@@ -498,7 +503,11 @@ def _train_summary(r: dict) -> dict:
         "device",
         "world_size",
     )
-    return {k: r.get(k) for k in keys}
+    out = {k: r.get(k) for k in keys}
+    out["history"] = [  # per epoch: the training curve
+        {k: h.get(k) for k in ("epoch", "new_loss", "learned")} for h in r.get("history") or []
+    ]
+    return out
 
 
 def _finish_failed(db: Database, version, run_id: int, state: str, error: str) -> None:

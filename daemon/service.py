@@ -664,6 +664,15 @@ class Service:
             }
         return report
 
+    def page_data(self) -> dict[str, Any]:
+        from evertune.daemon.status_page import page_data
+
+        db = open_db(self.layout.db_path, readonly=True)
+        try:
+            return page_data(db, self.status())
+        finally:
+            db.close()
+
     def health(self) -> str | None:
         """None when every component works, else why not: /healthz answers 503 with it and
         the systemd watchdog is not pinged, so systemd restarts a wedged service."""

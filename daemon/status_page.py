@@ -1,0 +1,169 @@
+"""The status page (GET /status on the control port) and `evertune report`: per domain the
+versions timeline, training curves, drift and facts learned, drop-to-serving seconds with
+their breakdown, examples over time, the queue, and what each endpoint serves.
+
+One data builder (`page_data`, read-only queries plus each version's meta.json) and one
+page (status_page.html): the daemon serves the page, its data as JSON and the plotting
+library (Plotly's bundled plotly.min.js: offline, nothing from a CDN), and the page
+refreshes itself; the report inlines all three into one file to send to someone.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlite_utils import Database
+
+from evertune.adapters import registry
+from evertune.store.db import is_initialised
+from evertune.store.queries import domain_names, domain_summary
+
+LOSS_CURVES = 20  # the last runs whose training curve is drawn (the page stays readable)
+
+
+def page_data(db: Database | None, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the page draws. `status`: the daemon's live status (queue, current run,
+    endpoints); None in a report made without the daemon."""
+    domains = []
+    if db is not None and is_initialised(db):
+        for name in domain_names(db):
+            domains.append(_domain(db, name))
+    return {"domains": domains, "status": status or {}}
+
+
+def _domain(db: Database, domain: str) -> dict[str, Any]:
+    dropped = dict(
+        db.execute(
+            "SELECT ve.version_id, min(f.received_at) FROM version_examples ve"
+            " JOIN versions v ON v.id = ve.version_id JOIN examples e ON e.id = ve.example_id"
+            " JOIN files f ON f.id = e.file_id WHERE v.domain = ? AND ve.role = 'new'"
+            " GROUP BY ve.version_id",
+            [domain],
+        ).fetchall()
+    )
+    runs = {
+        r[0]: r[1:]
+        for r in db.execute(
+            "SELECT id, queued_at, started_at, finished_at, state FROM runs WHERE domain = ?",
+            [domain],
+        )
+    }
+    versions = []
+    for v in registry.list_versions(db, domain):
+        meta = _meta(v.path)
+        m = v.metrics or {}
+        cand = m.get("candidate") or {}
+        timing = m.get("timing") or meta.get("timing") or {}
+        history = (m.get("train") or {}).get("history") or (meta.get("result") or {}).get("history")
+        run_id = db.execute("SELECT run_id FROM versions WHERE id = ?", [v.id]).fetchone()[0]
+        queued, started, finished, _ = runs.get(run_id, (None,) * 4)
+        versions.append(
+            {
+                "version": v.name,
+                "state": v.state,
+                "promoted": v.promoted_at is not None,
+                "forgotten": v.forgotten,
+                "pinned": v.pinned,
+                "created": v.created_at,
+                "promoted_at": v.promoted_at,
+                "reason": v.reason,
+                "drift": m.get("drift"),
+                "learned": cand.get("new_exact"),
+                "easy": cand.get("easy_right"),
+                "easy_base": (m.get("base") or {}).get("easy_right"),
+                "easy_total": cand.get("easy_total"),
+                "stale": m.get("stale"),
+                "changed": m.get("changed"),
+                "consolidated": bool(meta.get("consolidated")),
+                "examples": v.examples,
+                # seconds: the file's drop -> run start (detect, queue), train, evaluate,
+                # and the rest of the run (publish, bookkeeping)
+                "wait_s": _seconds(dropped.get(v.id), started),
+                "train_s": timing.get("train_s"),
+                "evaluate_s": timing.get("evaluate_s"),
+                "publish_s": _seconds(meta.get("finished"), v.promoted_at or finished),
+                "serving_s": _seconds(dropped.get(v.id), v.promoted_at),
+                "queued_at": queued,
+                "loss": [
+                    {"epoch": h.get("epoch"), "loss": h.get("new_loss")} for h in history or []
+                ],
+            }
+        )
+    for v in versions[:-LOSS_CURVES]:
+        v["loss"] = []
+    examples = []
+    total = 0
+    for at, added, forgotten in db.execute(
+        "SELECT ingested_at, examples_added, examples_forgotten FROM files WHERE domain = ?"
+        " AND status = 'ingested' ORDER BY id",
+        [domain],
+    ):
+        total += added
+        examples.append({"t": at, "examples": total, "forgotten": forgotten})
+    return {
+        "name": domain,
+        "summary": domain_summary(db, domain),
+        "versions": versions,
+        "examples": examples,
+    }
+
+
+def _meta(path: str) -> dict[str, Any]:
+    p = Path(path) / "meta.json"
+    try:
+        st = p.stat()
+    except OSError:
+        return {}  # folder removed by retention or forget: the row still has the metrics
+    return _meta_cached(str(p), st.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _meta_cached(path: str, _mtime: int) -> dict[str, Any]:
+    """meta.json never changes once published: read each once (hundreds of versions)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    from datetime import datetime
+
+    if not start or not end:
+        return None
+    try:
+        return round(
+            (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 1
+        )
+    except ValueError:
+        return None
+
+
+def plotly_js() -> bytes:
+    """Plotly's own bundled build (the plotly package ships it): no CDN, works offline."""
+    return (importlib.resources.files("plotly") / "package_data" / "plotly.min.js").read_bytes()
+
+
+def _template() -> str:
+    return (importlib.resources.files("evertune.daemon") / "status_page.html").read_text()
+
+
+def page(refresh_s: int = 5) -> bytes:
+    """The page the daemon serves: it loads /status/plotly.js and polls /status/data.json."""
+    html = _template().replace("<!--PLOTLY-->", '<script src="/status/plotly.js"></script>')
+    return html.replace("/*REFRESH_S*/0", str(refresh_s)).encode()
+
+
+def report(data: dict[str, Any]) -> bytes:
+    """One self-contained file: the same page with Plotly and its data inlined (data last:
+    no later replacement can touch what it contains)."""
+    js = plotly_js().decode().replace("</script", "<\\/script")
+    html = _template().replace("<!--PLOTLY-->", f"<script>{js}</script>")
+    html = html.replace("/*REFRESH_S*/0", "0")
+    payload = orjson.dumps(data).decode().replace("</", "<\\/")
+    return html.replace("/*DATA*/null", payload, 1).encode()
