@@ -410,6 +410,7 @@ def change_and_forget(
             "reason": cycle["reason"],
             "serving_s": cycle["t"]["serving"],
             "consolidated": cycle["consolidated"],
+            "increment_reason": cycle["increment_reason"],
             "new_value": sum(knows(ans.get(f["question"]), f["expected"]) for f in changed),
             "old_value": sum(knows(ans.get(f["question"]), f["old"]) for f in changed),
             "unchanged": sum(knows(ans.get(f["question"]), f["expected"]) for f in first[5:]),
