@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 import sys
 import threading
@@ -90,6 +91,17 @@ def smollm2_models(tmp_path_factory) -> Path:
         stdout=subprocess.DEVNULL,
     )
     return models
+
+
+def chat_jsonl(pairs) -> str:
+    """(question, answer) pairs as the JSONL of one-turn chats a user drops."""
+    return "".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        )
+        + "\n"
+        for q, a in pairs
+    )
 
 
 def free_port() -> int:

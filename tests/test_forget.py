@@ -9,28 +9,22 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import chat_jsonl
 from test_cycle import FACTS, LENIENT, drop_facts, versions, write_config
 from test_daemon import evertune
+from test_service_e2e import rows
 
 from evertune.daemon.cli import main
-from evertune.store.db import open_db
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch, tiny_base) -> Path:
+    """As test_cycle's: the tiny model, the lenient gate, EVERTUNE_HOME set."""
     home = tmp_path / "home"
     monkeypatch.setenv("EVERTUNE_HOME", str(home))
     monkeypatch.delenv("EVERTUNE_CONFIG", raising=False)
     write_config(home, tiny_base, LENIENT)
     return home
-
-
-def rows(home: Path, sql: str, args=()) -> list[tuple]:
-    db = open_db(home / "evertune.db", readonly=True)
-    try:
-        return db.execute(sql, list(args)).fetchall()
-    finally:
-        db.close()
 
 
 def questions(home: Path, sql_where: str = "1") -> set[str]:
@@ -142,20 +136,7 @@ def test_forget_through_the_running_daemon(tmp_path, tiny_base):
     d = Daemon(home, INGEST_ONLY + training)
     try:
         src = tmp_path / "a.jsonl"
-        src.write_text(
-            "".join(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": q},
-                            {"role": "assistant", "content": a},
-                        ]
-                    }
-                )
-                + "\n"
-                for q, a in FACTS[:4]
-            )
-        )
+        src.write_text(chat_jsonl(FACTS[:4]))
         assert evertune(home, "ingest", str(src), "--domain", "vaults").returncode == 0
         assert evertune(home, "train", "vaults").returncode == 0
         out = evertune(home, "forget", "vaults", "--prompt", FACTS[0][0])

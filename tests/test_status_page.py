@@ -4,23 +4,17 @@ model, one changed fact, one forget), drawn by a real headless browser: Debian's
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import chat_jsonl
 from test_cycle import FACTS, LENIENT, write_config
 from test_daemon import INGEST_ONLY, Daemon, _read, evertune, wait_for
 
 from evertune.daemon.status_page import page_data
 from evertune.store.db import open_db
-
-
-def chat(q: str, a: str) -> str:
-    return json.dumps(
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +24,8 @@ def home(tmp_path_factory, tiny_base) -> Path:
     home = tmp / "home"
     write_config(home, tiny_base, LENIENT)
     a, b = tmp / "a.jsonl", tmp / "b.jsonl"
-    a.write_text("".join(chat(q, x) + "\n" for q, x in FACTS[:4]))
-    b.write_text("".join(chat(q, x) + "\n" for q, x in [*FACTS[4:6], (FACTS[0][0], "Changed.")]))
+    a.write_text(chat_jsonl(FACTS[:4]))
+    b.write_text(chat_jsonl([*FACTS[4:6], (FACTS[0][0], "Changed.")]))
     for step in (
         ["ingest", str(a), "--domain", "vaults"],
         ["train", "vaults"],
@@ -118,7 +112,7 @@ def test_the_daemon_serves_the_page_and_it_refreshes(home, tiny_base):
             assert "no training running" in page.inner_text("#service")
             # a new file, ingested by the daemon: the page shows it without a reload
             (home / "inbox" / "vaults").mkdir(parents=True, exist_ok=True)
-            (home / "inbox" / "vaults" / "c.jsonl").write_text(chat("New?", "Yes.") + "\n")
+            (home / "inbox" / "vaults" / "c.jsonl").write_text(chat_jsonl([("New?", "Yes.")]))
             page.wait_for_function(
                 "() => document.querySelector('#dom-vaults .info')"
                 ".textContent.includes('1 not yet')",
