@@ -609,6 +609,7 @@ class _TrainProgress:
 def cmd_report(args: argparse.Namespace) -> int:
     from evertune.daemon import status_page
     from evertune.daemon.status import status_report
+    from evertune.store.ingest import write_atomic
 
     domain = check_domain(args.domain)
     config = config_mod.load(args.config)
@@ -620,9 +621,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{domain}: no such domain in {layout.home} (see `evertune status`)")
     data["made"] = utcnow()
     out = args.out or Path(f"{domain}-report.html")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(status_page.report(data))
-    tmp.replace(out)
+    write_atomic(out, status_page.report(data))
     v = data["domains"][0]["versions"]
     print(f"{out}: {domain}, {len(v)} versions; open it in any browser (works offline)")
     return EXIT_OK

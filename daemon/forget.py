@@ -30,8 +30,9 @@ from sqlite_utils import Database
 from evertune.adapters import registry
 from evertune.daemon.serving import Serving, make_live
 from evertune.store.db import utcnow, write_transaction
+from evertune.store.errors import RecordError
 from evertune.store.formats import CHAT, normalise, prompt_hash
-from evertune.store.ingest import IngestLimits
+from evertune.store.ingest import IngestLimits, write_atomic
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,12 @@ def prompts_of_file(path: Path, limits: IngestLimits | None = None) -> list[byte
         ):
             if error is not None:
                 continue
-            try:
+            try:  # a record ingest rejects was never stored
                 kind, body, _ = normalise(record, limits.max_example_chars)
-            except Exception:
+                if kind == CHAT:
+                    out.append(prompt_hash(body))
+            except (RecordError, orjson.JSONEncodeError):
                 continue
-            if kind == CHAT:
-                out.append(prompt_hash(body))
     return out
 
 
@@ -240,6 +241,4 @@ def _mark_report(path: Path, n: int) -> None:
         return
     report["examples_forgotten"] = report.get("examples_forgotten", 0) + n
     report.setdefault("forgotten_at", []).append(utcnow())
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    tmp.replace(path)
+    write_atomic(path, orjson.dumps(report, option=orjson.OPT_INDENT_2))

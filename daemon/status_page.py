@@ -46,10 +46,11 @@ def _domain(db: Database, domain: str) -> dict[str, Any]:
             [domain],
         ).fetchall()
     )
-    runs = {
+    runs = {  # by version: the run that made it
         r[0]: r[1:]
         for r in db.execute(
-            "SELECT id, queued_at, started_at, finished_at, state FROM runs WHERE domain = ?",
+            "SELECT v.id, r.queued_at, r.started_at, r.finished_at FROM versions v"
+            " JOIN runs r ON r.id = v.run_id WHERE v.domain = ?",
             [domain],
         )
     }
@@ -60,8 +61,7 @@ def _domain(db: Database, domain: str) -> dict[str, Any]:
         cand = m.get("candidate") or {}
         timing = m.get("timing") or meta.get("timing") or {}
         history = (m.get("train") or {}).get("history") or (meta.get("result") or {}).get("history")
-        run_id = db.execute("SELECT run_id FROM versions WHERE id = ?", [v.id]).fetchone()[0]
-        queued, started, finished, _ = runs.get(run_id, (None,) * 4)
+        queued, started, finished = runs.get(v.id, (None,) * 3)
         versions.append(
             {
                 "version": v.name,

@@ -633,14 +633,15 @@ def _finish(path: Path, report: FileReport) -> FileReport:
     """Write the report beside the stored file, then move the file there (after the commit)."""
     stored = Path(report.stored_path)
     stored.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(Path(report.stored_path + ".report.json"), report.to_json())
+    write_atomic(Path(report.stored_path + ".report.json"), report.to_json())
     os.replace(path, stored)
     fsync_dir(stored.parent)
     fsync_dir(path.parent)
     return report
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
+def write_atomic(target: Path, data: bytes) -> None:
+    """`data` in `target` whole or not at all (written beside it, fsynced, renamed)."""
     tmp = target.with_name(f".{target.name}.tmp")
     with tmp.open("wb") as f:
         f.write(data)
