@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from evertune.adapters.data import IGNORE, pack, tokenise_chat
+from evertune.adapters.data import IGNORE, Tokenised, pack, tokenise_chat
 
 
 def load(base_path: str, adapter: str | None = None, device: str | None = None):
@@ -51,6 +51,9 @@ def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]], max_len: int = 
     return float(sums.sum() / counts.sum().clamp(min=1))
 
 
+MIN_SHARED_PREFIX = 8  # tokens every chat starts with, below which plain packing is used
+
+
 @torch.inference_mode()
 def _loss_sums(
     model,
@@ -62,29 +65,91 @@ def _loss_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per chat: the summed loss over its target tokens, and how many there are.
 
-    Short rows: packed attention is computed over the whole row with a block-diagonal
-    mask, so 1024-token rows of 80-token examples spent most of it on masked blocks."""
+    Chats that all open the same way (the chat template's default system prompt: 24 of
+    the ~70 tokens of a general reference example) run that opening once and continue
+    from its KV cache; measured on SmolLM2 (190 held-out general examples, bf16): 11.7 s
+    instead of 18.3 s, the loss equal to 0.1%. Otherwise short rows are packed: attention
+    is computed over the whole row with a block-diagonal mask, so 1024-token rows of
+    80-token examples spent most of it on masked blocks."""
     toks = [tokenise_chat(tokenizer, c, "eval", max_len) for c in chats]
-    longest = max((len(t.ids) for t in toks), default=0)
-    rows = pack(toks, max(row_len, longest), tokenizer.pad_token_id or 0)
     sums = torch.zeros(len(toks))
     counts = torch.zeros(len(toks))
-    dev = device_of(model)
+    if not toks:
+        return sums, counts
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for i in range(0, len(rows), rows_per_batch):
-        batch = rows[i : i + rows_per_batch]
-        ids = torch.tensor([r.ids for r in batch], device=dev)
-        pos = torch.tensor([r.positions for r in batch], device=dev)
-        tgt = torch.tensor([r.targets for r in batch], device=dev)
-        own = torch.tensor([r.owners for r in batch])
+    shared = _shared_opening(toks)
+    if shared >= MIN_SHARED_PREFIX:
+        batches = _after_prefix(lm, toks, shared, tokenizer.pad_token_id or 0, rows_per_batch * 2)
+    else:
+        longest = max(len(t.ids) for t in toks)
+        batches = _packed(
+            lm, pack(toks, max(row_len, longest), tokenizer.pad_token_id or 0), rows_per_batch
+        )
+    for hidden, tgt, own in batches:
         sel = tgt != IGNORE
-        hidden = lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
         logits = lm.lm_head(hidden[sel]).float()
         loss = torch.nn.functional.cross_entropy(logits, tgt[sel], reduction="none").cpu()
         owners = own[sel.cpu()]
         sums.index_add_(0, owners, loss)
         counts.index_add_(0, owners, torch.ones_like(loss))
     return sums, counts
+
+
+def _shared_opening(toks: Sequence[Tokenised]) -> int:
+    """How many leading tokens every example has in common and learns nothing from (at
+    least one token of each is left after them)."""
+    n = min(len(t.ids) for t in toks) - 1
+    first = toks[0].ids
+    for t in toks:
+        while n > 0 and t.ids[:n] != first[:n]:
+            n -= 1
+    while n > 0 and any(x != IGNORE for t in toks for x in t.targets[:n]):
+        n -= 1
+    return n
+
+
+def _packed(lm, rows: list, rows_per_batch: int):
+    dev = lm.device
+    for i in range(0, len(rows), rows_per_batch):
+        batch = rows[i : i + rows_per_batch]
+        ids = torch.tensor([r.ids for r in batch], device=dev)
+        pos = torch.tensor([r.positions for r in batch], device=dev)
+        tgt = torch.tensor([r.targets for r in batch], device=dev)
+        own = torch.tensor([r.owners for r in batch])
+        yield lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state, tgt, own
+
+
+def _after_prefix(lm, toks: Sequence[Tokenised], shared: int, pad_id: int, batch: int):
+    """The shared opening once (batch 1), then the rest of each example, longest first,
+    right-padded (padding comes after every real token, so causal attention never sees
+    it), continuing from the opening's keys and values broadcast over the batch."""
+    from transformers import DynamicCache
+
+    dev = lm.device
+    opening = DynamicCache()
+    lm.model(input_ids=torch.tensor([toks[0].ids[:shared]], device=dev), past_key_values=opening)
+    kv = [(layer.keys, layer.values) for layer in opening.layers]
+    order = sorted(range(len(toks)), key=lambda i: -len(toks[i].ids))
+    for i in range(0, len(order), batch):
+        members = order[i : i + batch]
+        width = len(toks[members[0]].ids) - shared
+        ids = torch.full((len(members), width), pad_id)
+        tgt = torch.full((len(members), width), IGNORE)
+        for r, j in enumerate(members):
+            rest = toks[j].ids[shared:]
+            ids[r, : len(rest)] = torch.tensor(rest)
+            tgt[r, : len(rest)] = torch.tensor(toks[j].targets[shared:])
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(kv):
+            cache.update(
+                k.expand(len(members), -1, -1, -1), v.expand(len(members), -1, -1, -1), layer
+            )
+        pos = torch.arange(shared, shared + width).expand(len(members), -1)
+        hidden = lm.model(
+            input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache
+        ).last_hidden_state
+        own = torch.tensor(members).unsqueeze(1).expand(-1, width)
+        yield hidden, tgt.to(dev), own
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], **kw) -> list[str]:

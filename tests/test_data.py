@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,3 +138,62 @@ def test_general_replay_is_cut_without_an_end_of_turn_target(tok):
     end = tok.convert_tokens_to_ids("<|im_end|>")
     trained = [t for t in cut.targets if t != IGNORE]
     assert trained and end not in trained  # the cut answer never teaches "stop here"
+
+
+def _alone_losses(model, tok, chats, max_len):
+    """Per chat: summed loss over its target tokens, each chat in a forward pass of its own."""
+    out = []
+    with torch.no_grad():
+        for c in chats:
+            t = tokenise_chat(tok, c, "eval", max_len)
+            logits = model(input_ids=torch.tensor([t.ids])).logits[0]
+            tgt = torch.tensor(t.targets)
+            sel = tgt != IGNORE
+            out.append(
+                float(torch.nn.functional.cross_entropy(logits[sel], tgt[sel], reduction="sum"))
+            )
+    return out
+
+
+@pytest.mark.parametrize("system", [None, "varied"])
+def test_evaluation_loss_equals_each_chat_alone(tok, tiny_base, system):
+    """The gate's per-chat losses, computed from the shared opening's KV cache (chats with the
+    template's default system prompt) or packed (different openings), equal each chat's
+    loss from a forward pass of its own, with a LoRA adapter on and off."""
+    from peft import LoraConfig, get_peft_model
+
+    from evertune.adapters.evaluate import (
+        MIN_SHARED_PREFIX,
+        _loss_sums,
+        _shared_opening,
+        adapter_off,
+    )
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    ).eval()
+    chats = []
+    for i, (q, a) in enumerate(
+        [
+            ("What is the capital of Norway?", "Oslo."),
+            ("Name a colour.", "Blue, like the sea on a clear day in summer."),
+            ("How many legs has a spider?", "Eight."),
+            ("Say something long.", " ".join(["word"] * 40)),
+            ("Hi", "Hello!"),
+        ]
+    ):
+        head = [{"role": "system", "content": f"Persona {i}."}] if system else []
+        chats.append([*head, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    toks = [tokenise_chat(tok, c, "eval", 40) for c in chats]
+    assert (_shared_opening(toks) >= MIN_SHARED_PREFIX) == (system is None)
+    for ctx in (contextlib.nullcontext, lambda: adapter_off(model)):
+        with ctx():
+            sums, counts = _loss_sums(model, tok, chats, max_len=40, rows_per_batch=1)
+            alone = _alone_losses(model, tok, chats, 40)
+        assert counts.tolist() == [t.trained for t in toks]
+        torch.testing.assert_close(sums, torch.tensor(alone), atol=1e-3, rtol=1e-4)
