@@ -12,7 +12,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from evertune.adapters.data import IGNORE, Tokenised, pack, tokenise_chat
+from evertune.adapters.data import (
+    IGNORE,
+    MIN_SHARED_OPENING,
+    Tokenised,
+    pack,
+    shared_opening,
+    tokenise_chat,
+)
 
 
 def load(base_path: str, adapter: str | None = None, device: str | None = None):
@@ -51,9 +58,6 @@ def mean_loss(model, tokenizer, chats: Sequence[Sequence[dict]], max_len: int = 
     return float(sums.sum() / counts.sum().clamp(min=1))
 
 
-MIN_SHARED_PREFIX = 8  # tokens every chat starts with, below which plain packing is used
-
-
 @torch.inference_mode()
 def _loss_sums(
     model,
@@ -77,8 +81,8 @@ def _loss_sums(
     if not toks:
         return sums, counts
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shared = _shared_opening(toks)
-    if shared >= MIN_SHARED_PREFIX:
+    shared = shared_opening(toks)
+    if shared >= MIN_SHARED_OPENING:
         batches = _after_prefix(lm, toks, shared, tokenizer.pad_token_id or 0, rows_per_batch * 2)
     else:
         longest = max(len(t.ids) for t in toks)
@@ -93,19 +97,6 @@ def _loss_sums(
         sums.index_add_(0, owners, loss)
         counts.index_add_(0, owners, torch.ones_like(loss))
     return sums, counts
-
-
-def _shared_opening(toks: Sequence[Tokenised]) -> int:
-    """How many leading tokens every example has in common and learns nothing from (at
-    least one token of each is left after them)."""
-    n = min(len(t.ids) for t in toks) - 1
-    first = toks[0].ids
-    for t in toks:
-        while n > 0 and t.ids[:n] != first[:n]:
-            n -= 1
-    while n > 0 and any(x != IGNORE for t in toks for x in t.targets[:n]):
-        n -= 1
-    return n
 
 
 def _packed(lm, rows: list, rows_per_batch: int):

@@ -162,12 +162,8 @@ def test_evaluation_loss_equals_each_chat_alone(tok, tiny_base, system):
     loss from a forward pass of its own, with a LoRA adapter on and off."""
     from peft import LoraConfig, get_peft_model
 
-    from evertune.adapters.evaluate import (
-        MIN_SHARED_PREFIX,
-        _loss_sums,
-        _shared_opening,
-        adapter_off,
-    )
+    from evertune.adapters.data import MIN_SHARED_OPENING, shared_opening
+    from evertune.adapters.evaluate import _loss_sums, adapter_off
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
@@ -190,7 +186,7 @@ def test_evaluation_loss_equals_each_chat_alone(tok, tiny_base, system):
         head = [{"role": "system", "content": f"Persona {i}."}] if system else []
         chats.append([*head, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
     toks = [tokenise_chat(tok, c, "eval", 40) for c in chats]
-    assert (_shared_opening(toks) >= MIN_SHARED_PREFIX) == (system is None)
+    assert (shared_opening(toks) >= MIN_SHARED_OPENING) == (system is None)
     for ctx in (contextlib.nullcontext, lambda: adapter_off(model)):
         with ctx():
             sums, counts = _loss_sums(model, tok, chats, max_len=40, rows_per_batch=1)

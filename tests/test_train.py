@@ -157,3 +157,68 @@ def test_early_stop_once_every_new_example_is_learned(tiny_base, tmp_path):
 def test_unservable_or_empty_specs_are_refused(tiny_base, tmp_path, field, value, message):
     with pytest.raises(TrainingError, match=message):
         train(spec(tiny_base, tmp_path / "v1", **{field: value}))
+
+
+def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base):
+    """Training runs the shared opening (the default system prompt) once a step: the losses
+    and the LoRA gradients equal those of the packed rows run whole."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evertune.adapters.data import IGNORE, after_opening, pack, shared_opening, tokenise_chat
+    from evertune.adapters.train import _after_opening
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=list(TARGET_MODULES), init_lora_weights=False
+        ),
+    )
+    pairs = [
+        ("What is the capital of Norway?", "Oslo."),
+        ("Name a colour.", "Blue, like the sea on a clear day."),
+        ("How many legs has a spider?", "Eight."),
+        ("Say something long.", " ".join(["word"] * 30)),
+        ("Hi", "Hello!"),
+    ]
+    examples = [
+        tokenise_chat(
+            tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "new", 80
+        )
+        for q, a in pairs
+    ]
+    n = shared_opening(examples)
+    assert n == 24  # <|im_start|>system ... SmolLM, trained by Hugging Face ... user\n
+    rows = pack(examples, 128, tok.pad_token_id)
+    assert len(rows) == 2  # examples share rows: the mask must keep them apart
+    body, head = model.get_base_model().model, model.get_base_model().lm_head
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(rows, hidden_of):
+        ids, pos = torch.tensor([r.ids for r in rows]), torch.tensor([r.positions for r in rows])
+        tgt, own = torch.tensor([r.targets for r in rows]), torch.tensor([r.owners for r in rows])
+        sel = tgt != IGNORE
+        per_token = torch.nn.functional.cross_entropy(
+            head(hidden_of(ids, pos, own)[sel]), tgt[sel], reduction="none"
+        )
+        per_token.mean().backward()
+        grads = [p.grad.clone() for p in params]
+        model.zero_grad()
+        return sorted(zip(own[sel].tolist(), per_token.tolist(), strict=True)), grads
+
+    whole = step(rows, lambda i, p, o: body(input_ids=i, position_ids=p, use_cache=False)[0])
+    cut = step(
+        after_opening(rows, n, tok.pad_token_id),
+        lambda i, p, o: _after_opening(body, examples[0].ids[:n], i, p, o),
+    )
+    assert [o for o, _ in whole[0]] == [o for o, _ in cut[0]]  # every target, once
+    torch.testing.assert_close(
+        torch.tensor([x for _, x in cut[0]]),
+        torch.tensor([x for _, x in whole[0]]),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    for a, b in zip(whole[1], cut[1], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
