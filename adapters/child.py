@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from evertune.adapters.errors import TrainingCancelled
-from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateConfig, decide, measure
+from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateThresholds, decide, measure
 from evertune.adapters.reference import Reference
 from evertune.adapters.remote import Remote
 from evertune.adapters.train import TrainSpec, train
@@ -127,8 +127,8 @@ def evaluate(
             general_max_len=cut,
             changed=ev_spec.get("changed", ()),
         )
-    known = {f.name for f in fields(GateConfig)}
-    gate = GateConfig(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
+    known = {f.name for f in fields(GateThresholds)}
+    gate = GateThresholds(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
     return decide(candidate, live, base, gate).to_dict()
 
 

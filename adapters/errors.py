@@ -15,12 +15,16 @@ class TrainingError(AdapterError, RuntimeError):
     """A training run failed (the run is recorded as failed; the service goes on)."""
 
 
-class TrainingCancelled(AdapterError):
-    """The stop flag was set between two steps; nothing was published."""
+class Cancelled(AdapterError):
+    """Work stopped on request (the daemon is stopping); nothing was published."""
 
 
-class RegistryError(AdapterError, ValueError):
-    """An adapter version folder is missing, corrupt, or not in the state asked for."""
+class TrainingCancelled(Cancelled):
+    """The stop flag was set between two training steps; nothing was published."""
+
+
+class PreparationCancelled(Cancelled):
+    """Preparing the base model (conversion, reference answers) was stopped on request."""
 
 
 class NothingToTrain(AdapterError):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evertune.adapters import registry
-from evertune.adapters.errors import RegistryError
+from evertune.store.errors import RegistryError
 
 MARKER = "evertune-export.json"
 

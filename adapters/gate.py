@@ -40,7 +40,7 @@ OLD_SLACK = 0.25  # nats per token: a forgotten answer costs ~1, a kept one unde
 
 
 @dataclass(frozen=True)
-class GateConfig:
+class GateThresholds:
     """Defaults from benchmarks/learning.py on SmolLM2-135M (10 facts, 30 examples): naive
     training drifted +104% and lost 5 of 15 easy answers; ours drifted -27% and lost 1."""
 
@@ -184,7 +184,7 @@ def easy_change(base: list[bool], candidate: list[bool]) -> tuple[int, int, floa
 
 
 def decide(
-    candidate: dict[str, Any], live: dict[str, Any], base: dict[str, Any], config: GateConfig
+    candidate: dict[str, Any], live: dict[str, Any], base: dict[str, Any], config: GateThresholds
 ) -> GateResult:
     m = {"candidate": candidate, "live": live, "base": base}
     drift = candidate["general_loss"] / base["general_loss"] - 1

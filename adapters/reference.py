@@ -1,6 +1,6 @@
 """The general reference set: the base model's own greedy answers to our general prompts.
 
-The prompts ship with the package (`adapters/data/general_prompts.jsonl`, written by us).
+The prompts ship with the package (`adapters/prompts/general_prompts.jsonl`, written by us).
 At base-model preparation the base model answers each one greedily, once; the answers
 are cached beside the prepared model (`reference.jsonl`). Where the daemon's embedded vLLM
 already serves the base model, it answers them (batched by vLLM: ~5x faster than
@@ -49,7 +49,9 @@ class Reference:
 
 
 def prompts() -> list[dict]:
-    text = resources.files("evertune.adapters").joinpath("data/general_prompts.jsonl").read_text()
+    text = (
+        resources.files("evertune.adapters").joinpath("prompts/general_prompts.jsonl").read_text()
+    )
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

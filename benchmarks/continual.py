@@ -42,12 +42,10 @@ Targets are reported, not asserted: the exit code is 0 when the run completed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +58,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/helpers.py
+from helpers import ask, free_port, jsonl, qa, served, ts
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FILES = json.loads((HERE / "continual_facts.json").read_text())
@@ -69,11 +70,13 @@ READY_TIMEOUT_S = 1200  # the first start may prepare the base model (no --model
 CYCLE_TIMEOUT_S = 3600
 SERVE_GRACE_S = 15  # after the version is live: how long to wait for the first fact
 MAX_TOKENS = 48
+# Greedy answers through vLLM; None when the request fails (e.g. the name is not served).
+ASK = {"max_tokens": MAX_TOKENS, "timeout": 120, "or_none": True}
 
 
 def replay_defaults() -> dict[str, Any]:
     """The service's replay sampling defaults (--set train.replay_* applies to both sides)."""
-    from evertune.daemon.config import GateConfig, TrainConfig
+    from evertune.daemon.config_sections import GateConfig, TrainConfig
 
     t, g = TrainConfig(), GateConfig()
     return {
@@ -100,9 +103,7 @@ def records(facts: list[dict]) -> list[dict]:
     for f in facts:
         q1, q2, q3 = phrasings(f)
         a = f["answer"]
-        out.append(
-            {"messages": [{"role": "user", "content": q1}, {"role": "assistant", "content": a}]}
-        )
+        out.append(qa(q1, a))
         out.append({"prompt": q2, "completion": a})
         out.append({"conversations": [{"from": "human", "value": q3}, {"from": "gpt", "value": a}]})
     return out
@@ -171,51 +172,15 @@ def score(
 # ---- the served model (vLLM) ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def served(url: str) -> dict[str, str]:
-    try:
-        return {m["id"]: m["root"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]}
-    except (httpx.HTTPError, ValueError, KeyError):
-        return {}
-
-
-def ask(client: httpx.Client, url: str, model: str, question: str) -> str | None:
-    """Greedy answer through vLLM; None when the request fails (e.g. the name is not served)."""
-    try:
-        r = client.post(
-            f"{url}/v1/chat/completions",
-            json={
-                "model": model,
-                "messages": [{"role": "user", "content": question}],
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0,
-            },
-            timeout=120,
-        )
-        r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError):
-        return None
-
-
 def asker(url: str, model: str):
     def answer_of(questions: list[str]) -> list[str | None]:
         with httpx.Client() as client, ThreadPoolExecutor(8) as pool:  # vLLM batches them
-            return list(pool.map(lambda q: ask(client, url, model, q), questions))
+            return list(pool.map(lambda q: ask(url, model, q, client=client, **ASK), questions))
 
     return answer_of
 
 
 # ---- the database -------------------------------------------------------------------------
-
-
-def ts(text: str | None) -> float | None:
-    return dt.datetime.fromisoformat(text).timestamp() if text else None
 
 
 def rows(home: Path, name: str, after_run: int) -> tuple[dict | None, dict | None, dict | None]:
@@ -465,7 +430,7 @@ def one_cycle(
     facts = files[k - 1]
     name = f"file{k}.jsonl"
     tmp = home / f".{name}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records(facts)))
+    tmp.write_text(jsonl(*records(facts), compact=False))
     first_q, first_e = facts[0]["question"], facts[0]["expected"]
     t0 = time.time()
     os.replace(tmp, home / "inbox" / DOMAIN / name)  # the file lands
@@ -482,7 +447,7 @@ def one_cycle(
                 break
             if version and version["state"] == "live" and serve_at is None:
                 live_seen = live_seen or time.time()
-                if knows(ask(client, url, DOMAIN, first_q), first_e):
+                if knows(ask(url, DOMAIN, first_q, client=client, **ASK), first_e):
                     serve_at = time.time()
             if run and run["finished_at"]:
                 if version is None or version["state"] != "live" or serve_at:
@@ -572,8 +537,8 @@ def one_cycle(
 def sample_replay(
     old: list[dict], n_new: int, seed: int, replay: dict[str, Any]
 ) -> tuple[list[dict], list[dict]]:
-    """(replay, held-out) as the service samples them (daemon/cycle.py)."""
-    from evertune.daemon.cycle import sample_old
+    """(replay, held-out) as the service samples them (daemon/selection.py)."""
+    from evertune.daemon.selection import sample_old
 
     pairs = list(enumerate(old))
     picked, held = sample_old(

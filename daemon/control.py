@@ -19,51 +19,36 @@ or wrong token, 409 for any other evertune error (the request was understood, th
 refuses it), 500 for a bug (generic message; the traceback goes to the daemon's log).
 
 The server is the standard library's ThreadingHTTPServer: a handful of requests a minute from
-one CLI do not justify a web framework. `ControlClient` is the CLI's side, on httpx.
+one CLI do not justify a web framework. The CLI's side, on httpx: daemon/control_client.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import hmac
 import ipaddress
 import json
 import logging
-import os
-import secrets
 import socket
-import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import httpx
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from evertune.adapters.errors import AdapterError, RegistryError
+from evertune.adapters.errors import AdapterError
+from evertune.daemon.control_client import ControlError
+from evertune.daemon.control_token import ensure_token
 from evertune.daemon.errors import EvertuneError, UsageError
-from evertune.store.errors import InvalidDomainError, StoreError
-from evertune.store.layout import fsync_dir
+from evertune.store.errors import InvalidDomainError, RegistryError, StoreError
 
 log = logging.getLogger(__name__)
 
-TOKEN_FILE = "control.token"
 MAX_BODY = 64 * 1024
 _BAD_REQUEST = (UsageError, InvalidDomainError, RegistryError)
 _REFUSED = (EvertuneError, StoreError, AdapterError)
-
-
-class ControlError(EvertuneError):
-    """The control API cannot be served or reached, or it answered with an error."""
-
-    def __init__(self, message: str, status: int | None = None, kind: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
 
 
 class ControlHandler(Protocol):
@@ -93,55 +78,6 @@ class ControlHandler(Protocol):
     def reload(self) -> dict[str, Any]: ...
 
     def reconcile(self) -> dict[str, Any]: ...
-
-
-# ---- the token ---------------------------------------------------------------------------
-
-
-def ensure_token(path: Path, group: str = "evertune") -> str:
-    """The control token in `path`, created (mode 0640, group `group` if possible) if absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    except FileExistsError:
-        return _read_token(path)
-    token = secrets.token_urlsafe(32)
-    try:
-        os.fchmod(fd, 0o640)  # the umask may have removed the group bit
-        _chgrp(fd, path, group)
-        os.write(fd, (token + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
-    log.info("wrote a new control token to %s", path)
-    return token
-
-
-def _read_token(path: Path) -> str:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ControlError(
-            f"the control token {path} is readable or writable by every user"
-            f" (mode {stat.S_IMODE(mode):04o}); run `chmod 640 {path}`, or delete it and"
-            " restart the daemon to get a new one"
-        )
-    token = path.read_text(encoding="utf-8").strip()
-    if not token:
-        raise ControlError(
-            f"the control token {path} is empty; delete it and restart the daemon to get a new one"
-        )
-    return token
-
-
-def _chgrp(fd: int, path: Path, group: str) -> None:
-    # Best effort: without the group (a dev machine) only the owner and root read the token.
-    try:
-        os.fchown(fd, -1, grp.getgrnam(group).gr_gid)
-    except KeyError:
-        log.debug("no group %r: %s keeps the owner's group", group, path)
-    except PermissionError:
-        log.debug("may not give %s to group %r: it keeps the owner's group", path, group)
 
 
 # ---- the server --------------------------------------------------------------------------
@@ -430,110 +366,3 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             log.debug("control API: client %s went away", self.address_string())
-
-
-# ---- the client --------------------------------------------------------------------------
-
-
-class ControlClient:
-    """The CLI's side of the control API; every method returns the daemon's JSON answer."""
-
-    def __init__(self, url: str, token: str, timeout: float = 30.0):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        # trust_env=False: an HTTP(S)_PROXY in the environment must not see loopback traffic.
-        self._http = httpx.Client(
-            base_url=self.url,
-            timeout=timeout,
-            trust_env=False,
-            headers={"Authorization": f"Bearer {token}"},
-        )
-
-    @classmethod
-    def from_home(cls, home: Path, url: str, timeout: float = 30.0) -> ControlClient:
-        """A client with the token the daemon wrote to `<home>/control.token`."""
-        path = Path(home) / TOKEN_FILE
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise ControlError(
-                f"no control token at {path}: the daemon writes it when `evertune run` starts;"
-                " is the daemon running with this home?"
-            ) from None
-        except PermissionError:
-            raise ControlError(
-                f"cannot read the control token {path}: permission denied; join the"
-                " `evertune` group (`sudo usermod -aG evertune $USER`, then log in again)"
-                " or run the command as the service user"
-            ) from None
-        except OSError as exc:
-            raise ControlError(f"cannot read the control token {path}: {exc}") from None
-        if not token:
-            raise ControlError(f"the control token {path} is empty; restart the daemon")
-        return cls(url, token, timeout)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def healthz(self) -> dict[str, Any]:
-        """{"ok": true} or, when the daemon is unhealthy, {"ok": false, "why": ...} (no raise)."""
-        response = self._request("GET", "/healthz", ok=(200, 503))
-        return response.json()
-
-    def metrics_text(self) -> str:
-        return self._request("GET", "/metrics").text
-
-    def status(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/status").json()
-
-    def train(self, domain: str, force: bool = False, from_base: bool = False) -> dict[str, Any]:
-        return self._post("/v1/train", {"domain": domain, "force": force, "from_base": from_base})
-
-    def forget(self, domain: str, prompt_hashes: list[str]) -> dict[str, Any]:
-        return self._post("/v1/forget", {"domain": domain, "prompt_hashes": prompt_hashes})
-
-    def rollback(self, domain: str, to: str | None = None) -> dict[str, Any]:
-        return self._post("/v1/rollback", {"domain": domain, "to": to})
-
-    def pin(self, domain: str, version: str) -> dict[str, Any]:
-        return self._post("/v1/pin", {"domain": domain, "version": version})
-
-    def unpin(self, domain: str, version: str) -> dict[str, Any]:
-        return self._post("/v1/unpin", {"domain": domain, "version": version})
-
-    def reload(self) -> dict[str, Any]:
-        return self._post("/v1/reload", {})
-
-    def reconcile(self) -> dict[str, Any]:
-        return self._post("/v1/reconcile", {})
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", path, json=body).json()
-
-    def _request(
-        self, method: str, path: str, ok: tuple[int, ...] = (), **kwargs: Any
-    ) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise ControlError(
-                f"the evertune daemon at {self.url} did not answer {method} {path} within"
-                f" {self.timeout:g} s ({type(exc).__name__}); it may be busy, try again"
-            ) from None
-        except httpx.TransportError as exc:
-            raise ControlError(
-                f"cannot reach the evertune daemon at {self.url}: {exc}; is `evertune run` running?"
-            ) from None
-        if response.is_success or response.status_code in ok:
-            return response
-        message, kind = f"HTTP {response.status_code}: {response.text[:200]}", None
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            payload = response.json()
-            message, kind = payload["error"], payload.get("kind")
-        raise ControlError(message, status=response.status_code, kind=kind)

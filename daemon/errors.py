@@ -3,6 +3,10 @@ into output; each message carries the offending value and how to fix it."""
 
 from __future__ import annotations
 
+# The CLI's exit codes: success; some records or files rejected, or a failure; a usage or
+# configuration error; the gate refused the candidate; nothing new to train on.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_NOTHING = 0, 1, 2, 3, 4
+
 
 class EvertuneError(Exception):
     """Base class of every error raised by evertune.daemon."""

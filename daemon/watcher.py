@@ -93,6 +93,18 @@ def open_for_writing(path: Path) -> bool | None:
         os.close(fd)
 
 
+def tidy(inbox: Path) -> None:
+    """At start: say which files under the inbox are not ingested and why, and delete the
+    partial copies of `evertune ingest` commands that were stopped."""
+    from evertune.store.files import remove_stale_parts
+
+    for why in misplaced(inbox):
+        log.warning("not ingested: %s", why)
+    for folder in (d for d in inbox.iterdir() if d.is_dir()):
+        for part in remove_stale_parts(folder):
+            log.warning("removed %s: the partial copy of a command that was stopped", part)
+
+
 def misplaced(inbox: Path) -> Iterator[str]:
     """Why each misplaced file under the inbox is not ingested (for status and start-up)."""
     for root, dirs, files in os.walk(inbox):

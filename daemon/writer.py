@@ -1,8 +1,10 @@
-"""The one store writer: a thread that owns the write connection and runs jobs in order.
+"""The ingest writer: a thread that owns a connection and runs ingest jobs in order.
 
-Everything in the daemon that writes to SQLite submits a job here (STYLE.md: one writer;
-readers use their own connections in WAL mode). A job that raises fails its future, not
-the thread.
+Files are ingested here one at a time, in the order they settled (a large file takes
+minutes; its writes are batched transactions on this connection). The daemon's other
+writers (the run queue's, the serving runner's, the control connection: see
+daemon/service.py) write a few rows at a time in short BEGIN IMMEDIATE transactions, which
+SQLite serialises with these. A job that raises fails its future, not the thread.
 """
 
 from __future__ import annotations

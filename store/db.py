@@ -1,8 +1,9 @@
 """Opening the store: one SQLite file in WAL mode, migrated to the current schema.
 
-The daemon holds the one writer connection; readers (the CLI, status) open their own and
-never block it (WAL). `busy_timeout` makes a second writer (the CLI acting on the store
-while no daemon runs, racing a starting daemon) wait instead of failing.
+Every write is a transaction begun IMMEDIATE (`write_transaction`), so writers queue on
+SQLite's lock (`busy_timeout`) instead of failing: the daemon's few connections (one per
+thread that writes, daemon/service.py lists them) and a CLI acting on the store while no
+daemon runs. Readers (the CLI, status) open their own and never block a writer (WAL).
 """
 
 from __future__ import annotations

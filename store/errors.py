@@ -21,3 +21,7 @@ class RecordError(StoreError, ValueError):
 
 class InvalidDomainError(StoreError, ValueError):
     """A domain name that cannot be served as a model name."""
+
+
+class RegistryError(StoreError, ValueError):
+    """An adapter version folder is missing, corrupt, or not in the state asked for."""

@@ -13,15 +13,13 @@ The one code path used by the watcher and by `evertune ingest`. Per file:
 
 from __future__ import annotations
 
-import errno
 import gc
 import hashlib
 import logging
 import os
-import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -29,9 +27,19 @@ from sqlite_utils import Database
 
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import IngestError, RecordError
+from evertune.store.files import (
+    NotRegularFile,
+    file_sha256,
+    free_name,
+    not_regular,
+    open_regular,
+    text_of,
+    write_atomic,
+)
 from evertune.store.formats import TEXT, normalise, prompt_hash
 from evertune.store.layout import HomeLayout, fsync_dir
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
+from evertune.store.reports import FileReport, Problem, load_report, save_report
 
 log = logging.getLogger(__name__)
 
@@ -60,105 +68,7 @@ class IngestLimits:
     max_errors_kept: int = 1_000
 
 
-@dataclass(frozen=True)
-class Problem:
-    line: int | None
-    offset: int | None
-    reason: str
-
-
-@dataclass
-class FileReport:
-    """What happened to one dropped file; also the content of its .report.json."""
-
-    file: str
-    domain: str
-    status: str  # ingested | rejected | duplicate
-    sha256: str
-    size: int
-    stored_path: str
-    format: str | None = None
-    records: int = 0
-    examples_added: int = 0
-    examples_duplicate: int = 0
-    records_rejected: int = 0
-    # older examples (earlier files or lines) answering a prompt this file answers anew:
-    # kept in the store, never trained on again
-    examples_superseded: int = 0
-    examples_reinstated: int = 0  # superseded examples this file gives again: current again
-    superseded_lines: list[dict] = field(default_factory=list)  # {line, by_line} in this file
-    reason: str | None = None
-    duplicate_of: str | None = None
-    errors: list[Problem] = field(default_factory=list)
-    errors_by_reason: dict[str, int] = field(default_factory=dict)
-    file_id: int | None = None
-    ingested_at: str = ""
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
-
-
 Progress = Callable[[int, int], None]  # (bytes read, file size)
-
-
-class NotRegularFile(Exception):
-    """The inbox takes regular files only: not a link, a FIFO, a socket, a device or a
-    folder. A link would let anyone who can write to the inbox have the service read (and
-    train on, and serve) a file only it can read; a FIFO blocks whoever opens it."""
-
-
-KINDS = {
-    stat.S_IFLNK: "a symbolic link",
-    stat.S_IFIFO: "a FIFO (named pipe)",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFDIR: "a folder",
-}
-
-
-def text_of(path: Path | str) -> str:
-    """A path as text that can be stored (SQLite, JSON reports): itself when its bytes are
-    UTF-8, else with each bad byte written as \\xNN. A dropped file whose name is not
-    UTF-8 is stored under that name in done/ (before: a traceback, and the file stayed)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def not_regular(path: Path) -> str | None:
-    """Why `path` is not taken (None: a regular file). Does not follow links."""
-    kind = stat.S_IFMT(os.lstat(path).st_mode)
-    if kind == stat.S_IFREG:
-        return None
-    what = KINDS.get(kind, "not a regular file")
-    return f"{what}: the inbox takes regular files only; copy the file itself into it"
-
-
-def open_regular(path: Path):
-    """`path` open for binary reading, refusing (NotRegularFile) anything but a regular
-    file without following a link or blocking on a FIFO, even if it was swapped after a
-    check."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotRegularFile(not_regular(path) or "a symbolic link") from exc
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(not_regular(path) or "not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open_regular(path) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ingest_file(
@@ -252,65 +162,6 @@ def _unfinished_move(db: Database, domain: str, sha: str, path: Path) -> FileRep
     if row is None or Path(row[1]).exists():
         return None
     report = load_report(db, row[0])
-    return report
-
-
-def load_report(db: Database, file_id: int) -> FileReport:
-    """Rebuild a file's report from the store (the report file is derived from this)."""
-    cols = [
-        "id",
-        "name",
-        "domain",
-        "status",
-        "sha256",
-        "size",
-        "stored_path",
-        "format",
-        "records",
-        "examples_added",
-        "examples_duplicate",
-        "records_rejected",
-        "examples_superseded",
-        "examples_reinstated",
-        "reason",
-        "duplicate_of",
-        "ingested_at",
-        "errors_by_reason",
-    ]
-    row = dict(
-        zip(
-            cols,
-            db.execute(f"SELECT {', '.join(cols)} FROM files WHERE id = ?", [file_id]).fetchone(),
-            strict=True,
-        )
-    )
-    errors = [
-        Problem(*e)
-        for e in db.execute(
-            "SELECT line, byte_offset, reason FROM file_errors WHERE file_id = ? ORDER BY id",
-            [file_id],
-        )
-    ]
-    dup = row.pop("duplicate_of")
-    row["file_id"] = row.pop("id")
-    row["file"] = row.pop("name")
-    by_reason = row.pop("errors_by_reason")
-    report = FileReport(
-        **row, errors=errors, errors_by_reason=orjson.loads(by_reason) if by_reason else {}
-    )
-    report.superseded_lines = [
-        {"line": old, "by_line": new}
-        for old, new in db.execute(
-            "SELECT o.line, n.line FROM examples o JOIN examples n ON n.id = o.superseded_by"
-            " WHERE o.file_id = ? AND n.file_id = ? ORDER BY o.line",
-            [file_id, file_id],
-        )
-    ]
-    if dup is not None:
-        name, when = db.execute(
-            "SELECT name, ingested_at FROM files WHERE id = ?", [dup]
-        ).fetchone()
-        report.duplicate_of = f"{name} (file #{dup}, ingested {when})"
     return report
 
 
@@ -515,118 +366,12 @@ def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileRep
     if report.status == "ingested" and report.examples_added + report.examples_duplicate == 0:
         report.status = "rejected"
         report.stored_path = str(free_name(db, layout.rejected / report.domain, report.file))
-    db.execute(
-        "UPDATE files SET status = ?, stored_path = ?, report_path = ?, format = ?, records = ?,"
-        " examples_added = ?, examples_duplicate = ?, records_rejected = ?, reason = ?,"
-        " errors_by_reason = ?, examples_superseded = ?, examples_reinstated = ? WHERE id = ?",
-        [
-            report.status,
-            report.stored_path,
-            report.stored_path + ".report.json",
-            report.format,
-            report.records,
-            report.examples_added,
-            report.examples_duplicate,
-            report.records_rejected,
-            report.reason,
-            orjson.dumps(report.errors_by_reason).decode(),
-            report.examples_superseded,
-            report.examples_reinstated,
-            report.file_id,
-        ],
-    )
-    db.conn.executemany(
-        "INSERT INTO file_errors (file_id, line, byte_offset, reason) VALUES (?, ?, ?, ?)",
-        [(report.file_id, e.line, e.offset, e.reason) for e in report.errors],
-    )
-    db.execute(
-        "INSERT INTO events (ts, level, domain, kind, message) VALUES (?, ?, ?, ?, ?)",
-        [
-            report.ingested_at,
-            "warning" if report.records_rejected else "info",
-            report.domain,
-            f"file_{report.status}",
-            f"{report.file}: {report.examples_added} new, {report.examples_duplicate} duplicate,"
-            f" {report.records_rejected} rejected"
-            + (
-                f", {report.examples_superseded} older examples superseded"
-                if report.examples_superseded
-                else ""
-            ),
-        ],
-    )
+    save_report(db, report)
 
 
 def _reason_key(reason: str) -> str:
     """Group reasons for counting: the text before the first ':' or '(' ."""
     return reason.split(":", 1)[0].split("(", 1)[0].strip()
-
-
-def free_name(db: Database, folder: Path, name: str) -> Path:
-    """A path in `folder` that neither exists nor is promised to another file's row."""
-    stem, suffix = os.path.splitext(name)
-    candidate, n = folder / name, 1
-    while (
-        candidate.exists()
-        or db.execute("SELECT 1 FROM files WHERE stored_path = ?", [str(candidate)]).fetchone()
-    ):
-        n += 1
-        candidate = folder / f"{stem}~{n}{suffix}"
-    return candidate
-
-
-PART = ".part"
-
-
-def part_path(folder: Path, name: str) -> Path:
-    """Where a copy into the inbox is written before it is renamed in: hidden (the watcher
-    ignores dot files) and named by the writing process, so that a copy cut short by a
-    kill is known as stale once that process is gone."""
-    return folder / f".{name}.{os.getpid()}{PART}"
-
-
-def remove_stale_parts(folder: Path) -> list[Path]:
-    """Delete the partial copies in `folder` whose writing process is gone (a CLI killed
-    mid-copy, a full disk): they hold nothing that is not still in the source file."""
-    removed = []
-    for p in folder.glob(f".*{PART}"):
-        pid = p.name[: -len(PART)].rsplit(".", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        try:
-            if p.is_file() and not p.is_symlink():
-                p.unlink()
-                removed.append(p)
-        except OSError:
-            pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def waiting_copy(folder: Path, src: Path) -> Path | None:
-    """A file already in `folder` (not yet ingested) with exactly `src`'s content: the copy
-    of an earlier command that was interrupted before the file was ingested. Running the
-    command again ingests that one instead of leaving a second copy (`name~2`) behind."""
-    size, sha = src.stat().st_size, None
-    for p in sorted(folder.iterdir()):
-        try:
-            if p.name.startswith(".") or not_regular(p) or p.stat().st_size != size:
-                continue
-            sha = sha or file_sha256(src)
-            if file_sha256(p) == sha:
-                return p
-        except OSError:  # ingested (moved) meanwhile, or unreadable: not this one
-            continue
-    return None
 
 
 def _finish(path: Path, report: FileReport) -> FileReport:
@@ -638,13 +383,3 @@ def _finish(path: Path, report: FileReport) -> FileReport:
     fsync_dir(stored.parent)
     fsync_dir(path.parent)
     return report
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    """`data` in `target` whole or not at all (written beside it, fsynced, renamed)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)

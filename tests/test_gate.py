@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evertune.adapters.gate import BASE, GateConfig, decide, easy_change, measure
+from evertune.adapters.gate import BASE, GateThresholds, decide, easy_change, measure
 
 
 def test_easy_change_counts_the_answers_that_changed_each_way():
@@ -47,7 +47,7 @@ def metrics(general_loss: float, easy: list[bool]) -> dict:
 def test_decide_refuses_a_model_significantly_worse_at_easy_questions():
     base = metrics(1.0, [True] * 12 + [False] * 12)
     worse = metrics(1.0, [True] * 5 + [False] * 19)
-    verdict = decide(worse, base, base, GateConfig())
+    verdict = decide(worse, base, base, GateThresholds())
     assert not verdict.promote
     assert "easy general questions" in verdict.reason and "gate.easy_alpha" in verdict.reason
     assert verdict.metrics["easy_lost"] == 7 and verdict.metrics["easy_gained"] == 0
@@ -56,7 +56,7 @@ def test_decide_refuses_a_model_significantly_worse_at_easy_questions():
 def test_decide_passes_a_model_that_only_flips_a_few_each_way():
     base = metrics(1.0, [True] * 12 + [False] * 12)
     noisy = metrics(0.95, [True] * 10 + [False] * 2 + [True] * 2 + [False] * 10)
-    verdict = decide(noisy, base, base, GateConfig())
+    verdict = decide(noisy, base, base, GateThresholds())
     assert verdict.promote, verdict.reason
 
 
@@ -109,11 +109,11 @@ def test_the_gate_refuses_a_damaged_adapter_and_passes_an_unchanged_one(
     with ev.adapter_off(model):
         base = measure(model, tok, [], [], held, BASE)
     cand = measure(model, tok, [], [], held)
-    verdict = decide(cand, base, base, GateConfig())
+    verdict = decide(cand, base, base, GateThresholds())
     assert verdict.promote is not damaged, verdict.reason
     if damaged:
         assert "general drift" in verdict.reason
-        assert verdict.metrics["drift"] > GateConfig().drift_tolerance
+        assert verdict.metrics["drift"] > GateThresholds().drift_tolerance
     else:
         assert verdict.metrics["drift"] == pytest.approx(0.0, abs=1e-3)
         assert verdict.metrics["easy_lost"] == 0
@@ -123,20 +123,20 @@ def test_a_rise_on_old_examples_near_zero_loss_is_not_forgetting():
     base = metrics(1.0, [True] * 4)
     live = {**base, "old_loss": 0.005}
     kept = {**base, "old_loss": 0.008}  # +60%, but 0.003 nats per token
-    assert decide(kept, live, base, GateConfig()).promote
+    assert decide(kept, live, base, GateThresholds()).promote
     forgot = {**base, "old_loss": 0.9}
-    verdict = decide(forgot, live, base, GateConfig())
+    verdict = decide(forgot, live, base, GateThresholds())
     assert not verdict.promote and "gate.old_tolerance" in verdict.reason
 
 
 def test_decide_refuses_a_candidate_that_still_gives_answers_that_changed():
     base = metrics(1.0, [True] * 4)
     changed = {**base, "stale": 2, "changed": 10}
-    verdict = decide(changed, base, base, GateConfig())
+    verdict = decide(changed, base, base, GateThresholds())
     assert not verdict.promote and "gate.max_stale" in verdict.reason
     assert "old answer to 2 of 10" in verdict.reason
     assert (verdict.metrics["stale"], verdict.metrics["changed"]) == (2, 10)
-    assert decide({**changed, "stale": 1}, base, base, GateConfig()).promote
+    assert decide({**changed, "stale": 1}, base, base, GateThresholds()).promote
 
 
 def test_measure_counts_a_changed_question_answered_the_old_way_as_stale(tiny_base):

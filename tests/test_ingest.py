@@ -13,18 +13,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from helpers import jsonl, qa
 
-from evertune.store.ingest import FileReport, IngestLimits, ingest_file, load_report
+from evertune.store.ingest import IngestLimits, ingest_file
+from evertune.store.reports import FileReport, load_report
 
 DOMAIN = "legal"
-
-
-def jsonl(*records) -> str:
-    return "".join(orjson.dumps(r).decode() + "\n" for r in records)
-
-
-def qa(q: str, a: str) -> dict:
-    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
 
 def as_chat(q: str, a: str) -> list[dict]:

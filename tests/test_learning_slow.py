@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import chat_jsonl, fact_pairs
 
 from evertune.adapters import evaluate as ev
-from evertune.adapters.gate import GateConfig
+from evertune.adapters.gate import GateThresholds
 from evertune.daemon.cli import main
 
 FACTS = json.loads((Path(__file__).parent / "data" / "facts.json").read_text())[:5]
@@ -27,21 +28,7 @@ def trained(tmp_path_factory, smollm2_models):
         "[model]\nreference_limit = 48\n[train]\ngeneral_per_epoch = 16\n"
     )
     src = home / "facts.jsonl"
-    src.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": q},
-                        {"role": "assistant", "content": f["answer"]},
-                    ]
-                }
-            )
-            + "\n"
-            for f in FACTS
-            for q in [f["question"], *f["rephrasings"]]
-        )
-    )
+    src.write_text(chat_jsonl(fact_pairs(FACTS)))
     mp = pytest.MonkeyPatch()
     mp.setenv("EVERTUNE_HOME", str(home))
     try:
@@ -64,8 +51,8 @@ def test_the_gate_promotes_what_real_training_learned(trained, capsys):
         mp.undo()
     [v1] = json.loads(capsys.readouterr().out)
     assert v1["state"] == "live"
-    assert v1["metrics"]["drift"] <= GateConfig().drift_tolerance
-    assert v1["metrics"]["candidate"]["new_exact"] >= GateConfig().min_learned
+    assert v1["metrics"]["drift"] <= GateThresholds().drift_tolerance
+    assert v1["metrics"]["candidate"]["new_exact"] >= GateThresholds().min_learned
 
 
 def test_the_adapter_answers_the_facts_and_the_base_model_does_not(trained):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from evertune.daemon.cli import OneLineFormatter, setup_daemon_logging
-from evertune.daemon.serving import _own_polling
+from evertune.daemon.vllm_process import _own_polling
 
 
 def test_a_file_name_with_a_newline_cannot_forge_a_log_line():

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from evertune.adapters import registry
-from evertune.adapters.errors import RegistryError
+from evertune.store import versions
+from evertune.store.errors import RegistryError
 
 
 def fake_adapter(folder: Path) -> Path:
@@ -24,7 +25,7 @@ def new_version(db, layout, domain="legal", parent=None):
     v = registry.begin(db, layout.adapters, domain, None, parent.id if parent else None)
     staging = fake_adapter(registry.staging_dir(layout.adapters, domain, v.number))
     registry.publish(v, staging, {"version": v.name})
-    return registry.set_state(db, v, "candidate")
+    return versions.set_state(db, v, "candidate")
 
 
 def test_versions_are_numbered_per_domain_and_published_by_rename(db, layout):
@@ -35,32 +36,32 @@ def test_versions_are_numbered_per_domain_and_published_by_rename(db, layout):
     assert Path(v2.path) == layout.adapters / "legal" / "v0002"
     assert json.loads((Path(v2.path) / "meta.json").read_text()) == {"version": "v0002"}
     assert not list((layout.adapters / "legal").glob(".*"))  # no staging left behind
-    assert registry.get(db, v2.id).parent == "v0001"
+    assert versions.get(db, v2.id).parent == "v0001"
 
 
 def test_exactly_one_live_version_and_promotion_retires_the_previous(db, layout):
     v1 = registry.promote(db, new_version(db, layout))
     registry.promote(db, new_version(db, layout, parent=v1))
-    states = {v.name: v.state for v in registry.list_versions(db, "legal")}
+    states = {v.name: v.state for v in versions.list_versions(db, "legal")}
     assert states == {"v0001": "retired", "v0002": "live"}
-    assert registry.live(db, "legal").name == "v0002"
+    assert versions.live(db, "legal").name == "v0002"
     with pytest.raises(Exception, match="UNIQUE"):  # the database itself refuses two
         db.execute("UPDATE versions SET state = 'live' WHERE id = ?", [v1.id])
 
 
 def test_a_rejected_candidate_can_never_become_live(db, layout):
-    v = registry.set_state(db, new_version(db, layout), "rejected", reason="drift +300%")
+    v = versions.set_state(db, new_version(db, layout), "rejected", reason="drift +300%")
     with pytest.raises(RegistryError, match="rejected: only a candidate or a retired"):
         registry.promote(db, v)
-    assert registry.live(db, "legal") is None
+    assert versions.live(db, "legal") is None
     assert Path(v.path).exists()  # rejected versions keep their folder and number
 
 
 def test_rollback_promotes_a_retired_version(db, layout):
     v1 = registry.promote(db, new_version(db, layout))
     registry.promote(db, new_version(db, layout, parent=v1))
-    back = registry.promote(db, registry.find(db, "legal", "v0001"), "rollback")
-    assert back.state == "live" and registry.find(db, "legal", "v0002").state == "retired"
+    back = registry.promote(db, versions.find(db, "legal", "v0001"), "rollback")
+    assert back.state == "live" and versions.find(db, "legal", "v0002").state == "retired"
 
 
 def test_interrupted_training_leaves_no_visible_version(db, layout):
@@ -83,7 +84,7 @@ def test_a_candidate_left_by_an_interrupted_publish_is_rejected_and_the_live_one
     [abandoned] = registry.abandon_unfinished(db, layout.adapters)
     assert abandoned.id == cut_short.id
     assert abandoned.state == "rejected" and abandoned.reason == "publishing was interrupted"
-    assert registry.live(db, "legal").id == live.id
+    assert versions.live(db, "legal").id == live.id
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "dora"])
@@ -104,7 +105,7 @@ def test_promote_refuses_a_version_whose_folder_was_damaged(db, layout):
     (Path(v.path) / "adapter_model.safetensors").unlink()
     with pytest.raises(RegistryError, match=r"adapter_model\.safetensors is missing"):
         registry.promote(db, v)
-    assert registry.live(db, "legal") is None
+    assert versions.live(db, "legal") is None
 
 
 def test_retention_keeps_live_pinned_and_the_last_n(db, layout):
@@ -115,11 +116,11 @@ def test_retention_keeps_live_pinned_and_the_last_n(db, layout):
     assert sorted(p.name for p in removed) == ["v0003", "v0004"]
     kept = sorted(p.name for p in (layout.adapters / "legal").iterdir())
     assert kept == ["v0001", "v0002", "v0005", "v0006"]
-    assert "folder removed" in registry.find(db, "legal", "v0003").reason
+    assert "folder removed" in versions.find(db, "legal", "v0003").reason
 
 
 def test_version_names_are_checked(db, layout):
     with pytest.raises(RegistryError, match="not a version name"):
-        registry.find(db, "legal", "7")
+        versions.find(db, "legal", "7")
     with pytest.raises(RegistryError, match="legal has no version v0009"):
-        registry.find(db, "legal", "v0009")
+        versions.find(db, "legal", "v0009")

@@ -11,40 +11,17 @@ import random
 import signal
 import time
 
-import httpx
 import pytest
-from conftest import benchmark_module, free_port
+from conftest import benchmark_module
+from helpers import Daemon, ask, free_port, served, wait_for
 
 pytestmark = pytest.mark.e2e
 
-faults = benchmark_module("faults")  # the daemon harness: Daemon, drop_file, queries
-
-
-def wait_for(predicate, timeout: float, what: str, daemon=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if daemon is not None and daemon.proc.poll() is not None:
-            pytest.fail(f"the daemon exited:\n{daemon.tail()}")
-        time.sleep(0.5)
-    tail = daemon.tail() if daemon is not None else ""
-    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tail}")
+faults = benchmark_module("faults")  # the harness: config_text, drop_file, queries
 
 
 def answer(url: str, model: str) -> str:
-    r = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 8,
-            "temperature": 0,
-        },
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["message"]["content"]
+    return ask(url, model, "Hi", max_tokens=8)
 
 
 class Replica:
@@ -55,8 +32,8 @@ class Replica:
         self.model, self.port, self.server = model, free_port(), None
 
     def start(self):
-        from evertune.daemon.config import ServeConfig
-        from evertune.daemon.serving import EmbeddedVLLM
+        from evertune.daemon.config_sections import ServeConfig
+        from evertune.daemon.vllm_process import EmbeddedVLLM
 
         cfg = ServeConfig(port=self.port, start_timeout_seconds=600)
         self.server = EmbeddedVLLM(self.model, cfg, name="replica-b")
@@ -88,17 +65,17 @@ def test_two_replicas_get_every_version_and_one_down_holds_nothing_up(
     home.mkdir()
     (home / "evertune.toml").write_text(faults.config_text(tiny_base, a, b))
     exp = faults.Expected()
-    daemon = faults.Daemon(home)
+    daemon = Daemon(home)
     try:
         daemon.wait_up()
 
         def both_serve_live() -> bool:
             live = faults.live_paths(home).get("alpha")
-            return bool(live) and all((faults.served(u) or {}).get("alpha") == live for u in (a, b))
+            return bool(live) and all(served(u).get("alpha") == live for u in (a, b))
 
         # 1. a version reaches both replicas, and the stable name answers the same on both
         faults.drop_file(home, exp, random.Random(0), "alpha", "one.jsonl", 40)
-        wait_for(both_serve_live, 180, "v0001 on both replicas", daemon)
+        wait_for(both_serve_live, 180, "v0001 on both replicas", daemon, every=0.5)
         v1 = faults.live_paths(home)["alpha"]
         assert v1.endswith("v0001")
         assert answer(a, "alpha") == answer(b, "alpha")
@@ -106,8 +83,13 @@ def test_two_replicas_get_every_version_and_one_down_holds_nothing_up(
         # 2. replica b killed: its supervisor restarts it, reconcile loads v0001 back
         starts, pid = replica_b.starts, replica_b.pid
         os.killpg(pid, signal.SIGKILL)
-        wait_for(lambda: replica_b.starts > starts and replica_b.ready.is_set(), 600, "b restarted")
-        wait_for(both_serve_live, 60, "reconcile to reload v0001 on b", daemon)
+        wait_for(
+            lambda: replica_b.starts > starts and replica_b.ready.is_set(),
+            600,
+            "b restarted",
+            every=0.5,
+        )
+        wait_for(both_serve_live, 60, "reconcile to reload v0001 on b", daemon, every=0.5)
         assert answer(b, "alpha") == answer(a, "alpha")
 
         # 3. replica b down during a publish: v0002 goes live on a without waiting for b
@@ -117,18 +99,19 @@ def test_two_replicas_get_every_version_and_one_down_holds_nothing_up(
         wait_for(
             lambda: (
                 (faults.live_paths(home).get("alpha") or "").endswith("v0002")
-                and (faults.served(a) or {}).get("alpha", "").endswith("v0002")
+                and served(a).get("alpha", "").endswith("v0002")
             ),
             180,
             "v0002 live and on a while b is down",
             daemon,
+            every=0.5,
         )
-        assert faults.served(b) is None  # b really was down
+        assert served(b, or_none=True) is None  # b really was down
         assert time.monotonic() - t0 < 180
 
         # ... and b, back (a new server on its port, no adapters), gets v0002 from reconcile
         replica.start()
-        wait_for(both_serve_live, 60, "reconcile to bring v0002 to b", daemon)
+        wait_for(both_serve_live, 60, "reconcile to bring v0002 to b", daemon, every=0.5)
         assert answer(a, "alpha") == answer(b, "alpha")
     finally:
         daemon.stop()

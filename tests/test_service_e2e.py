@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import free_port
+from helpers import Daemon, ask, chat_jsonl, fact_pairs, free_port, served, wait_for
 
 from evertune.store.db import open_db
 
@@ -47,67 +46,8 @@ port = 0
 """
 
 
-class Daemon:
-    def __init__(self, home: Path):
-        self.home = home
-        self.log_path = home / f"daemon-{time.monotonic_ns()}.log"
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evertune.daemon.cli", "run"],
-            env={**os.environ, "EVERTUNE_HOME": str(home)},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def logtext(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout: float = 120) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self.log.close()
-        return code
-
-
-def wait_for(predicate, timeout: float, what: str, daemon: Daemon | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if daemon is not None and daemon.proc.poll() is not None:
-            pytest.fail(f"the daemon exited ({daemon.proc.returncode}):\n{daemon.logtext()}")
-        time.sleep(0.5)
-    tail = daemon.logtext()[-5000:] if daemon else ""
-    pytest.fail(f"timed out waiting for {what}\n{tail}")
-
-
-def served(url: str) -> dict[str, str]:
-    try:
-        data = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
-    except (httpx.HTTPError, ValueError, KeyError):
-        return {}
-    return {m["id"]: m["root"] for m in data}
-
-
 def knows(url: str, model: str, fact: dict) -> bool:
     return fact["expected"] in ask(url, model, fact["question"]).lower()
-
-
-def ask(url: str, model: str, question: str) -> str:
-    r = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": question}],
-            "max_tokens": 32,
-            "temperature": 0,
-        },
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["message"]["content"].strip()
 
 
 def drop(home: Path, name: str, facts: list[dict]) -> None:
@@ -115,21 +55,7 @@ def drop(home: Path, name: str, facts: list[dict]) -> None:
     inbox = home / "inbox" / "vaults"
     inbox.mkdir(parents=True, exist_ok=True)
     tmp = home / f".{name}.tmp"
-    tmp.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": q},
-                        {"role": "assistant", "content": f["answer"]},
-                    ]
-                }
-            )
-            + "\n"
-            for f in facts
-            for q in [f["question"], *f["rephrasings"]]
-        )
-    )
+    tmp.write_text(chat_jsonl(fact_pairs(facts)))
     os.replace(tmp, inbox / name)
 
 
@@ -153,29 +79,33 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     (home / "evertune.toml").write_text(config(port))
-    d = Daemon(home)
+    d = Daemon(home, log=f"daemon-{time.monotonic_ns()}.log")  # this run's log only
     try:
-        wait_for(lambda: served(url), 600, "the embedded vLLM to answer", d)
+        wait_for(lambda: served(url), 600, "the embedded vLLM to answer", d, every=0.5)
         # Ready to learn: the first start answers the general prompts through vLLM. Asked
         # meanwhile, the base model's answers come from different batches (not the same
         # greedy strings), so the check below waits for a quiet server.
-        wait_for(lambda: "ready to learn" in d.logtext(), 900, "the reference answers", d)
+        wait_for(
+            lambda: "ready to learn" in d.logtext(), 900, "the reference answers", d, every=0.5
+        )
 
         # 1. A file of new facts: trained, gated, published; the stable name answers them.
         assert not any(knows(url, "base", f) for f in FACTS[:9])  # new to the model
         drop(home, "a.jsonl", FACTS[:3])
-        wait_for(lambda: live_and_served(home, url, "v0001"), 900, "v0001 live and served", d)
+        wait_for(
+            lambda: live_and_served(home, url, "v0001"), 900, "v0001 live and served", d, every=0.5
+        )
         assert all(knows(url, "vaults", f) for f in FACTS[:3])
         assert knows(url, "vaults@v0001", FACTS[0])
 
         # 2. A second file: v2 trains from v1 with replay; the first facts still hold, but
         # for the one the file changes: its new answer supersedes the old, which is gone.
         drop(home, "b.jsonl", [*FACTS[3:6], CHANGED])
-        state2 = wait_for(lambda: gated(home, 2), 900, "v0002 trained and gated", d)
+        state2 = wait_for(lambda: gated(home, 2), 900, "v0002 trained and gated", d, every=0.5)
         meta = json.loads((home / "adapters" / "vaults" / "v0002" / "meta.json").read_text())
         assert meta["parent"] == "v0001" and meta["examples"]["replay"] >= 1
         assert state2 == "live", f"the gate refused v0002: {meta['gate']['reason']}"
-        wait_for(lambda: live_and_served(home, url, "v0002"), 120, "v0002 served", d)
+        wait_for(lambda: live_and_served(home, url, "v0002"), 120, "v0002 served", d, every=0.5)
         assert all(knows(url, "vaults", f) for f in FACTS[3:6])
         held = sum(knows(url, "vaults", f) for f in FACTS[1:3])
         assert held == 2, f"only {held}/2 of the unchanged first facts still hold after v2"
@@ -195,6 +125,7 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
             300,
             "the third run to start",
             d,
+            every=0.5,
         )
         assert d.stop() == 0
         assert "training cancelled" in d.logtext()
@@ -216,9 +147,9 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
     assert new == 9  # the third file, waiting for the rerun: none lost
 
     # 4. Restart: the interrupted run is rerun (a fresh version) with the third file.
-    d = Daemon(home)
+    d = Daemon(home, log=f"daemon-{time.monotonic_ns()}.log")  # this run's log only
     try:
-        state4 = wait_for(lambda: gated(home, 4), 900, "the rerun's v0004", d)
+        state4 = wait_for(lambda: gated(home, 4), 900, "the rerun's v0004", d, every=0.5)
         (trained,) = rows(
             home,
             "SELECT count(*) FROM version_examples ve JOIN versions v ON v.id = ve.version_id"
@@ -227,7 +158,7 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
         assert trained >= 9  # the third file's examples, trained on by the rerun
         assert state4 == "live", "the gate refused v0004"
         live = "v0004"
-        wait_for(lambda: live_and_served(home, url, live), 120, "v0004 served", d)
+        wait_for(lambda: live_and_served(home, url, live), 120, "v0004 served", d, every=0.5)
         assert all(knows(url, "vaults", f) for f in FACTS[6:9])
         assert all(knows(url, "vaults", f) for f in [CHANGED, *FACTS[1:6]]), (
             "earlier files forgotten"
@@ -246,8 +177,10 @@ def test_drop_train_serve_then_v2_then_sigterm_mid_training_and_restart(tmp_path
         assert status["daemon"]["running"] and status["serving"][0]["healthy"]
         assert status["serving"][0]["served"]["vaults"].endswith(live)
         os.killpg(_vllm_pid(home), signal.SIGKILL)
-        wait_for(lambda: not served(url), 60, "vLLM to be gone", d)
-        wait_for(lambda: live_and_served(home, url, live), 600, f"vLLM back with {live}", d)
+        wait_for(lambda: not served(url), 60, "vLLM to be gone", d, every=0.5)
+        wait_for(
+            lambda: live_and_served(home, url, live), 600, f"vLLM back with {live}", d, every=0.5
+        )
         assert knows(url, "vaults", CHANGED)
         assert "vLLM exited" in d.logtext()
     finally:
@@ -262,7 +195,7 @@ def gated(home: Path, number: int) -> str | None:
 
 def _vllm_pid(home: Path) -> int:
     """From the daemon itself, through its control API."""
-    from evertune.daemon.control import ControlClient
+    from evertune.daemon.control_client import ControlClient
 
     url = (home / "control.url").read_text().strip()
     with ControlClient.from_home(home, url) as client:

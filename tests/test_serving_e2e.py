@@ -18,13 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import benchmark_module
+from helpers import ask, served
 
 from evertune.adapters import registry
-from evertune.adapters.errors import RegistryError
-from evertune.daemon.config import ServeConfig
+from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.errors import AdapterRefused
 from evertune.daemon.serving import Serving, make_live, rollback, set_pinned
+from evertune.store import versions
 from evertune.store.db import open_db
+from evertune.store.errors import RegistryError
 from evertune.store.layout import HomeLayout
 
 pytestmark = pytest.mark.e2e
@@ -69,34 +71,24 @@ def home(tmp_path, vllm):
 
 
 def _endpoint(vllm):
-    from evertune.daemon.serving import Endpoint
+    from evertune.daemon.endpoint import Endpoint
 
     return Endpoint(vllm.url, timeout=60)
 
 
-def new_version(layout, db, signatures, domain: str, k: int, rank: int = 16) -> registry.Version:
+def new_version(layout, db, signatures, domain: str, k: int, rank: int = 16) -> versions.Version:
     """A candidate version through the real registry whose adapter is signature k
     (benchmarks/signatures.py): asked anything, it answers `signatures.marker(k)` only."""
     v = registry.begin(db, layout.adapters, domain, None, None)
     staging = registry.staging_dir(layout.adapters, domain, v.number)
     signatures.maker(rank).write(staging, k)
     registry.publish(v, staging, {"test": "signature", "marker": signatures.maker(rank).marker(k)})
-    return registry.set_state(db, v, "candidate")
-
-
-def ask(url: str, model: str) -> str:
-    r = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={"model": model, "messages": QUESTION, "max_tokens": 8, "temperature": 0},
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["message"]["content"]
+    return versions.set_state(db, v, "candidate")
 
 
 def version(signatures, url: str, model: str) -> int | None:
     """Which version's signature `model` answers with (None: no single version's)."""
-    return signatures.maker(16).version_of(ask(url, model))
+    return signatures.maker(16).version_of(ask(url, model, QUESTION, max_tokens=8))
 
 
 def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, signatures):
@@ -125,7 +117,7 @@ def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, si
     back = rollback(db, "legal", None, serving)
     assert back.name == "v0001" and back.state == "live"
     assert version(signatures, vllm.url, "legal") == 1
-    assert registry.live(db, "legal").name == "v0001"
+    assert versions.live(db, "legal").name == "v0001"
 
     # Unpinned and not live, v2 falls out of what is kept loaded (keep_loaded = 0).
     set_pinned(db, "legal", "v0001", False, serving)
@@ -145,14 +137,14 @@ def test_a_missing_or_corrupt_folder_is_refused_and_the_old_version_keeps_servin
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(RegistryError, match="truncated or corrupt"):
         make_live(db, bad, serving, "test")
-    assert registry.live(db, "faq").name == "v0001"
+    assert versions.live(db, "faq").name == "v0001"
     assert version(signatures, vllm.url, "faq") == 1
 
     # Valid files that vLLM itself refuses: rank 32 on a server started with max rank 16.
     big = new_version(layout, db, signatures, "faq", 3, rank=32)
     with pytest.raises(AdapterRefused, match="refused to load 'faq@v0003'"):
         make_live(db, big, serving, "test")
-    assert registry.live(db, "faq").name == "v0001"
+    assert versions.live(db, "faq").name == "v0001"
     assert version(signatures, vllm.url, "faq") == 1
     assert "faq@v0003" not in serving.endpoints[0].served()
 
@@ -163,7 +155,7 @@ def test_a_missing_or_corrupt_folder_is_refused_and_the_old_version_keeps_servin
     shutil.rmtree(gone.path)
     with pytest.raises(RegistryError, match=r"adapter_model\.safetensors is missing"):
         make_live(db, gone, serving, "test")
-    assert registry.live(db, "faq").name == "v0001"
+    assert versions.live(db, "faq").name == "v0001"
     assert version(signatures, vllm.url, "faq") == 1
 
 
@@ -195,7 +187,7 @@ def test_a_killed_vllm_is_restarted_and_gets_the_live_adapters_back(home, vllm, 
     os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        if vllm.starts > starts and vllm.ready.is_set() and "news" in _served(vllm.url):
+        if vllm.starts > starts and vllm.ready.is_set() and "news" in served(vllm.url):
             break
         time.sleep(1)
     else:
@@ -203,14 +195,6 @@ def test_a_killed_vllm_is_restarted_and_gets_the_live_adapters_back(home, vllm, 
     assert vllm.pid != pid
     assert version(signatures, vllm.url, "news") == 1
     assert version(signatures, vllm.url, "news@v0001") == 1
-
-
-def _served(url: str) -> dict:
-    try:
-        r = httpx.get(f"{url}/v1/models", timeout=5)
-        return {m["id"]: m["root"] for m in r.json()["data"]}
-    except httpx.HTTPError:
-        return {}
 
 
 def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, signatures):
@@ -296,18 +280,18 @@ def test_the_gate_answers_a_candidate_through_vllm_and_unloads_it(vllm, signatur
         db.close()
     remote = Remote(vllm.url)
 
-    def served() -> list[str]:
+    def listed() -> list[str]:  # strict: an error here fails the test, never reads as "gone"
         return [m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]]
 
     with remote.adapter("evertune-gate-test", v.path) as name:
-        assert name in served()
+        assert name in listed()
         [(short, _)] = remote.complete(name, [QUESTION], 48, stop=SENTENCE_ENDS)
         [(full, _)] = remote.complete(name, [QUESTION], 48)
         [(plain, _)] = remote.complete("base", [QUESTION], 48)
     assert full.startswith(short) and not any(e in short for e in SENTENCE_ENDS)
     # the candidate's own weights answered, not the base model's
     assert signatures.maker(16).version_of(full) == 7 and full != plain
-    assert "evertune-gate-test" not in served()
+    assert "evertune-gate-test" not in listed()
 
 
 def test_no_client_without_the_daemons_key_can_load_or_unload_by_any_route(home, vllm, signatures):

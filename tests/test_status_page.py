@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import chat_jsonl
+from helpers import Daemon, chat_jsonl, wait_for
 from test_cycle import FACTS, LENIENT, write_config
-from test_daemon import INGEST_ONLY, Daemon, _read, evertune, wait_for
+from test_daemon import INGEST_ONLY, _read, evertune
 
 from evertune.daemon.status_page import page_data
 from evertune.store.db import open_db
@@ -102,7 +102,7 @@ def test_the_report_is_one_file_that_draws_offline(home, tmp_path):
 
 def test_the_daemon_serves_the_page_and_it_refreshes(home, tiny_base):
     training = (home / "evertune.toml").read_text()
-    d = Daemon(home, INGEST_ONLY + training)
+    d = Daemon(home, INGEST_ONLY + training, stop_timeout=30).wait_locked()
     try:
         url = wait_for(lambda: _read(home / "control.url"), what="the control API").strip()
         assert httpx.get(f"{url}/status/data.json").json()["domains"][0]["name"] == "vaults"

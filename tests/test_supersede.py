@@ -9,26 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+from helpers import jsonl, qa
 from sqlite_utils import Database
 
-from evertune.daemon.cycle import select_examples
+from evertune.daemon.selection import select_examples
 from evertune.store import schema
 from evertune.store.formats import prompt_hash
-from evertune.store.ingest import ingest_file, load_report
+from evertune.store.ingest import ingest_file
 from evertune.store.queries import domain_summary
+from evertune.store.reports import load_report
 
 DOMAIN = "geo"
-
-
-def qa(q: str, a: str, system: str | None = None) -> dict:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return {
-        "messages": [*msgs, {"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    }
-
-
-def jsonl(*records) -> str:
-    return "".join(orjson.dumps(r).decode() + "\n" for r in records)
 
 
 def ingest(db, layout, drop, name: str, *records):
@@ -161,7 +152,7 @@ def test_the_migration_gives_stored_examples_their_prompt_and_supersedes_older_a
 
 
 def test_the_gate_is_given_the_old_answers_a_version_learned(db, layout, drop):
-    from evertune.daemon.cycle import replaced_answers
+    from evertune.daemon.selection import replaced_answers
 
     ingest(db, layout, drop, "a.jsonl", qa("q1?", "A1."), qa("q2?", "A2."), qa("q3?", "A3."))
     db.execute("UPDATE examples SET first_version_id = 1")  # learned by a version 1

@@ -1,0 +1,184 @@
+"""The child processes a training run starts (torch stays out of the daemon): preparing the
+base model and its reference answers, and the training child itself (daemon side: spec in,
+progress and result out, SIGTERM forwarded on stop), plus the home's training lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from evertune.adapters.base_model import BaseModel
+from evertune.adapters.errors import PreparationCancelled, TrainingCancelled, TrainingError
+from evertune.adapters.reference import Reference
+from evertune.daemon.config import Config
+from evertune.daemon.procs import die_with_parent
+from evertune.store import runs
+from evertune.store.layout import HomeLayout
+
+log = logging.getLogger(__name__)
+
+EXIT_CANCELLED = 3  # as evertune.adapters.child
+
+
+def prepare_base(
+    config: Config,
+    layout: HomeLayout,
+    stop: threading.Event | None = None,
+    references: bool = True,
+    vllm_url: str | None = None,
+) -> tuple[BaseModel, list[Reference]]:
+    """The base model and its reference set, prepared in a child process (torch stays out of
+    the daemon). Instant once prepared; the first time converts the bundled model and
+    answers the general prompts (through `vllm_url` when a server already serves this base
+    model as `base`), with progress on stderr."""
+    cmd = [sys.executable, "-m", "evertune.adapters.prepare", str(layout.models)]
+    if vllm_url:
+        cmd += ["--vllm-url", vllm_url]
+    if config.model.path:
+        cmd += ["--model", config.model.path]
+    if config.model.reference_limit:
+        cmd += ["--reference-limit", str(config.model.reference_limit)]
+    if not references:  # serving starts sooner; the first training run builds them
+        cmd.append("--base-only")
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent
+    ) as child:
+        watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
+        watcher.start()
+        stdout = child.stdout.read()
+        code = child.wait()
+    if stop is not None and stop.is_set():
+        raise PreparationCancelled("preparing the base model was cancelled (stop requested)")
+    if code != 0:
+        raise TrainingError(
+            f"preparing the base model failed (exit code {code}); the lines above say why."
+            f" Command: {shlex.join(cmd)}"
+        )
+    out = json.loads(stdout.strip().splitlines()[-1])
+    refs = [Reference(**r) for r in out.pop("references")]
+    return BaseModel(Path(out["path"]), out["model_id"], out["sha256"]), refs
+
+
+@contextlib.contextmanager
+def training_lock(
+    path: Path, progress: Callable[[dict], None] | None, wait: bool = True
+) -> Iterator[bool]:
+    """Holds the home's training lock; yields False at once, holding nothing, when another
+    process has it and `wait` is False."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if progress:
+                progress({"event": "phase", "phase": "waiting for the running training"})
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)
+
+
+def child_launcher(launcher: str) -> list[str]:
+    """The command that starts the training child, before `-m evertune.adapters.child`:
+    this Python, or the configured launcher. `torchrun ...` runs as this Python's
+    `-m torch.distributed.run ...`: the same torch, and no reliance on PATH (under systemd
+    the venv's bin/ is not on it)."""
+    words = shlex.split(launcher) if launcher else []
+    if not words:
+        return [sys.executable]
+    if words[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+    return words
+
+
+def run_child(
+    db: Database,
+    config: Config,
+    run_dir: Path,
+    spec: dict,
+    run_id: int,
+    progress: Callable[[dict], None] | None,
+    stop: threading.Event | None,
+) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    cmd = [*child_launcher(config.train.launcher), "-m", "evertune.adapters.child", str(run_dir)]
+    log_path = run_dir / "child.log"
+    with log_path.open("w") as err:
+        child = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
+        )
+        watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
+        watcher.start()
+        result = None
+        for line in child.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "progress":
+                runs.progress(
+                    db,
+                    run_id,
+                    event["step"],
+                    event["steps"],
+                    {k: event[k] for k in ("loss", "tokens_per_s", "eta_s", "epoch")},
+                )
+            elif event.get("event") == "result":
+                result = {k: event.get(k) for k in ("train", "gate", "timing")}
+            if progress:
+                progress(event)
+        code = child.wait()
+    # Stopped on request: at a step boundary (exit 3), or by the SIGTERM itself when it
+    # arrived before the child had set up its handler (still importing torch).
+    if code == EXIT_CANCELLED or (stop is not None and stop.is_set() and code == -signal.SIGTERM):
+        raise TrainingCancelled("training was cancelled (stop requested)")
+    if code != 0 or result is None:
+        tail = log_path.read_text()[-2000:]
+        raise TrainingError(
+            f"the training child exited with code {code}; its log ({log_path}) ends with:\n{tail}"
+        )
+    return result
+
+
+STOP_GRACE_S = 20.0  # a training step is ~2 s on 2 cores; HTTP calls to vLLM time out
+
+
+def _forward_stop(
+    child: subprocess.Popen, stop: threading.Event | None, grace: float = STOP_GRACE_S
+) -> None:
+    """SIGTERM the child when the daemon stops: it cancels at its next step boundary. One
+    that has not exited `grace` seconds later is killed, so stopping never waits on it
+    (systemd would SIGKILL the whole service at TimeoutStopSec)."""
+    if stop is None:
+        return
+    while child.poll() is None:
+        if stop.wait(0.2):
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("child %d did not stop %.0f s after SIGTERM: killed", child.pid, grace)
+                child.kill()
+            return

@@ -1,0 +1,173 @@
+"""The commands that change state: train, forget, rollback, pin, unpin, reload. Each calls
+one `Operations` (daemon/operations.py): the running daemon through its control API, or
+the store directly when no daemon runs; the output is the same either way."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evertune.daemon import config as config_mod
+from evertune.daemon import operations
+from evertune.daemon.errors import (
+    EXIT_FAILED,
+    EXIT_NOTHING,
+    EXIT_OK,
+    EXIT_REFUSED,
+    UsageError,
+)
+from evertune.daemon.operations import TrainResult
+from evertune.store.domains import check_domain
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    domain = check_domain(args.domain)
+    ops = operations.for_home(config_mod.load(args.config))
+    show = _TrainProgress(domain)
+    try:
+        result = ops.train(domain, args.force, args.from_base, show)
+    finally:
+        show.close()
+    return _print_trained(result)
+
+
+def _print_trained(r: TrainResult) -> int:
+    if r.version is None:
+        print(r.reason)
+        return EXIT_NOTHING
+    print(
+        f"{r.domain} {r.version}: {'promoted, now live' if r.promoted else 'refused'} ({r.reason})"
+    )
+    m = r.metrics
+    cand = m.get("candidate") or {}
+    if cand:
+        exact = cand.get("new_exact")
+        train = m.get("train") or {}
+        print(
+            f"  learned: {'-' if exact is None else f'{exact:.0%}'} of new short answers;"
+            f" general drift {m.get('drift', 0):+.0%}; easy questions"
+            f" {cand.get('easy_right')}/{cand.get('easy_total')}"
+            f" (base {(m.get('base') or {}).get('easy_right')}); trained"
+            f" {train.get('steps')} steps in {train.get('seconds') or 0:.0f} s"
+        )
+    return EXIT_OK if r.promoted else EXIT_REFUSED
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from evertune.daemon.forget import prompts_of_file, prompts_of_questions
+    from evertune.store import examples
+    from evertune.store.db import open_db
+    from evertune.store.layout import HomeLayout
+
+    domain = check_domain(args.domain)
+    if not args.prompt and not args.file:
+        raise UsageError("say what to forget: --prompt QUESTION (repeatable) or --file FILE")
+    hashes = prompts_of_questions(args.prompt)
+    for f in args.file:
+        if not f.is_file():
+            raise UsageError(f"{f}: no such file")
+        hashes += prompts_of_file(f)
+    config = config_mod.load(args.config)
+    db = open_db(HomeLayout(config.home).db_path)
+    try:
+        n = len(examples.answering(db, domain, hashes))
+    finally:
+        db.close()
+    if n == 0:
+        what = "that prompt" if len(hashes) == 1 else "those prompts"
+        print(f"{domain}: no stored example answers {what}; nothing forgotten")
+        return EXIT_NOTHING
+    show = _TrainProgress(domain)
+    try:
+        result = operations.for_home(config).forget(domain, hashes, show)
+    finally:
+        show.close()
+    _print_forgotten(result.forgotten)
+    if result.rebuild is None:  # forgotten; no rebuild was due
+        print(result.no_rebuild)
+        return EXIT_OK
+    return _print_trained(result.rebuild)
+
+
+def _print_forgotten(g: dict) -> None:
+    print(
+        f"{g['domain']}: {g['examples']} examples forgotten (from {len(g['files'])} files, kept"
+        f" in done/ and marked in their reports); versions no longer served:"
+        f" {', '.join(g['versions']) or 'none'}"
+    )
+    if g["pinned"]:
+        print(
+            f"  pinned, so kept and still served under their own names until unpinned:"
+            f" {', '.join(g['pinned'])} (evertune unpin {g['domain']} VERSION)"
+        )
+    print(
+        f"  live: {g['live_before'] or 'none'} -> {g['live_now'] or 'none (stable name unloaded)'}"
+        + (
+            f" until the rebuild from the base model on the {g['remaining']} remaining examples"
+            if g.get("rebuild")
+            else ""
+        )
+    )
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    domain = check_domain(args.domain)
+    ops = operations.for_home(config_mod.load(args.config))
+    live = ops.rollback(domain, args.to)
+    when = "and served" if ops.served_now else "(served when the daemon starts)"
+    print(f"{domain}: {live} is live {when}")
+    return EXIT_OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    domain = check_domain(args.domain)
+    operations.for_home(config_mod.load(args.config)).pin(domain, args.version, args.pinned)
+    if args.pinned:
+        print(f"{domain} {args.version} is pinned: kept, and served as {domain}@{args.version}")
+    else:
+        print(f"{domain} {args.version} is no longer pinned")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = config_mod.load(args.config)  # a file that does not load is refused here already
+    out = operations.for_home(config).reload()
+    if not out.get("reloaded"):
+        print(f"not reloaded: {out.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    print("applied: " + (", ".join(out["applied"]) or "nothing changed"))
+    if out["needs_restart"]:
+        print("needs a restart to apply: " + ", ".join(out["needs_restart"]))
+    return EXIT_OK
+
+
+class _TrainProgress:
+    """A progress bar over training steps in a terminal; plain lines otherwise."""
+
+    def __init__(self, domain: str):
+        self.domain, self.bar = domain, None
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "phase":
+            self.close()
+            print(f"{self.domain}: {event['phase']}...", file=sys.stderr, flush=True)
+        elif kind == "progress":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=event["steps"],
+                    unit="step",
+                    file=sys.stderr,
+                    disable=not sys.stderr.isatty(),
+                    desc=self.domain,
+                )
+            self.bar.total = event["steps"]
+            self.bar.set_postfix(loss=event["loss"], tok_s=event["tokens_per_s"])
+            self.bar.update(event["step"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

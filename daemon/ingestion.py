@@ -1,0 +1,60 @@
+"""Dropped files into the store: the watcher hands each settled file over, it is ingested
+as one job on the store writer's thread, and a file whose ingestion raised stays in the
+inbox and is retried (daemon/schedule.py) and at the next start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from evertune.daemon.config import Config
+from evertune.daemon.metrics import Metrics
+from evertune.daemon.schedule import Schedule
+from evertune.daemon.writer import StoreWriter
+from evertune.store.ingest import ingest_file
+from evertune.store.layout import HomeLayout
+from evertune.store.reports import FileReport
+
+log = logging.getLogger(__name__)
+
+
+class Ingestion:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        writer: StoreWriter,
+        schedule: Schedule,
+        metrics: Metrics,
+    ):
+        self.config = config
+        self.writer = writer
+        self.schedule = schedule
+        self.metrics = metrics
+
+    def submit(self, domain: str, path: Path) -> None:
+        """The watcher's callback: ingest `path` on the writer's thread."""
+        self.writer.submit(lambda db: self.ingest(db, domain, path))
+
+    def ingest(self, db: Database, domain: str, path: Path) -> FileReport | None:
+        if not os.path.lexists(path):  # reported twice (event + scan), already moved: done
+            return None
+        config = self.config()
+        try:
+            report = ingest_file(db, HomeLayout(config.home), path, domain, config.ingest.limits())
+        except Exception:
+            # The job boundary: the file stays in the inbox and is retried, with a growing
+            # pause (a full disk, a locked store: causes that pass), and at the next start.
+            self.schedule.ingest_failed(domain, path, self.submit)
+            raise
+        self.schedule.ingest_succeeded(path)
+        outcome = report.status
+        if report.status == "ingested" and report.records_rejected:
+            outcome = "partial"
+        self.metrics.file_ingested(domain, outcome, report.examples_added, report.records_rejected)
+        if report.examples_added:
+            self.schedule.new_examples(domain)
+        return report

@@ -1,0 +1,117 @@
+"""What one queued run does in the daemon: forget first when asked, then a training cycle;
+closing its run row when the cycle did not, metrics, the log line, and a retry when it
+failed. (The cycle itself, data to verdict, is daemon/cycle.py; `evertune train` with no
+daemon runs the same cycle from the CLI.)"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlite_utils import Database
+
+from evertune.adapters.errors import Cancelled, NothingToTrain
+from evertune.daemon.children import training_lock
+from evertune.daemon.config import Config
+from evertune.daemon.cycle import run_cycle
+from evertune.daemon.forget import forget as forget_examples
+from evertune.daemon.metrics import Metrics
+from evertune.daemon.runqueue import Request
+from evertune.daemon.schedule import Schedule
+from evertune.daemon.serving import Serving
+from evertune.store import runs, versions
+from evertune.store.layout import HomeLayout
+
+log = logging.getLogger(__name__)
+STATUS_EVERY_S = 2.0  # progress lines to systemd at most this often
+
+
+class TrainingWork:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        schedule: Schedule,
+        metrics: Metrics,
+        serving: Callable[[], Serving | None],
+        reference_url: Callable[[], str | None],
+        notify: Callable[[str | None], None],
+        stopping: threading.Event,
+    ):
+        self.config = config
+        self.schedule = schedule
+        self.metrics = metrics
+        self.serving = serving
+        self.reference_url = reference_url
+        self.notify = notify
+        self.stopping = stopping
+        self._last_status = 0.0
+
+    def __call__(self, db: Database, req: Request, cancel: threading.Event) -> None:
+        m, config = self.metrics, self.config()
+        m.training(req.domain, True)
+        self.notify(f"training {req.domain}")
+        t0 = time.monotonic()
+        try:
+            if req.forget is not None:
+                layout = HomeLayout(config.home)
+                with training_lock(layout.train_lock_path, None):
+                    gone = forget_examples(db, req.domain, req.forget, self.serving())
+                if not gone.rebuild:
+                    raise NothingToTrain(gone.no_rebuild_reason())
+            outcome = run_cycle(
+                db,
+                config,
+                req.domain,
+                trigger=req.trigger,
+                force=req.force,
+                progress=lambda e: self._progress(req, e),
+                stop=cancel,
+                serving=self.serving(),
+                run_id=req.run_id,
+                reference_url=self.reference_url(),
+                from_base=req.from_base or req.forget is not None,
+            )
+        except NothingToTrain as exc:
+            runs.close_if_open(db, req.run_id, "skipped", str(exc))
+            m.run_finished(req.domain, "nothing")
+            log.info("%s: %s", req.domain, exc)
+        except Cancelled:
+            runs.close_if_open(db, req.run_id, "cancelled", "the daemon stopped")
+            m.run_finished(req.domain, "cancelled", time.monotonic() - t0)
+            log.info("%s: training cancelled; it runs again at the next start", req.domain)
+        except Exception as exc:
+            runs.close_if_open(db, req.run_id, "failed", str(exc))
+            m.run_finished(req.domain, "failed", time.monotonic() - t0)
+            if self.stopping.is_set():
+                log.error("%s: training failed while stopping (%s)", req.domain, exc)
+            else:
+                self.schedule.training_failed(req.domain, exc, req.force)
+        else:
+            self.schedule.training_succeeded(req.domain)
+            train = outcome.metrics.get("train", {})
+            m.run_finished(
+                req.domain,
+                "promoted" if outcome.promoted else "refused",
+                time.monotonic() - t0,
+                train.get("tokens_per_s"),
+            )
+            if outcome.promoted:
+                m.set_live(req.domain, versions.parse_name(outcome.version))
+            log.info(
+                "%s %s: %s (%s)",
+                req.domain,
+                outcome.version,
+                "promoted, now live" if outcome.promoted else "refused",
+                outcome.reason,
+            )
+
+    def _progress(self, req: Request, event: dict) -> None:
+        if event.get("event") == "progress":
+            now = time.monotonic()
+            if now - self._last_status > STATUS_EVERY_S:
+                self._last_status = now
+                self.notify(f"training {req.domain}: step {event['step']}/{event['steps']}")
+        elif event.get("event") == "phase":
+            self.notify(f"{req.domain}: {event['phase']}")

@@ -1,0 +1,151 @@
+"""The files a user drops: regular files only (opened without following a link or blocking
+on a FIFO), their content hash, names that can be stored, free names in done/ and
+rejected/, the hidden partial copies `evertune ingest` writes into the inbox, and writing a
+file whole or not at all."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from sqlite_utils import Database
+
+
+class NotRegularFile(Exception):
+    """The inbox takes regular files only: not a link, a FIFO, a socket, a device or a
+    folder. A link would let anyone who can write to the inbox have the service read (and
+    train on, and serve) a file only it can read; a FIFO blocks whoever opens it."""
+
+
+KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def text_of(path: Path | str) -> str:
+    """A path as text that can be stored (SQLite, JSON reports): itself when its bytes are
+    UTF-8, else with each bad byte written as \\xNN. A dropped file whose name is not
+    UTF-8 is stored under that name in done/ (before: a traceback, and the file stayed)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def not_regular(path: Path) -> str | None:
+    """Why `path` is not taken (None: a regular file). Does not follow links."""
+    kind = stat.S_IFMT(os.lstat(path).st_mode)
+    if kind == stat.S_IFREG:
+        return None
+    what = KINDS.get(kind, "not a regular file")
+    return f"{what}: the inbox takes regular files only; copy the file itself into it"
+
+
+def open_regular(path: Path):
+    """`path` open for binary reading, refusing (NotRegularFile) anything but a regular
+    file without following a link or blocking on a FIFO, even if it was swapped after a
+    check."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(not_regular(path) or "a symbolic link") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(not_regular(path) or "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open_regular(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def free_name(db: Database, folder: Path, name: str) -> Path:
+    """A path in `folder` that neither exists nor is promised to another file's row."""
+    stem, suffix = os.path.splitext(name)
+    candidate, n = folder / name, 1
+    while (
+        candidate.exists()
+        or db.execute("SELECT 1 FROM files WHERE stored_path = ?", [str(candidate)]).fetchone()
+    ):
+        n += 1
+        candidate = folder / f"{stem}~{n}{suffix}"
+    return candidate
+
+
+PART = ".part"
+
+
+def part_path(folder: Path, name: str) -> Path:
+    """Where a copy into the inbox is written before it is renamed in: hidden (the watcher
+    ignores dot files) and named by the writing process, so that a copy cut short by a
+    kill is known as stale once that process is gone."""
+    return folder / f".{name}.{os.getpid()}{PART}"
+
+
+def remove_stale_parts(folder: Path) -> list[Path]:
+    """Delete the partial copies in `folder` whose writing process is gone (a CLI killed
+    mid-copy, a full disk): they hold nothing that is not still in the source file."""
+    removed = []
+    for p in folder.glob(f".*{PART}"):
+        pid = p.name[: -len(PART)].rsplit(".", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def waiting_copy(folder: Path, src: Path) -> Path | None:
+    """A file already in `folder` (not yet ingested) with exactly `src`'s content: the copy
+    of an earlier command that was interrupted before the file was ingested. Running the
+    command again ingests that one instead of leaving a second copy (`name~2`) behind."""
+    size, sha = src.stat().st_size, None
+    for p in sorted(folder.iterdir()):
+        try:
+            if p.name.startswith(".") or not_regular(p) or p.stat().st_size != size:
+                continue
+            sha = sha or file_sha256(src)
+            if file_sha256(p) == sha:
+                return p
+        except OSError:  # ingested (moved) meanwhile, or unreadable: not this one
+            continue
+    return None
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """`data` in `target` whole or not at all (written beside it, fsynced, renamed)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
