@@ -11,6 +11,7 @@ when it starts). Both return the same results, so the CLI prints the same either
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -111,8 +112,6 @@ class Daemon:
 
     def _follow(self, domain: str, run_id: int, progress: Progress) -> TrainResult:
         """Follow a run queued in the daemon through its row in the store until it ends."""
-        import time
-
         db = open_db(self.layout.db_path, readonly=True)
         shown = None
         try:
