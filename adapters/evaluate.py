@@ -113,7 +113,12 @@ def _packed(lm, rows: list, rows_per_batch: int):
 def _after_prefix(lm, toks: Sequence[Tokenised], shared: int, pad_id: int, batch: int):
     """The shared opening once (batch 1), then the rest of each example, longest first,
     right-padded (padding comes after every real token, so causal attention never sees
-    it), continuing from the opening's keys and values broadcast over the batch."""
+    it), continuing from the opening's keys and values broadcast over the batch.
+
+    Training's packed rows with a mask (`train._after_opening`) give the same losses but
+    were measured 20% slower here without gradients (10.8 s against 9.0 s for a merged
+    candidate on the 190 held-out general prompts): no mask, no packing, one opening for
+    every batch."""
     from transformers import DynamicCache
 
     dev = lm.device
