@@ -24,7 +24,7 @@ from evertune.adapters.base_model import BaseModel
 from evertune.adapters.errors import PreparationCancelled, TrainingCancelled, TrainingError
 from evertune.adapters.reference import Reference
 from evertune.daemon.config import Config
-from evertune.daemon.procs import die_with_parent
+from evertune.daemon.procs import background_child, die_with_parent
 from evertune.store import runs
 from evertune.store.layout import HomeLayout
 
@@ -54,7 +54,7 @@ def prepare_base(
     if not references:  # serving starts sooner; the first training run builds them
         cmd.append("--base-only")
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent
+        cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_preexec(config)
     ) as child:
         watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
         watcher.start()
@@ -70,6 +70,60 @@ def prepare_base(
     out = json.loads(stdout.strip().splitlines()[-1])
     refs = [Reference(**r) for r in out.pop("references")]
     return BaseModel(Path(out["path"]), out["model_id"], out["sha256"]), refs
+
+
+def warm_gate(
+    config: Config,
+    layout: HomeLayout,
+    base: BaseModel,
+    refs: list[Reference],
+    vllm_url: str | None,
+    stop: threading.Event | None = None,
+) -> None:
+    """The base model's side of the gate (its general loss and easy answers), measured in a
+    background child once the daemon is ready to learn, and kept where training runs find
+    it: the first file's cycle then measures only its candidate. Failing here costs
+    nothing but that head start (the first run measures it instead)."""
+    with training_lock(layout.train_lock_path, None, wait=False) as mine:
+        if mine:  # else a training run is under way and measures it itself
+            _warm(config, layout, base, refs, vllm_url, stop)
+
+
+def _warm(config, layout, base, refs, vllm_url, stop) -> None:
+    run_dir = layout.home / "runs" / "warm"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "warm": True,
+        "train": {
+            "base_path": str(base.path),
+            "out_dir": str(run_dir),
+            "new": [],
+            "general_max_len": config.train.general_max_len,
+        },
+        "eval": {"general": [r.__dict__ for r in refs if r.held_out], "vllm_url": vllm_url},
+    }
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "evertune.adapters.child", str(run_dir)]
+    with (
+        (run_dir / "child.log").open("w") as err,
+        subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_preexec(config)
+        ) as child,
+    ):
+        _forward_stop(child, stop)
+        code = child.wait()
+    if code != 0 and not (stop is not None and stop.is_set()):
+        log.warning(
+            "measuring the base model for the gate failed (exit code %s, log %s); the first"
+            " training run measures it instead",
+            code,
+            run_dir / "child.log",
+        )
+
+
+def _preexec(config: Config) -> Callable[[], None]:
+    """Background children yield the CPU to serving (train.cpu_priority)."""
+    return background_child if config.train.cpu_priority == "idle" else die_with_parent
 
 
 @contextlib.contextmanager
@@ -127,7 +181,7 @@ def run_child(
             stderr=err,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=die_with_parent,
+            preexec_fn=_preexec(config),
         )
         watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
         watcher.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 
 PR_SET_PDEATHSIG = 1
@@ -13,3 +14,15 @@ def die_with_parent() -> None:
     killed, even by SIGKILL). Start children from a thread that lives as long as they do:
     Linux ties the signal to the starting thread, not to the process."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def background_child() -> None:
+    """For `preexec_fn` of a child that works in the background (training, preparation):
+    `die_with_parent`, and the SCHED_IDLE policy, so the child runs only on CPU time that
+    nothing else wants. Why: on a shared CPU the embedded vLLM's OpenMP threads and
+    training's fought over the same cores (measured, one short client request every 2 s:
+    answers up to 11.5 s, training ~2x slower); at idle priority every vLLM thread that
+    wakes takes its core at once and training continues on what is left
+    (benchmarks/continual.py --traffic measures both sides)."""
+    die_with_parent()
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
