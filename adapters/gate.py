@@ -63,17 +63,29 @@ class GateResult:
         return asdict(self)
 
 
+def is_short_qa(example: dict) -> bool:
+    """A chat example ending in a short, trained answer: its greedy answer can be checked."""
+    msgs = example.get("messages")
+    if example.get("kind", "chat") != "chat" or not msgs or msgs[-1]["role"] != "assistant":
+        return False
+    return len(msgs[-1]["content"]) <= SHORT_ANSWER_CHARS and msgs[-1].get("weight", 1) != 0
+
+
 def short_qa(examples: list[dict]) -> list[tuple[list[dict], str]]:
     """(prompt messages, expected answer) for chat examples ending in a short answer."""
-    out = []
-    for ex in examples:
-        msgs = ex.get("messages")
-        if ex.get("kind", "chat") != "chat" or not msgs or msgs[-1]["role"] != "assistant":
-            continue
-        answer = msgs[-1]["content"]
-        if len(answer) <= SHORT_ANSWER_CHARS and msgs[-1].get("weight", 1) != 0:
-            out.append((msgs[:-1], answer))
-    return out
+    return [
+        (ex["messages"][:-1], ex["messages"][-1]["content"]) for ex in examples if is_short_qa(ex)
+    ]
+
+
+def first_sentence_targets(tokenizer, answer: str) -> int:
+    """Target tokens that decide an answer's first sentence: its tokens and two more (the
+    one after it, which may end the turn or start the next sentence, and one for a token
+    boundary that falls differently inside the chat template). Erring long only means one
+    more generation."""
+    from evertune.adapters.evaluate import first_sentence_of
+
+    return len(tokenizer(first_sentence_of(answer), add_special_tokens=False)["input_ids"]) + 2
 
 
 ALL = frozenset({"new", "exact", "old", "general", "easy"})
@@ -125,14 +137,31 @@ def measure(
         yield
         spent[part] = round(time.monotonic() - t0, 2)
 
-    chats = [e["messages"] for e in new if e.get("kind", "chat") == "chat"]
-    if "new" in parts and chats:
-        with timed("new_loss"):
-            out["new_loss"] = ev.mean_loss(model, tokenizer, chats)
+    # Greedy answers are verified by the losses' forward pass where it can tell (the answer's
+    # tokens are each the argmax by a margin: greedy decoding produces exactly them) and
+    # generated only for the rest, so a well-learned candidate needs few generations.
+    generated = {"asked": 0, "verified": 0}
+
+    def greedy(qa: list[tuple[list[dict], str]], sure: list[bool], short: bool) -> list[str]:
+        """Greedy answers to `qa`'s prompts: the expected answer where `sure`, else made."""
+        ask = [i for i, ok in enumerate(sure) if not ok]
+        made = dict(
+            zip(ask, answer([list(qa[i][0]) for i in ask], short) if ask else [], strict=True)
+        )
+        generated["asked"] += len(ask)
+        generated["verified"] += len(qa) - len(ask)
+        return [made[i] if i in made else qa[i][1] for i in range(len(qa))]
+
+    chats = [e for e in new if e.get("kind", "chat") == "chat"]
     qa = short_qa(new)
+    if ("new" in parts or "exact" in parts) and chats:
+        with timed("new_loss"):
+            got = ev.scores(model, tokenizer, [e["messages"] for e in chats])
+        out["new_loss"] = got.mean_loss if "new" in parts else None
+        sure = [got.greedy(i) for i, e in enumerate(chats) if is_short_qa(e)]
     if "exact" in parts and qa:
         with timed("new_answers"):
-            answers = answer([list(p) for p, _ in qa], False)
+            answers = greedy(qa, sure, False)
         out["new_exact"] = sum(
             ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)
         ) / len(qa)
@@ -143,27 +172,39 @@ def measure(
             if _key(p) in olds
         ]
         out["stale"], out["changed"] = sum(stale), len(stale)
-    old_qa = short_qa(old)
-    if "old" in parts and old:
+    old_chats = [e for e in old if e.get("kind", "chat") == "chat"]
+    if "old" in parts and old_chats:
         with timed("old_loss"):
-            out["old_loss"] = ev.mean_loss(model, tokenizer, [e["messages"] for e in old])
-    if "old" in parts and old_qa:
-        with timed("old_answers"):
-            answers = answer([list(p) for p, _ in old_qa], False)
-        out["old_right"] = [ev.matches(a, e) for a, (_, e) in zip(answers, old_qa, strict=True)]
-    if "general" in parts:
-        # cut as training cuts its general replay: the openings, where drift shows first
-        chats = [r.messages() for r in general]
-        with timed("general_loss"):
-            out["general_loss"] = ev.mean_loss(model, tokenizer, chats, general_max_len)
+            got = ev.scores(model, tokenizer, [e["messages"] for e in old_chats])
+        out["old_loss"] = got.mean_loss
+        old_qa = short_qa(old)
+        if old_qa:
+            sure = [got.greedy(i) for i, e in enumerate(old_chats) if is_short_qa(e)]
+            with timed("old_answers"):
+                answers = greedy(old_qa, sure, False)
+            out["old_right"] = [ev.matches(a, e) for a, (_, e) in zip(answers, old_qa, strict=True)]
     easy = [r for r in general if r.expected]
+    if "general" in parts or "easy" in parts:
+        # cut as training cuts its general replay: the openings, where drift shows first
+        with timed("general_loss"):
+            got = ev.scores(model, tokenizer, [r.messages() for r in general], general_max_len)
+        if "general" in parts:
+            out["general_loss"] = got.mean_loss
     if "easy" in parts:
-        questions = [[{"role": "user", "content": r.prompt}] for r in easy]
+        # An easy answer is judged on its first sentence: the model reproduces the base
+        # model's reference answer up to the end of that sentence and the token after it
+        # (so the sentence ends there too), or its answer is generated.
+        at = {id(r): i for i, r in enumerate(general)}
+        sure = [got.greedy(at[id(r)], first_sentence_targets(tokenizer, r.answer)) for r in easy]
+        qa_easy = [
+            ([{"role": "user", "content": r.prompt}], ev.first_sentence_of(r.answer)) for r in easy
+        ]
         with timed("easy_answers"):
-            answers = answer(questions, True) if easy else []
+            answers = greedy(qa_easy, sure, True) if easy else []
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
         out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
+    out["greedy"] = generated
     log.info("measured %s in %s s", sorted(parts), spent)
     return out
 

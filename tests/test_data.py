@@ -189,7 +189,7 @@ def test_evaluation_loss_equals_each_chat_alone(tok, tiny_base, system):
     assert (shared_opening(toks) >= MIN_SHARED_OPENING) == (system is None)
     for ctx in (contextlib.nullcontext, lambda: adapter_off(model)):
         with ctx():
-            sums, counts = _loss_sums(model, tok, chats, max_len=40, rows_per_batch=1)
+            sums, counts, _, _ = _loss_sums(model, tok, chats, max_len=40, rows_per_batch=1)
             alone = _alone_losses(model, tok, chats, 40)
         assert counts.tolist() == [t.trained for t in toks]
         torch.testing.assert_close(sums, torch.tensor(alone), atol=1e-3, rtol=1e-4)
