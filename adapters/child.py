@@ -63,7 +63,6 @@ def evaluate(
     from peft import PeftModel
 
     from evertune.adapters import evaluate as ev
-    from evertune.adapters.train import bf16_is_fast
 
     general = [Reference(**r) for r in ev_spec["general"]]
     model, tok = ev.load(spec.base_path)
@@ -72,19 +71,7 @@ def evaluate(
     cut = spec.general_max_len
     url = ev_spec.get("vllm_url")
     remote = Remote(url) if url else None
-    how = "vllm" if remote else f"transformers bf16={bf16_is_fast(ev.device_of(model))}"
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                "first-sentence easy answers, 4 stop strings, shared-opening losses",
-                how,
-                spec.base_path,
-                cut,
-                ev_spec["general"],
-            ]
-        ).encode()
-    ).hexdigest()[:16]
-    cache = cache_dir / f"base-metrics-{key}.json" if cache_dir else None
+    cache = _base_cache(cache_dir, model, spec.base_path, cut, ev_spec)
     cached = json.loads(cache.read_text()) if cache and cache.exists() else None
     # For version 1 the base model is also the live version.
     live_path = ev_spec.get("live_adapter", spec.parent_adapter)
@@ -94,9 +81,7 @@ def evaluate(
     if cached:
         base.update(cached)
     elif cache:
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({k: base[k] for k in BASE_KEYS}))
-        os.replace(tmp, cache)
+        _write_json(cache, {k: base[k] for k in BASE_KEYS})
     live = base
     with contextlib.ExitStack() as stack:
 
@@ -132,6 +117,57 @@ def evaluate(
     return decide(candidate, live, base, gate).to_dict()
 
 
+def _base_cache(
+    cache_dir: Path | None, model, base_path: str, cut: int, ev_spec: dict[str, Any]
+) -> Path | None:
+    """Where the base model's general metrics are kept: they depend only on the base
+    weights, the held-out prompts, the cut and how answers are made."""
+    from evertune.adapters import evaluate as ev
+    from evertune.adapters.train import bf16_is_fast
+
+    if cache_dir is None:
+        return None
+    how = (
+        "vllm"
+        if ev_spec.get("vllm_url")
+        else f"transformers bf16={bf16_is_fast(ev.device_of(model))}"
+    )
+    what = [
+        "first-sentence easy answers verified by a forward pass, else generated",
+        ev.GREEDY_MARGIN,
+        how,
+        base_path,
+        cut,
+        ev_spec["general"],
+    ]
+    return (
+        cache_dir
+        / f"base-metrics-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.json"
+    )
+
+
+def warm(spec: TrainSpec, ev_spec: dict[str, Any], cache_dir: Path) -> None:
+    """The base model's side of the gate, measured ahead of the first training run (the
+    daemon asks once it is ready to learn), so a first file's cycle does not wait for it."""
+    from evertune.adapters import evaluate as ev
+
+    model, tok = ev.load(spec.base_path)
+    cache = _base_cache(cache_dir, model, spec.base_path, spec.general_max_len, ev_spec)
+    if cache.exists():
+        return
+    general = [Reference(**r) for r in ev_spec["general"]]
+    url = ev_spec.get("vllm_url")
+    answer = _answers(Remote(url), "base") if url else None
+    base = measure(model, tok, [], [], general, BASE, answer, spec.general_max_len)
+    _write_json(cache, {k: base[k] for k in BASE_KEYS})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def _answers(remote: Remote | None, name: str | None):
     """The gate's greedy answers through vLLM as `name`; None (no vLLM): `measure` answers
     with the model in this process. No fallback from one to the other mid-way: the paired
@@ -159,6 +195,9 @@ def main(run_dir: Path) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     data = json.loads((run_dir / "spec.json").read_text())
     spec = spec_from(data["train"])
+    if data.get("warm"):
+        warm(spec, data["eval"], run_dir.parent)
+        return EXIT_OK
     emit("phase", phase="train")
     t0 = time.monotonic()
     try:
@@ -170,12 +209,12 @@ def main(run_dir: Path) -> int:
         return EXIT_OK
     emit("phase", phase="evaluate")
     t1 = time.monotonic()
-    gate = evaluate(spec, data["eval"], cache_dir=run_dir.parent)
+    # the base model's metrics are kept beside the runs (a retry's folder is one deeper)
+    cache_dir = Path(data["eval"].get("cache_dir") or run_dir.parent)
+    gate = evaluate(spec, data["eval"], cache_dir=cache_dir)
     timing = {"train_s": round(t1 - t0, 2), "evaluate_s": round(time.monotonic() - t1, 2)}
     out = {"train": result.to_dict(), "gate": gate, "timing": timing}
-    tmp = run_dir / ".result.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, run_dir / "result.json")
+    _write_json(run_dir / "result.json", out)
     emit("result", **out)
     return EXIT_OK
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 
 from evertune.adapters.errors import Cancelled, TrainingError
-from evertune.daemon.children import prepare_base
+from evertune.daemon.children import prepare_base, warm_gate
 from evertune.daemon.config import Config
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.schedule import Schedule
@@ -134,11 +134,15 @@ class ServingRunner:
                 return
         self.notify("answering the general reference prompts with the base model")
         try:
-            prepare_base(self.config, self.layout, self.stop_event, vllm_url=self.vllm.url)
+            base, refs = prepare_base(
+                self.config, self.layout, self.stop_event, vllm_url=self.vllm.url
+            )
         except TrainingError as exc:  # the first training run builds them instead
             log.warning("reference answers through vLLM failed: %s", exc)
         else:
             log.info("ready to learn: base model and reference answers prepared")
+            self.notify("measuring the base model for the gate")
+            warm_gate(self.config, self.layout, base, refs, self.vllm.url, self.stop_event)
         self.notify(None)
 
     def _vllm_ready(self) -> None:
