@@ -146,6 +146,21 @@ def test_early_stop_once_every_new_example_is_learned(tiny_base, tmp_path):
     assert result.history[-1]["learned"] == len(FACTS)
 
 
+def test_examples_learned_with_a_margin_leave_the_later_epochs(tiny_base, tmp_path):
+    # A bar of 26 nats: the tiny model's tokens start at ~11-14 nats (see above), so an
+    # example leaves once its worst token is under 13, which training reaches for some
+    # examples before others.
+    kw = {"lr": 1e-2, "max_epochs": 3, "min_epochs": 3, "learned_loss": 26.0}
+    kept = train(spec(tiny_base, tmp_path / "kept", graduate=False, **kw))
+    left = train(spec(tiny_base, tmp_path / "left", **kw))
+    assert [h["trained"] for h in kept.history] == [len(FACTS)] * 3
+    trained = [h["trained"] for h in left.history]
+    assert trained[0] == len(FACTS) and trained[-1] < len(FACTS)
+    assert trained == sorted(trained, reverse=True)
+    assert left.learned == len(FACTS)  # those that left count as learned
+    assert left.tokens < kept.tokens
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
