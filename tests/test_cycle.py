@@ -143,7 +143,7 @@ def test_killed_training_leaves_no_visible_version(home, tmp_path, tiny_base, ca
     assert not [p for p in (home / "adapters" / "vaults").iterdir() if p.name.startswith(".")]
 
 
-def test_an_increment_refused_for_damage_is_retrained_from_the_base_on_every_example(
+def test_an_increment_refused_for_damage_is_trained_again_from_the_live_version(
     home, tmp_path, tiny_base, capsys
 ):
     drop_facts(tmp_path, FACTS[:6], "a.jsonl")
@@ -157,16 +157,13 @@ def test_an_increment_refused_for_damage_is_retrained_from_the_base_on_every_exa
     )
     drop_facts(tmp_path, FACTS[6:], "b.jsonl")
     main(["train", "vaults"])
-    [_, v2] = versions(capsys)
+    [v1, v2] = versions(capsys)
     meta = json.loads((Path(v2["path"]) / "meta.json").read_text())
-    assert meta["consolidated"] is True
+    assert meta["retried"] is True and meta["consolidated"] is False
     assert not meta["increment_gate"]["promote"] and "drift" in meta["increment_gate"]["reason"]
-    assert meta["train"]["parent_adapter"] is None  # the second attempt started from the base
-    assert meta["parent"] == "v0001"  # the lineage still names the version it replaces
-    # ...and the gate still compared it with v0001, not with the base model it started from
-    assert meta["gate"]["metrics"]["live"]["new_loss"] == pytest.approx(
-        meta["increment_gate"]["metrics"]["live"]["new_loss"]
-    )
+    assert meta["train"]["parent_adapter"] == v1["path"]  # again from the live version
+    assert meta["parent"] == "v0001"
+    assert meta["train"]["general_per_epoch"] == 48  # train.general_when_drifting
     db = open_db(home / "evertune.db", readonly=True)
     roles = dict(
         db.execute(
@@ -174,10 +171,29 @@ def test_an_increment_refused_for_damage_is_retrained_from_the_base_on_every_exa
             " ON s.id = v.version_id WHERE s.number = 2 GROUP BY role"
         )
     )
-    # every older example is trained on again, the held-out one too (a consolidation keeps
-    # every answer clients get): 6 of 6, not the 1 of a replay
-    assert roles == {"new": 2, "replay": 6}
-    assert meta["examples"]["replay"] == 6 and meta["examples"]["heldout_old"] == 0
+    # the held-out older example joined the one replayed; another one is held out instead:
+    # what the retry trains on grows with the new data, not with the domain
+    assert roles == {"new": 2, "replay": 2, "heldout": 1}
+    assert meta["examples"]["replay"] == 2 and meta["examples"]["heldout_old"] == 1
+
+
+def test_a_cycle_trains_on_as_much_at_any_domain_size():
+    """The examples a cycle trains and checks depend on the new data, not on how many older
+    examples the domain holds (30 new against 300 or 30,000 older), the retry included."""
+    from evertune.daemon.cycle import _retry_sample
+    from evertune.daemon.selection import sample_old
+
+    new = 30
+    sizes = {}
+    for n_old in (300, 30_000):
+        old = [(i, {"kind": "text", "text": f"example {i}"}) for i in range(n_old)]
+        replay, held = sample_old(old, new, 1.0, 8, 16, seed=0)
+        held_ids = {i for i, _ in held}
+        rest = [p for p in old if p[0] not in held_ids]
+        again, held2 = _retry_sample(replay, held, rest, seed=1)
+        sizes[n_old] = (len(replay), len(held), len(again), len(held2))
+        assert not {i for i, _ in held2} & {i for i, _ in again}
+    assert sizes[300] == sizes[30_000] == (30, 16, 46, 16)
 
 
 @pytest.mark.parametrize("margin, expected", [(100.0, 5), (0.0, 2)])
