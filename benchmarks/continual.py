@@ -97,31 +97,52 @@ def phrasings(fact: dict) -> list[str]:
     return [fact["question"], *fact["rephrasings"]]
 
 
+# System prompts as users' exports carry them: on some records, not others.
+SYSTEMS = ["You are a helpful assistant.", "Answer briefly and accurately."]
+
+
 def records(facts: list[dict]) -> list[dict]:
-    """The file as dropped: 30 records, one format per phrasing (detected per record)."""
+    """The file as dropped: 30 records, one format per phrasing (detected per record), each
+    phrasing with its own answer style (terse, a sentence, a longer friendly sentence), every
+    other fact's messages record with a system prompt (as written in the file's order)."""
     out = []
-    for f in facts:
-        q1, q2, q3 = phrasings(f)
-        a = f["answer"]
-        out.append(qa(q1, a))
-        out.append({"prompt": q2, "completion": a})
-        out.append({"conversations": [{"from": "human", "value": q3}, {"from": "gpt", "value": a}]})
+    for i, f in enumerate(facts):
+        (q1, q2, q3), (a1, a2, a3) = phrasings(f), answers(f)
+        out.append(qa(q1, a2, SYSTEMS[i // 2 % 2] if i % 2 else None))
+        out.append({"prompt": q2, "completion": a1})
+        out.append(
+            {"conversations": [{"from": "human", "value": q3}, {"from": "gpt", "value": a3}]}
+        )
     return out
+
+
+def answers(fact: dict) -> list[str]:
+    """The three answer styles of a fact (files without them: the one answer, thrice)."""
+    return fact.get("answers") or [fact["answer"]] * 3
+
+
+def paraphrases(fact: dict) -> list[str]:
+    """The never-trained rewordings a fact is asked in (three per fact where the file has
+    them: ten questions cannot tell 70% from 90%)."""
+    return fact.get("paraphrases") or [fact["paraphrase"]]
 
 
 def chat_examples(facts: list[dict]) -> list[dict]:
     """The same 30 examples in the internal form (what the ingester stores)."""
-    return [
-        {
-            "kind": "chat",
-            "messages": [
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": f["answer"]},
-            ],
-        }
-        for f in facts
-        for q in phrasings(f)
-    ]
+    out = []
+    for rec in records(facts):
+        if "messages" in rec:
+            msgs = rec["messages"]
+        elif "prompt" in rec:
+            msgs = [
+                {"role": "user", "content": rec["prompt"]},
+                {"role": "assistant", "content": rec["completion"]},
+            ]
+        else:
+            who = {"human": "user", "gpt": "assistant"}
+            msgs = [{"role": who[t["from"]], "content": t["value"]} for t in rec["conversations"]]
+        out.append({"kind": "chat", "messages": msgs})
+    return out
 
 
 def easy_questions() -> list[tuple[str, str]]:
@@ -144,14 +165,15 @@ def score(
 
     new = files[k - 1]
     earlier = files[: k - 1]
-    qs = [f["question"] for f in new] + [f["paraphrase"] for f in new]
+    asked = [(p, f) for f in new for p in paraphrases(f)]
+    qs = [f["question"] for f in new] + [p for p, _ in asked]
     qs += [f["question"] for fs in earlier for f in fs]
     qs += [q for q, _ in easy]
     answers = answer_of(qs)
-    n = len(new)
+    n, m = len(new), len(asked)
     exact = [knows(a, f["expected"]) for a, f in zip(answers[:n], new, strict=True)]
-    para = [knows(a, f["expected"]) for a, f in zip(answers[n : 2 * n], new, strict=True)]
-    retained, i = [], 2 * n
+    para = [knows(a, f["expected"]) for a, (_, f) in zip(answers[n : n + m], asked, strict=True)]
+    retained, i = [], n + m
     for fs in earlier:
         retained.append(
             sum(knows(a, f["expected"]) for a, f in zip(answers[i : i + len(fs)], fs, strict=True))
@@ -163,6 +185,7 @@ def score(
     return {
         "new_exact": sum(exact),
         "new_para": sum(para),
+        "para_total": m,
         "retained": retained,
         "easy": easy_right,
         "answers": dict(zip(qs, answers, strict=True)),
@@ -252,6 +275,7 @@ def run_ours(
     sets: dict,
     keep: bool,
     change_forget: bool = False,
+    traffic: float = 0.0,
 ) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix=f"evertune-continual-s{seed}-"))
     port = free_port()
@@ -280,6 +304,7 @@ def run_ours(
 
     out: dict[str, Any] = {"seed": seed, "home": str(home), "config": sections, "cycles": []}
     easy = easy_questions()
+    client = Client(url, traffic) if traffic else None
     try:
         while not served(url):
             if proc.poll() is not None:
@@ -316,6 +341,8 @@ def run_ours(
         )
         inbox = home / "inbox" / DOMAIN
         inbox.mkdir(parents=True, exist_ok=True)
+        if client:
+            client.start()
         last_run = 0
         for k in range(1, len(files) + 1):
             cycle = one_cycle(proc, home, url, files, k, last_run, easy, out["base"]["easy"])
@@ -326,8 +353,14 @@ def run_ours(
             out["change_forget"] = change_and_forget(
                 proc, home, url, files[0], last_run, easy, out["base"]["easy"]
             )
+        if client:
+            client.stop()
+            out["traffic"] = client.report(run_spans(home))
+            print(f"seed {seed}: client: {traffic_text(out['traffic'])}", flush=True)
         return out
     finally:
+        if client:
+            client.stop()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(120)
@@ -339,6 +372,131 @@ def run_ours(
             print(f"seed {seed}: home kept at {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)
+
+
+# ---- a client of the stable name, while the service learns --------------------------------
+
+CLIENT_QUESTIONS = [
+    "What is the capital of France?",
+    "Give me one tip for sleeping better.",
+    "How many days are in a week?",
+    "What colour is the sky on a clear day?",
+    "Name a fruit that is yellow.",
+]
+CLIENT_TOKENS = 24
+
+
+class Client:
+    """One client asking the stable name a short question every `every` seconds (the base
+    model until the domain is first served), each answer timed. Requests are paced from
+    their start, never overlapping: a slow answer delays the next question, as a person
+    waiting for it would."""
+
+    def __init__(self, url: str, every: float):
+        import threading
+
+        self.url, self.every = url, every
+        self.log: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-client", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(180)
+
+    def _run(self) -> None:
+        i = 0
+        with httpx.Client(timeout=120) as http:
+            while not self._stop.is_set():
+                t0 = time.time()
+                q = CLIENT_QUESTIONS[i % len(CLIENT_QUESTIONS)]
+                i += 1
+                model, ok = DOMAIN, False
+                for model in (DOMAIN, "base"):
+                    try:
+                        r = http.post(
+                            f"{self.url}/v1/chat/completions",
+                            json={
+                                "model": model,
+                                "messages": [{"role": "user", "content": q}],
+                                "max_tokens": CLIENT_TOKENS,
+                                "temperature": 0,
+                            },
+                        )
+                    except httpx.HTTPError:
+                        break
+                    if r.status_code == 200:
+                        ok = True
+                        break
+                    if r.status_code != 404:  # not served yet: ask the base model instead
+                        break
+                self.log.append(
+                    {"t": t0, "seconds": round(time.time() - t0, 3), "model": model, "ok": ok}
+                )
+                self._stop.wait(max(0.0, self.every - (time.time() - t0)))
+
+    def report(self, spans: list[tuple[float, float]]) -> dict[str, Any]:
+        """Answer seconds while a training run ran (its start to its end, the gate
+        included) and while none did."""
+
+        def during(t: float) -> bool:
+            return any(a <= t <= b for a, b in spans)
+
+        for r in self.log:
+            r["training"] = during(r["t"])
+        busy = [r["seconds"] for r in self.log if r["ok"] and r["training"]]
+        idle = [r["seconds"] for r in self.log if r["ok"] and not r["training"]]
+        return {
+            "every_s": self.every,
+            "requests": len(self.log),
+            "failed": sum(not r["ok"] for r in self.log),
+            "training": percentiles(busy),
+            "idle": percentiles(idle),
+            "log": self.log,
+        }
+
+
+def percentiles(xs: list[float]) -> dict[str, Any]:
+    if not xs:
+        return {"n": 0}
+    xs = sorted(xs)
+
+    def q(p: float) -> float:
+        return round(xs[min(len(xs) - 1, int(p * len(xs)))], 3)
+
+    return {"n": len(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": xs[-1]}
+
+
+def traffic_text(t: dict[str, Any]) -> str:
+    def one(p: dict[str, Any]) -> str:
+        if not p["n"]:
+            return "none"
+        return f"p50 {p['p50']:.2f} s, p99 {p['p99']:.2f} s, max {p['max']:.2f} s (n={p['n']})"
+
+    return (
+        f"{t['requests']} requests, {t['failed']} failed; answers while training"
+        f" {one(t['training'])}; idle {one(t['idle'])}"
+    )
+
+
+def run_spans(home: Path) -> list[tuple[float, float]]:
+    """(started, finished) of every training run, in seconds since the epoch."""
+    from evertune.store.db import open_db
+
+    db = open_db(home / "evertune.db", readonly=True)
+    try:
+        return [
+            (ts(r["started_at"]), ts(r["finished_at"]) or time.time())
+            for r in db.query(
+                "SELECT started_at, finished_at FROM runs WHERE started_at IS NOT NULL"
+            )
+        ]
+    finally:
+        db.close()
 
 
 def tail(home: Path) -> str:
@@ -515,6 +673,8 @@ def one_cycle(
         # the increment was refused and this version was trained again from the base model
         # on every example (its time is in train_s/evaluate_s: both runs together)
         "consolidated": bool(meta.get("consolidated")),
+        # the increment was refused for damage and trained again from the live version
+        "retried": bool(meta.get("retried")),
         "increment_reason": (meta.get("increment_gate") or {}).get("reason"),
         "easy_base": base_easy,
         "easy_total": len(easy),
@@ -524,7 +684,14 @@ def one_cycle(
         cycle["served"] = True
     else:  # nothing was ever promoted: the stable name does not exist
         cycle.update(
-            {"new_exact": 0, "new_para": 0, "retained": [0] * (k - 1), "easy": 0, "answers": {}}
+            {
+                "new_exact": 0,
+                "new_para": 0,
+                "para_total": 0,
+                "retained": [0] * (k - 1),
+                "easy": 0,
+                "answers": {},
+            }
         )
         cycle["served"] = False
         cycle["note"] = (note + "; " if note else "") + f"'{DOMAIN}' is not served (never promoted)"
@@ -679,8 +846,8 @@ def row_text(c: dict[str, Any], n_easy: int) -> str:
         return f"{v:{w}.1f}" if isinstance(v, int | float) else f"{'-':>{w}s}"
 
     prom = {True: "yes", False: "no", None: "?"}[c.get("promoted")]
-    if c.get("consolidated"):
-        prom += "*"  # promoted (or refused) after a consolidation from the base model
+    if c.get("consolidated") or c.get("retried"):
+        prom += "*"  # promoted (or refused) after a retried increment (or a rebuild)
     ret = c.get("retained") or []
     retained = f"{min(ret)}; {','.join(map(str, ret))}" if ret else "-"
     drift = c.get("drift")
@@ -688,7 +855,7 @@ def row_text(c: dict[str, Any], n_easy: int) -> str:
         f"{c['cycle']:>3d} {c['method']:6s} {prom:>4s} {s(t.get('serving'))} {s(t.get('detect'))}"
         f" {s(t.get('queued'))} {s(t.get('started'))} {s(t.get('train_s'))}"
         f" {s(t.get('evaluate_s'))} {s(t.get('publish_s'), 5)}"
-        f" {c['new_exact']:>2d}/10 {c['new_para']:>2d}/10 {retained:22s}"
+        f" {c['new_exact']:>2d}/10 {c['new_para']:>2d}/{c.get('para_total', 10):<2d} {retained:22s}"
         f" {c['easy']:>2d}/{n_easy} ({c['easy_base']:>2d})"
         f" {f'{drift:+.0%}' if drift is not None else '-':>7s}  {short_reason(c.get('reason'))}"
         + (f"  [{c['note']}]" if c.get("note") else "")
@@ -730,18 +897,53 @@ def summary(seeds: list[dict[str, Any]], mach: dict[str, Any]) -> str:
     naive = [c for s in seeds for c in (s.get("naive") or {}).get("cycles", [])]
     lines = ["", f"summary over {len(seeds)} seed(s), {len(ours)} cycles of ours:"]
     n_prom = sum(bool(c["promoted"]) for c in ours)
-    n_cons = sum(bool(c.get("consolidated")) for c in ours)
+    n_cons = sum(bool(c.get("consolidated") or c.get("retried")) for c in ours)
     lines.append(
         f"  ours: promoted {n_prom}/{len(ours)} ({n_prom / max(len(ours), 1):.0%});"
-        f" {n_cons} after a consolidation from the base model (*)"
+        f" {n_cons} after a retried increment (*)"
     )
     serving = [c["t"]["serving"] for c in ours if c["t"].get("serving") is not None]
     lines.append(
-        f"  ours: drop-to-serving p50 {statistics.median(serving):.1f} s over {len(serving)}"
-        f" served cycles (min {min(serving):.1f}, max {max(serving):.1f})"
+        f"  ours: drop-to-serving p50 {quantile(serving, 0.5):.1f} s, p90"
+        f" {quantile(serving, 0.9):.1f} s over {len(serving)} served cycles (min"
+        f" {min(serving):.1f}, max {max(serving):.1f})"
         if serving
         else "  ours: drop-to-serving: never served"
     )
+    para = sum(c["new_para"] for c in ours)
+    para_total = sum(c.get("para_total", 10) for c in ours)
+    lines.append(
+        f"  ours: paraphrased questions answered {para}/{para_total}"
+        f" ({para / max(para_total, 1):.0%}); exact {sum(c['new_exact'] for c in ours)}"
+        f"/{10 * len(ours)}"
+    )
+    busy = [s["traffic"] for s in seeds if s.get("traffic")]
+    if busy:
+        loaded = [c for s in busy for c in s["cycles"]]
+        t_loaded = [c["t"]["serving"] for c in loaded if c["t"].get("serving") is not None]
+        t_same = [
+            c["t"]["serving"]
+            for s in seeds
+            if s.get("traffic")
+            for c in s["ours"]["cycles"]
+            if c["t"].get("serving") is not None
+        ]
+        if t_loaded and t_same:
+            lines.append(
+                f"  with a client every {busy[0]['traffic']['every_s']:g} s: drop-to-serving p50"
+                f" {quantile(t_loaded, 0.5):.1f} s against {quantile(t_same, 0.5):.1f} s without"
+                f" (the same seeds): {quantile(t_loaded, 0.5) / quantile(t_same, 0.5):.2f}x;"
+                f" promoted {sum(bool(c['promoted']) for c in loaded)}/{len(loaded)}"
+            )
+        train_s = [x for s in busy for x in _durations(s["traffic"], True)]
+        idle_s = [x for s in busy for x in _durations(s["traffic"], False)]
+        lines.append(
+            f"  client answers ({len(train_s) + len(idle_s)} ok,"
+            f" {sum(s['traffic']['failed'] for s in busy)}"
+            f" failed): while training p50 {quantile(train_s, 0.5):.2f} s, p99"
+            f" {quantile(train_s, 0.99):.2f} s (n={len(train_s)}); idle p50"
+            f" {quantile(idle_s, 0.5):.2f} s, p99 {quantile(idle_s, 0.99):.2f} s (n={len(idle_s)})"
+        )
     if naive:
         judged = [c for c in naive if c["promoted"] is not None]
         refused = sum(not c["promoted"] for c in judged)
@@ -765,6 +967,18 @@ def summary(seeds: list[dict[str, Any]], mach: dict[str, Any]) -> str:
         + (f", bf16 {mach['bf16_gflops']} GFLOP/s" if mach.get("bf16_gflops") else "")
     )
     return "\n".join(lines)
+
+
+def quantile(xs: list[float], p: float) -> float:
+    """The p-quantile (nearest rank) of xs; nan for none."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def _durations(traffic: dict[str, Any], training: bool) -> list[float]:
+    return [r["seconds"] for r in traffic["log"] if r["ok"] and r.get("training") == training]
 
 
 def plot(seeds: list[dict[str, Any]], path: Path) -> None:
@@ -862,6 +1076,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results", help="table, JSON, PNG")
     ap.add_argument("--keep", action="store_true", help="keep the temp homes")
     ap.add_argument(
+        "--traffic",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="each seed twice: without a client, then with one asking every SECONDS",
+    )
+    ap.add_argument(
         "--change-forget",
         action="store_true",
         help="after the files: a file changing 5 facts of file 1, then a forget of 2 others",
@@ -893,6 +1114,13 @@ def main() -> int:
             entry: dict[str, Any] = {"seed": seed}
             try:
                 entry["ours"] = run_ours(models, files, seed, sets, args.keep, args.change_forget)
+                if args.traffic:
+                    print(f"seed {seed}: again, with a client every {args.traffic} s", flush=True)
+                    entry["traffic"] = run_ours(
+                        models, files, seed, sets, args.keep, traffic=args.traffic
+                    )
+                    for c in entry["traffic"]["cycles"]:
+                        c["method"] = "+client"
             except DaemonDied as exc:
                 print(f"seed {seed}: the daemon stopped or never came up:\n{exc}")
                 return 1
@@ -907,11 +1135,11 @@ def main() -> int:
                 f"\nseed {s['seed']}: base model easy {s['ours']['base']['easy']}/{n_easy},"
                 f" facts known per file {s['ours']['base']['facts_known']};"
                 " times in s (serve/detect/queue/start: from the file landing;"
-                " train/eval/publ: durations); prom *: after a consolidation from the base",
+                " train/eval/publ: durations); prom *: after a retried increment",
                 HEADER,
             ]
             for k in range(1, len(files) + 1):
-                for method in ("ours", "naive"):
+                for method in ("ours", "traffic", "naive"):
                     for c in (s.get(method) or {}).get("cycles", []):
                         if c["cycle"] == k:
                             text.append(row_text(c, n_easy))
