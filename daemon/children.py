@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -86,10 +87,16 @@ def warm_gate(
     nothing but that head start (the first run measures it instead)."""
     with training_lock(layout.train_lock_path, None, wait=False) as mine:
         if mine:  # else a training run is under way and measures it itself
-            _warm(config, layout, base, refs, vllm_url, stop)
+            t0 = time.monotonic()
+            if _warm(config, layout, base, refs, vllm_url, stop):
+                log.info(
+                    "the gate's base-model side measured in %.0f s: a first file's cycle"
+                    " measures only its candidate",
+                    time.monotonic() - t0,
+                )
 
 
-def _warm(config, layout, base, refs, vllm_url, stop) -> None:
+def _warm(config, layout, base, refs, vllm_url, stop) -> bool:
     run_dir = layout.home / "runs" / "warm"
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -119,6 +126,7 @@ def _warm(config, layout, base, refs, vllm_url, stop) -> None:
             code,
             run_dir / "child.log",
         )
+    return code == 0
 
 
 def _preexec(config: Config) -> Callable[[], None]:

@@ -152,6 +152,11 @@ class TrainConfig:
         min=0,
         max=10_000,
     )
+    graduate: bool = key(
+        True,
+        "A new example learned with a margin (every token under half of learned_loss) leaves"
+        " the later epochs (the replayed and general examples stay).",
+    )
     consolidate: bool = key(
         True,
         "When an increment (trained from the live version) learned the new data but the"
