@@ -190,7 +190,9 @@ class TrainConfig:
     cpu_priority: str = key(
         "idle",
         "CPU priority of the training child: idle (SCHED_IDLE: it runs on CPU time nothing"
-        " else wants, so the embedded vLLM answers clients first) or normal.",
+        " else wants, so the embedded vLLM answers clients first) or normal. Under steady"
+        " client traffic idle training is slow: vLLM's worker busy-polls its queue for a"
+        " second after every step, and training waits for it.",
         choices=("idle", "normal"),
     )
     launcher: str = key(

@@ -194,60 +194,9 @@ def patch_cpu_lora() -> bool:
     return True
 
 
-# How long a vLLM process waiting on its shared-memory queue (the model worker between two
-# steps) keeps polling it with sched_yield after a read before it sleeps until the writer's
-# notification (vLLM's own default: 1 s), once the queue has settled.
-QUEUE_BUSY_LOOP_S = 0.0
-# Until then vLLM's own busy loop stays: a notification published before the reader's
-# subscription is connected is lost (zmq PUB/SUB), which the busy loop covers at start-up
-# (measured: with no busy loop from the start, the server never answered).
-QUEUE_SETTLE_S = 10.0
-
-
-def patch_queue_spin() -> bool:
-    """vLLM's shared-memory queue readers sleep until notified instead of busy-looping for a
-    second after every read, once a queue is `QUEUE_SETTLE_S` old; False when this vLLM has
-    no such queue. Runs in every vLLM process, as `patch_cpu_lora`.
-
-    Why: every decoding step is a read, so the worker spun through each request and a second
-    after it. With one short client request every 2 s the worker sat at ~140% CPU (top),
-    and a training child at idle priority got ~55% of the two cores: the first file took
-    272 s to train instead of 88 s (benchmarks/results/continual-2026-12-06-graduation/
-    queue-spin.log). The writer notifies on every write (`SpinCondition.notify`), so a
-    sleeping reader wakes for the next step at once."""
-    import time
-
-    try:
-        from vllm.distributed.device_communicators import shm_broadcast
-    except ImportError:
-        return False
-    cls = getattr(shm_broadcast, "SpinCondition", None)
-    if cls is None or not hasattr(cls, "wait"):
-        return False
-    if getattr(cls, "evertune_patched", False):
-        return True
-    original_init, original_wait = cls.__init__, cls.wait
-
-    @functools.wraps(original_init)
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.evertune_born = time.monotonic()
-
-    @functools.wraps(original_wait)
-    def wait(self, *args, **kwargs):
-        if self.busy_loop_s and time.monotonic() - self.evertune_born > QUEUE_SETTLE_S:
-            self.busy_loop_s = QUEUE_BUSY_LOOP_S
-        return original_wait(self, *args, **kwargs)
-
-    cls.__init__, cls.wait = init, wait
-    cls.evertune_patched = True
-    return True
-
-
 def main() -> None:
     patch_inplace_flag()
     patch_cpu_lora()
-    patch_queue_spin()
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
 
     vllm_main()
@@ -255,6 +204,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-elif __name__ == "__mp_main__":  # vLLM's engine and worker processes, spawned from main()
+elif __name__ == "__mp_main__":  # vLLM's engine process, spawned from main()
     patch_cpu_lora()
-    patch_queue_spin()
