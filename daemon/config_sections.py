@@ -188,11 +188,12 @@ class TrainConfig:
         "auto", "auto: bf16 where the hardware has it, else fp32.", choices=("auto", "bf16", "fp32")
     )
     cpu_priority: str = key(
-        "idle",
-        "CPU priority of the training child: idle (SCHED_IDLE: it runs on CPU time nothing"
-        " else wants, so the embedded vLLM answers clients first) or normal. Under steady"
-        " client traffic idle training is slow: vLLM's worker busy-polls its queue for a"
-        " second after every step, and training waits for it.",
+        "normal",
+        "CPU priority of the training child: normal, or idle (SCHED_IDLE: it runs only on"
+        " CPU time nothing else wants, so the embedded vLLM's answers come first). Not the"
+        " default: vLLM's worker busy-polls its queue for a second after every decoding"
+        " step, so under steady client traffic idle training gets little CPU"
+        " (measured: a file trained in 272 s instead of 88 s with one request every 2 s).",
         choices=("idle", "normal"),
     )
     launcher: str = key(
