@@ -22,7 +22,9 @@ def background_child() -> None:
     nothing else wants. Why: on a shared CPU the embedded vLLM's OpenMP threads and
     training's fought over the same cores (measured, one short client request every 2 s:
     answers up to 11.5 s, training ~2x slower); at idle priority every vLLM thread that
-    wakes takes its core at once and training continues on what is left
+    wakes takes its core at once and training continues on what is left. Opt-in
+    (`train.cpu_priority = "idle"`): vLLM's worker busy-polls its queue for a second after
+    every decoding step, so under steady traffic an idle-priority child gets little CPU
     (benchmarks/continual.py --traffic measures both sides)."""
     die_with_parent()
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
