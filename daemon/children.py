@@ -25,7 +25,8 @@ from evertune.adapters.base_model import BaseModel
 from evertune.adapters.errors import PreparationCancelled, TrainingCancelled, TrainingError
 from evertune.adapters.reference import Reference
 from evertune.daemon.config import Config
-from evertune.daemon.procs import background_child, die_with_parent
+from evertune.daemon.pausing import registered, resume
+from evertune.daemon.procs import background_child, die_with_parent, pausable_child
 from evertune.store import runs
 from evertune.store.layout import HomeLayout
 
@@ -54,9 +55,12 @@ def prepare_base(
         cmd += ["--reference-limit", str(config.model.reference_limit)]
     if not references:  # serving starts sooner; the first training run builds them
         cmd.append("--base-only")
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_preexec(config)
-    ) as child:
+    with (
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_preexec(config)
+        ) as child,
+        registered(_pause_dir(config), child),
+    ):
         watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
         watcher.start()
         stdout = child.stdout.read()
@@ -116,6 +120,7 @@ def _warm(config, layout, base, refs, vllm_url, stop) -> bool:
         subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_preexec(config)
         ) as child,
+        registered(_pause_dir(config), child),
     ):
         _forward_stop(child, stop)
         code = child.wait()
@@ -131,7 +136,14 @@ def _warm(config, layout, base, refs, vllm_url, stop) -> bool:
 
 def _preexec(config: Config) -> Callable[[], None]:
     """Background children yield the CPU to serving (train.cpu_priority)."""
-    return background_child if config.train.cpu_priority == "idle" else die_with_parent
+    return {"idle": background_child, "pause": pausable_child}.get(
+        config.train.cpu_priority, die_with_parent
+    )
+
+
+def _pause_dir(config: Config) -> Path | None:
+    """Where a child registers to be paused while clients' requests are in flight."""
+    return HomeLayout(config.home).pausable if config.train.cpu_priority == "pause" else None
 
 
 @contextlib.contextmanager
@@ -191,27 +203,28 @@ def run_child(
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=_preexec(config),
         )
-        watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
-        watcher.start()
-        result = None
-        for line in child.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == "progress":
-                runs.progress(
-                    db,
-                    run_id,
-                    event["step"],
-                    event["steps"],
-                    {k: event[k] for k in ("loss", "tokens_per_s", "eta_s", "epoch")},
-                )
-            elif event.get("event") == "result":
-                result = {k: event.get(k) for k in ("train", "gate", "timing")}
-            if progress:
-                progress(event)
-        code = child.wait()
+        with registered(_pause_dir(config), child):
+            watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
+            watcher.start()
+            result = None
+            for line in child.stdout:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("event") == "progress":
+                    runs.progress(
+                        db,
+                        run_id,
+                        event["step"],
+                        event["steps"],
+                        {k: event[k] for k in ("loss", "tokens_per_s", "eta_s", "epoch")},
+                    )
+                elif event.get("event") == "result":
+                    result = {k: event.get(k) for k in ("train", "gate", "timing")}
+                if progress:
+                    progress(event)
+            code = child.wait()
     # Stopped on request: at a step boundary (exit 3), or by the SIGTERM itself when it
     # arrived before the child had set up its handler (still importing torch).
     if code == EXIT_CANCELLED or (stop is not None and stop.is_set() and code == -signal.SIGTERM):
@@ -238,6 +251,7 @@ def _forward_stop(
     while child.poll() is None:
         if stop.wait(0.2):
             child.send_signal(signal.SIGTERM)
+            resume(child.pid)  # a child paused for clients acts on it only once resumed
             try:
                 child.wait(grace)
             except subprocess.TimeoutExpired:

@@ -188,13 +188,14 @@ class TrainConfig:
         "auto", "auto: bf16 where the hardware has it, else fp32.", choices=("auto", "bf16", "fp32")
     )
     cpu_priority: str = key(
-        "normal",
-        "CPU priority of the training child: normal, or idle (SCHED_IDLE: it runs only on"
-        " CPU time nothing else wants, so the embedded vLLM's answers come first). Not the"
-        " default: vLLM's worker busy-polls its queue for a second after every decoding"
-        " step, so under steady client traffic idle training gets little CPU"
-        " (measured: a file trained in 272 s instead of 88 s with one request every 2 s).",
-        choices=("idle", "normal"),
+        "pause",
+        "How background children (training, preparing the base model) share the CPU with the"
+        " embedded vLLM server: pause (the server pauses them while a client's request is in"
+        " flight, at most 10 s at a time, so answers come first), normal, or idle"
+        " (SCHED_IDLE; under steady traffic it starves: vLLM's worker busy-polls its queue"
+        " for a second after every decoding step). On a GPU machine, where training does"
+        " not share the server's cores, normal trains faster under traffic.",
+        choices=("pause", "normal", "idle"),
     )
     launcher: str = key(
         "",

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from evertune.adapters.errors import Cancelled, TrainingError
+from evertune.daemon import pausing
 from evertune.daemon.children import prepare_base, warm_gate
 from evertune.daemon.config import Config
 from evertune.daemon.metrics import Metrics
@@ -90,6 +91,7 @@ class ServingRunner:
         try:
             embedded_url = None
             if cfg.mode == "embedded":
+                pausing.clear(self.layout.pausable)  # a killed daemon's registrations
                 self.notify("preparing the base model")
                 base, _ = prepare_base(self.config, self.layout, self.stop_event, references=False)
                 if self.stop_event.is_set():
@@ -99,6 +101,7 @@ class ServingRunner:
                     cfg,
                     on_ready=self._vllm_ready,
                     on_state=lambda up: self.metrics.endpoint_state(self.vllm.url, up),
+                    pause_dir=self.layout.pausable,
                 )
                 embedded_url = self.vllm.url
             self._db = open_db(self.layout.db_path)

@@ -15,12 +15,15 @@ runs vLLM as shipped (correct, only slower on switched names).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import json
 import os
+from pathlib import Path
 
 from evertune.adapters.remote import ADMIN_HEADER, ADMIN_KEY_ENV
+from evertune.daemon.pausing import PAUSE_DIR_ENV, Pauser
 
 # What clients need, open to anyone who can reach the server (loopback by default): the
 # OpenAI-compatible generation routes, the model list, health and metrics.
@@ -38,6 +41,9 @@ CLIENT_ROUTES = frozenset(
         ("POST", "/detokenize"),
     }
 )
+# Client routes that generate: while one is in flight the daemon's children pause
+# (evertune.daemon.pausing); the daemon's own requests carry the admin key and do not count.
+GENERATION_ROUTES = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions")})
 
 
 class AdminGuard:
@@ -56,9 +62,24 @@ class AdminGuard:
         key = os.environ.get(ADMIN_KEY_ENV, "")
         self.key = key.encode() if key else None
         self.header = ADMIN_HEADER.lower().encode()
+        pause_dir = os.environ.get(PAUSE_DIR_ENV)
+        self.pause_dir = Path(pause_dir) if pause_dir else None
+        self.pauser: Pauser | None = None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self._allowed(scope):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self._is_admin(scope):
+            return await self.app(scope, receive, send)
+        if (scope["method"], scope["path"]) in GENERATION_ROUTES and self.pause_dir:
+            # a client's request: the daemon's background children pause until it is answered
+            pauser = self._pauser()
+            pauser.enter()
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                pauser.leave()
+        if self._is_client_route(scope):
             return await self.app(scope, receive, send)
         body = json.dumps(
             {
@@ -82,10 +103,19 @@ class AdminGuard:
         )
         await send({"type": "http.response.body", "body": body})
 
-    def _allowed(self, scope) -> bool:
+    def _pauser(self) -> Pauser:
+        if self.pauser is None:
+            self.pauser = Pauser(self.pause_dir, asyncio.get_running_loop().call_later)
+        return self.pauser
+
+    @staticmethod
+    def _is_client_route(scope) -> bool:
         method, path = scope["method"], scope["path"]
-        if (method, path) in CLIENT_ROUTES or (method == "GET" and path.startswith("/v1/models/")):
-            return True
+        return (method, path) in CLIENT_ROUTES or (
+            method == "GET" and path.startswith("/v1/models/")
+        )
+
+    def _is_admin(self, scope) -> bool:
         given = dict(scope.get("headers") or []).get(self.header)
         return self.key is not None and given is not None and hmac.compare_digest(given, self.key)
 

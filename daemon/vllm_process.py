@@ -23,6 +23,7 @@ from evertune.adapters.remote import ADMIN_KEY_ENV
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.endpoint import Endpoint
 from evertune.daemon.errors import ServingError
+from evertune.daemon.pausing import PAUSE_DIR_ENV
 from evertune.daemon.procs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class EmbeddedVLLM:
         on_ready: Callable[[], None] | None = None,
         on_state: Callable[[bool], None] | None = None,
         stop_timeout: float = 30.0,
+        pause_dir: Path | None = None,
     ):
         self.cfg = cfg
         self.name = name
@@ -98,6 +100,8 @@ class EmbeddedVLLM:
             "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
             "PYTHONUNBUFFERED": "1",
         }
+        if pause_dir is not None:  # the daemon's background children registered there pause
+            self.env[PAUSE_DIR_ENV] = str(pause_dir)  # while clients' requests are in flight
         # vLLM-CPU's automatic binding keeps one core per server for its API process, which
         # is idle most of the time: on 2 cores the model then ran on one. Measured: the
         # gate's 60 easy answers through an adapter took 31.6 s bound to one core and 25.8 s

