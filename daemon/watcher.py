@@ -55,6 +55,8 @@ def classify(inbox: Path, path: Path) -> tuple[str | None, str | None]:
     if not parts or any(is_ignored(p) for p in parts):
         return None, None
     if len(parts) == 1:
+        if os.path.islink(path) and os.path.isdir(path):
+            return None, linked_folder(path)
         return (
             None,
             f"{path}: files directly in inbox/ are not ingested; move it into inbox/<domain>/",
@@ -65,6 +67,19 @@ def classify(inbox: Path, path: Path) -> tuple[str | None, str | None]:
     if len(parts) > 2:
         return None, f"{path}: nested folders are not ingested; move it up into inbox/{parts[0]}/"
     return parts[0], None
+
+
+def linked_folder(path: Path) -> str:
+    """Why a link in inbox/ to a folder is not a domain folder (it is never followed)."""
+    return (
+        f"{path} is a symbolic link (to {os.readlink(path)}): a domain folder must be a real"
+        f" folder inside the home; it is not followed, nothing in it is ingested or deleted."
+        f" Replace it with a folder (rm {path} && mkdir {path}) and move the files into it"
+    )
+
+
+def _say(why: str) -> None:
+    (log.error if "is a symbolic link" in why else log.warning)("not ingested: %s", why)
 
 
 def open_for_writing(path: Path) -> bool | None:
@@ -99,8 +114,8 @@ def tidy(inbox: Path) -> None:
     from evertune.store.files import remove_stale_parts
 
     for why in misplaced(inbox):
-        log.warning("not ingested: %s", why)
-    for folder in (d for d in inbox.iterdir() if d.is_dir()):
+        _say(why)
+    for folder in (d for d in inbox.iterdir() if d.is_dir() and not d.is_symlink()):
         for part in remove_stale_parts(folder):
             log.warning("removed %s: the partial copy of a command that was stopped", part)
 
@@ -109,7 +124,7 @@ def misplaced(inbox: Path) -> Iterator[str]:
     """Why each misplaced file under the inbox is not ingested (for status and start-up)."""
     for root, dirs, files in os.walk(inbox):
         dirs[:] = [d for d in dirs if not is_ignored(d)]
-        for name in files:
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             _, why = classify(inbox, Path(root) / name)
             if why:
                 yield why
@@ -120,6 +135,8 @@ class _Pending:
     last_event: float
     finished: bool  # closed, renamed in, or found by the scan
     stat: tuple[int, int] | None = None
+    error: str | None = None  # why it could not be looked at last time (None: it could)
+    retry_at: float = 0.0  # time.time() it is looked at again, after an error
 
 
 class _Handler(FileSystemEventHandler):
@@ -171,6 +188,9 @@ class InboxWatcher:
         self._unclosed = unclosed_timeout_seconds
         self._tick = tick
         self._pending: dict[Path, _Pending] = {}
+        # folders that could not be listed: (why, time.time() of the next scan)
+        self._unscanned: dict[Path, tuple[str, float]] = {}
+        self._retry_s = max(settle_seconds, 1.0)
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -208,7 +228,7 @@ class InboxWatcher:
     # events ------------------------------------------------------------------------------
     def scan(self, folder: Path) -> None:
         """Take every file already under `folder` as finished (start-up, new folders)."""
-        for root, dirs, files in os.walk(folder):
+        for root, dirs, files in os.walk(folder, onerror=self._scan_failed):
             dirs[:] = [d for d in dirs if not is_ignored(d)]
             # a link to a folder is listed as a folder (and not followed): it is refused
             # like any file that is not a regular one, not left there unreported
@@ -221,7 +241,7 @@ class InboxWatcher:
         if domain is None:
             if why and why not in self._warned:
                 self._warned.add(why)
-                log.warning("not ingested: %s", why)
+                _say(why)
             return
         with self._lock:
             entry = self._pending.get(path)
@@ -236,6 +256,8 @@ class InboxWatcher:
     # settle loop -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.wait(self._tick):
+            if self._unscanned:
+                self._rescan()
             for path in self._due():
                 domain, _ = classify(self.inbox, path)
                 try:
@@ -249,13 +271,20 @@ class InboxWatcher:
         with self._lock:
             for path, entry in list(self._pending.items()):
                 quiet = now - entry.last_event
-                if quiet < self._settle:
+                if quiet < self._settle or (entry.error and time.time() < entry.retry_at):
                     continue
                 try:
                     st = os.lstat(path)  # a dangling link too: it is refused, not dropped
                 except FileNotFoundError:
                     del self._pending[path]  # moved away or deleted before it was read
                     continue
+                except OSError as exc:
+                    # An unreadable folder, an I/O error: this file waits, the others go on.
+                    self._cannot_read(path, entry, exc)
+                    continue
+                if entry.error is not None:
+                    log.info("%s can be read again", path)
+                    entry.error = None
                 writing = open_for_writing(path)  # the kernel's word beats missed events
                 if writing and quiet < self._unclosed:
                     continue
@@ -270,6 +299,49 @@ class InboxWatcher:
                 del self._pending[path]
                 ready.append(path)
         return ready
+
+    def _cannot_read(self, path: Path, entry: _Pending, exc: OSError) -> None:
+        """Keep `path` pending, asked again in `_retry_s`; said once per reason (not at every
+        tick)."""
+        entry.retry_at = time.time() + self._retry_s
+        if entry.error != str(exc):
+            entry.error = str(exc)
+            log.warning(
+                "%s cannot be read (%s); it stays in the inbox and is retried every %.0f s:"
+                " give the service user read access to it and its folder",
+                path,
+                exc,
+                self._retry_s,
+            )
+
+    def _scan_failed(self, exc: OSError) -> None:
+        """os.walk's onerror: a folder that cannot be listed is scanned again later (its
+        files raise no event of their own); said once per reason."""
+        folder = Path(exc.filename) if exc.filename else self.inbox
+        with self._lock:
+            known = self._unscanned.get(folder)
+            self._unscanned[folder] = (str(exc), time.time() + self._retry_s)
+        if known is None or known[0] != str(exc):
+            log.warning(
+                "%s cannot be listed (%s); its files wait and it is scanned again every %.0f s:"
+                " give the service user read access to it",
+                folder,
+                exc,
+                self._retry_s,
+            )
+
+    def _rescan(self) -> None:
+        """Scan again the folders that could not be listed, once their time has come."""
+        now = time.time()
+        with self._lock:
+            due = [f for f, (_, at) in self._unscanned.items() if at <= now]
+            for folder in due:
+                del self._unscanned[folder]
+        for folder in due:
+            if os.path.isdir(folder):  # gone meanwhile: nothing left to find
+                self.scan(folder)
+                if folder not in self._unscanned:
+                    log.info("%s can be listed again", folder)
 
     def pending(self) -> int:
         with self._lock:

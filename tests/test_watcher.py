@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from evertune.daemon.watcher import InboxWatcher, classify, misplaced
+from evertune.daemon.watcher import InboxWatcher, classify, misplaced, tidy
 
 SETTLE = 0.2
 
@@ -48,6 +50,7 @@ def watch(inbox: Path):
         )
         w.start()
         collectors.append(w)
+        got.watcher = w
         return got
 
     yield start
@@ -186,3 +189,91 @@ def test_links_and_fifos_are_handed_over_to_be_refused_not_left_unreported(inbox
         "dangling.jsonl",
         "pipe.jsonl",
     ]
+
+
+def unreadable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 000 `folder`. The tests run as root here, where the mode stops nothing: there
+    the calls the watcher makes are refused as the kernel refuses them to the service user
+    (os.lstat of an entry and os.scandir of the folder raise PermissionError while its mode
+    is 000). `folder.chmod(0o755)` makes it readable again."""
+    folder.chmod(0)
+    if os.geteuid() != 0:
+        return
+    real_lstat, real_scandir = os.lstat, os.scandir
+
+    def denied(path) -> bool:
+        return stat.S_IMODE(real_lstat(folder).st_mode) == 0
+
+    def lstat(path, *args, **kwargs):
+        if os.path.dirname(os.fsdecode(path)) == str(folder) and denied(path):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_lstat(path, *args, **kwargs)
+
+    def scandir(path=".", *args, **kwargs):
+        if os.fsdecode(path) == str(folder) and denied(path):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_domain_folder_unreadable_for_a_while_does_not_stop_the_inbox(
+    inbox, watch, monkeypatch, caplog
+):
+    """Before: `chmod 000 inbox/legal` for 2 s made os.lstat raise PermissionError in the
+    settle thread, which died: no file of any domain was handed over again."""
+    legal, medical = inbox / "legal", inbox / "medical"
+    legal.mkdir()
+    medical.mkdir()
+    got = watch()  # both folders watched before anything is written
+    (legal / "a.jsonl").write_text("{}\n")
+    unreadable(legal, monkeypatch)
+    time.sleep(6 * SETTLE)
+    assert got.ready == []
+    assert got.watcher.problem() is None
+    (medical / "b.jsonl").write_text("{}\n")
+    assert got.wait_for(1) == [("medical", medical / "b.jsonl")]
+    legal.chmod(0o755)
+    assert got.wait_for(2) == [("medical", medical / "b.jsonl"), ("legal", legal / "a.jsonl")]
+    said = [r.getMessage() for r in caplog.records if "a.jsonl" in r.getMessage()]
+    assert len(said) == 1, said  # logged once, not at every tick
+    assert "Permission denied" in said[0] and "retried" in said[0]
+
+
+def test_a_folder_unreadable_at_the_scan_is_scanned_again_once_readable(inbox, watch, monkeypatch):
+    """Before: os.walk skipped the folder without a word and its files, which raise no
+    event of their own, waited for the next restart."""
+    legal = inbox / "legal"
+    legal.mkdir()
+    (legal / "waiting.jsonl").write_text("{}\n")
+    unreadable(legal, monkeypatch)
+    got = watch()
+    time.sleep(6 * SETTLE)
+    assert got.ready == []
+    assert got.watcher.problem() is None
+    legal.chmod(0o755)
+    assert got.wait_for(1) == [("legal", legal / "waiting.jsonl")]
+
+
+def test_a_linked_domain_folder_is_named_as_an_error_and_never_followed(
+    inbox, watch, tmp_path, caplog
+):
+    """Before: at start the daemon deleted the `.part` files in the folder the link points
+    to, and called the link a file "directly in inbox/"."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    stale = outside / ".a.jsonl.999999999.part"  # its process is gone
+    stale.write_text("somebody else's")
+    (outside / "a.jsonl").write_text("{}\n")
+    link = inbox / "legal"
+    link.symlink_to(outside, target_is_directory=True)
+    tidy(inbox)
+    got = watch()
+    time.sleep(6 * SETTLE)
+    assert stale.exists()
+    assert got.ready == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"{link} is a symbolic link (to {outside})" in e for e in errors), errors
+    assert any(f"rm {link} && mkdir {link}" in e for e in errors), errors
+    assert [w for w in misplaced(inbox) if "symbolic link" in w] != []  # status lists it
