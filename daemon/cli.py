@@ -275,20 +275,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
         return EXIT_OK
+    # every line through _say: names are the user's, of any character but / and NUL
     d = report["daemon"]
-    print(f"home: {report['home']}")
-    print(f"daemon: {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}")
+    _say(f"home: {report['home']}")
+    _say(f"daemon: {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}")
     for ep in report["serving"]:
         names = ", ".join(
             f"{name} ({Path(path).name})" for name, path in sorted(ep["served"].items())
         )
         state = "up" if ep["healthy"] else "DOWN"
-        print(f"serving: {ep['url']}/v1 {state}; adapters: {names or 'none yet'}")
+        _say(f"serving: {ep['url']}/v1 {state}; adapters: {names or 'none yet'}")
     if not report["domains"]:
-        print("no domains yet: drop files into inbox/<domain>/")
+        _say("no domains yet: drop files into inbox/<domain>/")
     for dom in report["domains"]:
         f = dom["files"]
-        print(
+        _say(
             f"domain {dom['name']}: {dom['examples']} examples ({dom['examples_new']} not yet"
             f" trained on"
             + (
@@ -308,13 +309,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         run = dom["run"]
         if run:
             step = f" step {run['step']}/{run['steps']}" if run.get("steps") else ""
-            print(f"  training: {run['state']}{step}")
+            _say(f"  training: {run['state']}{step}")
         for e in dom["last_errors"]:
             at = f" line {e['line']}" if e["line"] else ""
-            print(f"  error: {e['file']}{at}: {e['reason']}")
+            _say(f"  error: {e['file']}{at}: {e['reason']}")
     for w in report["warnings"]:
-        print(f"warning: {w}")
+        _say(f"warning: {w}")
     return EXIT_OK
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable written as its escape (`\\n`,
+    `\\x1b`, `\\udce9`): a name cannot start a line of its own or move the cursor."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _say(line: str) -> None:
+    print(printable(line))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     layout = HomeLayout(config.home)
     files = _expand(args.paths)
     running, _pid = daemon_state(layout.lock_path)
-    inbox = layout.inbox / domain
+    inbox = layout.check(layout.inbox / domain)
     if not inbox.exists():
         inbox.mkdir(parents=True, exist_ok=True)
         # Same mode as inbox/ itself (under systemd: group-writable, setgid), whatever the

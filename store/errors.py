@@ -25,3 +25,13 @@ class InvalidDomainError(StoreError, ValueError):
 
 class RegistryError(StoreError, ValueError):
     """An adapter version folder is missing, corrupt, or not in the state asked for."""
+
+
+class UnsafeFolderError(StoreError, RuntimeError):
+    """A folder evertune would write or delete in is a symbolic link, or leads out of the
+    home: anyone who can write to the inbox could otherwise point the service elsewhere."""
+
+
+class FileChangedError(StoreError, RuntimeError):
+    """A dropped file changed while it was read (its writer still had it open): nothing of
+    it was stored, it stays in the inbox and is read again once it settles."""

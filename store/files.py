@@ -1,7 +1,7 @@
 """The files a user drops: regular files only (opened without following a link or blocking
 on a FIFO), their content hash, names that can be stored, free names in done/ and
 rejected/, the hidden partial copies `evertune ingest` writes into the inbox, and writing a
-file whole or not at all."""
+file whole or not at all. Every name made from a user's file name fits NAME_MAX."""
 
 from __future__ import annotations
 
@@ -74,16 +74,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def free_name(db: Database, folder: Path, name: str) -> Path:
-    """A path in `folder` that neither exists nor is promised to another file's row."""
+NAME_MAX = 255  # bytes in one file name (Linux; most file systems)
+
+
+def fit_name(name: str, room: int = 0, tag: str = "") -> str:
+    """`name` with `tag` (`~2`) before its extension, the rest shortened at a character
+    until it, and `room` more bytes for what is added to it (`.report.json`, `.<pid>.part`),
+    fit NAME_MAX. The extension is kept: it tells the file's format."""
     stem, suffix = os.path.splitext(name)
-    candidate, n = folder / name, 1
+    if len(os.fsencode(suffix)) > 32:  # no format's extension: cut like the rest
+        stem, suffix = name, ""
+    limit = NAME_MAX - room - len(os.fsencode(tag + suffix))
+    while len(os.fsencode(stem)) > limit:
+        stem = stem[:-1]
+    return stem + tag + suffix
+
+
+def free_name(db: Database, folder: Path, name: str, room: int = 0) -> Path:
+    """A path in `folder` that neither exists nor is promised to another file's row, its
+    name fitting NAME_MAX with `room` bytes to spare."""
+    candidate, n = folder / fit_name(name, room), 1
     while (
         candidate.exists()
         or db.execute("SELECT 1 FROM files WHERE stored_path = ?", [str(candidate)]).fetchone()
     ):
         n += 1
-        candidate = folder / f"{stem}~{n}{suffix}"
+        candidate = folder / fit_name(name, room, f"~{n}")
     return candidate
 
 
@@ -94,13 +110,16 @@ def part_path(folder: Path, name: str) -> Path:
     """Where a copy into the inbox is written before it is renamed in: hidden (the watcher
     ignores dot files) and named by the writing process, so that a copy cut short by a
     kill is known as stale once that process is gone."""
-    return folder / f".{name}.{os.getpid()}{PART}"
+    tail = f".{os.getpid()}{PART}"
+    return folder / f".{fit_name(name, 1 + len(tail))}{tail}"
 
 
 def remove_stale_parts(folder: Path) -> list[Path]:
     """Delete the partial copies in `folder` whose writing process is gone (a CLI killed
     mid-copy, a full disk): they hold nothing that is not still in the source file."""
     removed = []
+    if folder.is_symlink():  # never delete through a link (HomeLayout.check)
+        return removed
     for p in folder.glob(f".*{PART}"):
         pid = p.name[: -len(PART)].rsplit(".", 1)[-1]
         if pid.isdigit() and _alive(int(pid)):
@@ -143,7 +162,7 @@ def waiting_copy(folder: Path, src: Path) -> Path | None:
 
 def write_atomic(target: Path, data: bytes) -> None:
     """`data` in `target` whole or not at all (written beside it, fsynced, renamed)."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{fit_name(target.name, 5)}.tmp")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()

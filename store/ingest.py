@@ -26,8 +26,9 @@ import orjson
 from sqlite_utils import Database
 
 from evertune.store.db import utcnow, write_transaction
-from evertune.store.errors import IngestError, RecordError
+from evertune.store.errors import FileChangedError, IngestError, RecordError
 from evertune.store.files import (
+    NAME_MAX,
     NotRegularFile,
     file_sha256,
     free_name,
@@ -56,6 +57,7 @@ FILE_PROMPTS = """
     )
 """
 NOTE_PROMPT = "INSERT INTO file_prompts (prompt_hash, content_hash, line) VALUES (?, ?, ?)"
+REPORT = ".report.json"  # the report's name: the stored file's, with this added
 PROBE_CHUNK = 10_000  # prompts per IN (...) probe: under SQLite's 32766 bound variables
 
 
@@ -81,10 +83,14 @@ def ingest_file(
 ) -> FileReport:
     """Ingest one file of `domain` that lies in the inbox; return its report."""
     path = Path(path)
+    # the folders it leaves and may go to: never through a link, never out of the home
+    for folder in (path.parent, layout.done / domain, layout.rejected / domain):
+        layout.check(folder)
     try:
         why = not_regular(path)
         if why is None:
-            size = path.stat().st_size
+            seen = _identity(path)
+            size = seen[2]
             sha = file_sha256(path)
     except NotRegularFile as exc:  # swapped for a link or a FIFO since the check
         why = str(exc)
@@ -93,7 +99,7 @@ def ingest_file(
     unfinished = _unfinished_move(db, domain, sha, path)
     if unfinished is not None:
         log.warning("finishing the move of %s (the previous run stopped after its commit)", path)
-        return _finish(path, unfinished)
+        return _finish(path, unfinished, seen)
     first = db.execute(
         "SELECT id, name, ingested_at FROM files"
         " WHERE domain = ? AND sha256 = ? AND status = 'ingested' ORDER BY id LIMIT 1",
@@ -117,6 +123,7 @@ def ingest_file(
         if report.status == "ingested":
             _parse_into(db, path, domain, file_id, report, limits, progress)
         _update_counts(db, layout, path, report)
+        _unchanged(path, seen)  # else nothing is committed: read again once it settles
     log.info(
         "file %s/%s: %s, %d new, %d duplicate examples, %d records rejected",
         domain,
@@ -126,7 +133,29 @@ def ingest_file(
         report.examples_duplicate,
         report.records_rejected,
     )
-    return _finish(path, report)
+    return _finish(path, report, seen)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What tells that a file changed: (device, inode, size, mtime). Without a lease (not
+    the file's owner, no CAP_LEASE) nothing else tells that a writer still has it open."""
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _unchanged(path: Path, seen: tuple[int, int, int, int]) -> None:
+    """FileChangedError unless `path` is still the file `seen` before it was read."""
+    try:
+        now = _identity(path)
+    except FileNotFoundError:
+        now = None
+    if now != seen:
+        what = "was removed" if now is None else f"changed ({seen[2]} -> {now[2]} bytes)"
+        raise FileChangedError(
+            f"{path} {what} while it was read: a program is still writing it. Nothing of it"
+            " was stored and it stays in the inbox; it is read again once it has settled (the"
+            " daemon does that by itself; run `evertune ingest` again once the writer is done)"
+        )
 
 
 def _refuse_not_regular(
@@ -147,7 +176,7 @@ def _refuse_not_regular(
     report.errors.append(Problem(None, None, why))
     with write_transaction(db):
         _record(db, layout, path, report, duplicate_of=None)
-        report.stored_path = str(free_name(db, layout.rejected / domain, report.file))
+        report.stored_path = str(_stored_name(db, layout.rejected / domain, report.file))
         _update_counts(db, layout, path, report)
     log.warning("file %s/%s: rejected: %s", domain, report.file, why)
     return _finish(path, report)
@@ -162,14 +191,29 @@ def _unfinished_move(db: Database, domain: str, sha: str, path: Path) -> FileRep
     if row is None or Path(row[1]).exists():
         return None
     report = load_report(db, row[0])
+    stored = Path(report.stored_path)
+    if len(os.fsencode(stored.name + REPORT)) > NAME_MAX:
+        # named before names were fitted: its report could never be written, so the move
+        # was retried for ever; it goes under a name that fits
+        report.stored_path = str(_stored_name(db, stored.parent, stored.name))
+        with write_transaction(db):
+            db.execute(
+                "UPDATE files SET stored_path = ?, report_path = ? WHERE id = ?",
+                [report.stored_path, report.stored_path + REPORT, report.file_id],
+            )
     return report
+
+
+def _stored_name(db: Database, folder: Path, name: str) -> Path:
+    """A free path in done/ or rejected/ whose report's name fits NAME_MAX too."""
+    return free_name(db, folder, name, room=len(REPORT))
 
 
 def _record(
     db: Database, layout: HomeLayout, path: Path, report: FileReport, duplicate_of: int | None
 ) -> int:
     """Insert the file's row; _update_counts completes it in the same transaction."""
-    report.stored_path = str(free_name(db, layout.done / report.domain, report.file))
+    report.stored_path = str(_stored_name(db, layout.done / report.domain, report.file))
     cur = db.execute(
         "INSERT INTO files (domain, name, inbox_path, stored_path, report_path, size, sha256,"
         " status, reason, duplicate_of, received_at, ingested_at)"
@@ -179,7 +223,7 @@ def _record(
             report.file,
             text_of(path),
             report.stored_path,
-            report.stored_path + ".report.json",
+            report.stored_path + REPORT,
             report.size,
             report.sha256,
             report.status,
@@ -365,7 +409,7 @@ def _supersede(
 def _update_counts(db: Database, layout: HomeLayout, path: Path, report: FileReport) -> None:
     if report.status == "ingested" and report.examples_added + report.examples_duplicate == 0:
         report.status = "rejected"
-        report.stored_path = str(free_name(db, layout.rejected / report.domain, report.file))
+        report.stored_path = str(_stored_name(db, layout.rejected / report.domain, report.file))
     save_report(db, report)
 
 
@@ -374,11 +418,16 @@ def _reason_key(reason: str) -> str:
     return reason.split(":", 1)[0].split("(", 1)[0].strip()
 
 
-def _finish(path: Path, report: FileReport) -> FileReport:
-    """Write the report beside the stored file, then move the file there (after the commit)."""
+def _finish(
+    path: Path, report: FileReport, seen: tuple[int, int, int, int] | None = None
+) -> FileReport:
+    """Write the report beside the stored file, then move the file there (after the commit),
+    unless it changed since it was read (`seen`): then it stays, and is read again."""
     stored = Path(report.stored_path)
     stored.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(report.stored_path + ".report.json"), report.to_json())
+    write_atomic(Path(report.stored_path + REPORT), report.to_json())
+    if seen is not None:
+        _unchanged(path, seen)
     os.replace(path, stored)
     fsync_dir(stored.parent)
     fsync_dir(path.parent)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from evertune.store.errors import UnsafeFolderError
+
 
 @dataclass(frozen=True)
 class HomeLayout:
@@ -50,6 +52,32 @@ class HomeLayout:
         """One file per running background child the embedded server may pause while a
         client's request is in flight (evertune.daemon.pausing)."""
         return self.home / "pausable"
+
+    def check(self, folder: Path) -> Path:
+        """`folder` when it lies inside the home and no part of it below the home is a
+        symbolic link (parts that do not exist yet are not links); else UnsafeFolderError.
+        Called for every folder the daemon or a command writes or deletes in that someone
+        other than the service could have made (inbox/ is group-writable under systemd)."""
+        try:
+            parts = folder.relative_to(self.home).parts
+        except ValueError:
+            parts = ("..",)
+        if ".." in parts:
+            raise UnsafeFolderError(
+                f"{folder} is not inside the home {self.home}: evertune writes and deletes only"
+                " in its own folders; nothing was done there"
+            )
+        path = self.home
+        for part in parts:
+            path = path / part
+            if path.is_symlink():
+                raise UnsafeFolderError(
+                    f"{path} is a symbolic link (to {os.readlink(path)}): evertune writes and"
+                    f" deletes only in real folders inside its home, so it follows no link"
+                    f" there and did nothing in it. Replace the link with a folder"
+                    f" (rm {path} && mkdir {path}) and move the files to ingest into it"
+                )
+        return folder
 
     def create(self) -> None:
         for folder in (self.inbox, self.done, self.rejected, self.adapters, self.models):

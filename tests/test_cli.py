@@ -216,3 +216,63 @@ def test_ingest_again_after_a_kill_takes_the_copy_waiting_in_the_inbox(home, tmp
     assert "legal/facts.jsonl: ingested, 2 new examples" in capsys.readouterr().out
     assert sorted(p.name for p in (home / "done" / "legal").glob("*.jsonl")) == ["facts.jsonl"]
     assert list(inbox.iterdir()) == []
+
+
+def test_ingest_of_a_file_with_a_250_byte_name_copies_and_stores_it(home, tmp_path, capsys):
+    """Before: the copy's hidden temporary name `.<name>.<pid>.part` went past NAME_MAX:
+    `File name too long`, nothing ingested."""
+    import os
+
+    src = tmp_path / ("f" * 244 + ".jsonl")
+    assert len(os.fsencode(src.name)) == 250
+    src.write_text(CHAT % (1, 1))
+    assert main(["ingest", str(src), "--domain", "legal"]) == 0
+    assert "ingested, 1 new examples" in capsys.readouterr().out
+    src.write_text(CHAT % (2, 2))  # the same name with new content: `~2`, fitted too
+    assert main(["ingest", str(src), "--domain", "legal"]) == 0
+    assert "ingested, 1 new examples" in capsys.readouterr().out
+    done = sorted((home / "done" / "legal").iterdir())
+    assert len([p for p in done if p.name.endswith(".jsonl")]) == 2
+    assert len([p for p in done if p.name.endswith(".report.json")]) == 2
+    assert list((home / "inbox" / "legal").iterdir()) == []
+
+
+def test_ingest_into_a_linked_domain_folder_is_refused_and_touches_nothing_there(
+    home, tmp_path, capsys
+):
+    """Before: the command deleted the `.part` files in the folder the link points to, wrote
+    its copy there, and ingested it from there."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    stale = outside / ".facts.jsonl.999999999.part"  # its process is gone
+    stale.write_text("somebody else's")
+    link = home / "inbox" / "legal"
+    link.symlink_to(outside, target_is_directory=True)
+    src = tmp_path / "facts.jsonl"
+    src.write_text(CHAT % (1, 1))
+    assert main(["ingest", str(src), "--domain", "legal"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: {link} is a symbolic link (to {outside})")
+    assert f"rm {link} && mkdir {link}" in err  # the safe next step
+    assert sorted(p.name for p in outside.iterdir()) == [stale.name]
+    assert not (home / "done" / "legal").exists()
+
+
+def test_status_escapes_control_characters_in_names_so_no_line_can_be_forged(
+    home, tmp_path, capsys
+):
+    """Before: a folder named with a newline printed a line of its own choosing."""
+    forged = "x\ndomain legal: 999 examples (0 not yet trained on)\x1b[2K"
+    (home / "inbox" / forged).mkdir()
+    (home / "inbox" / forged / "a.jsonl").write_text(CHAT % (1, 1))
+    src = tmp_path / "bad\rname.jsonl"
+    src.write_text("oops\n")
+    main(["ingest", str(src), "--domain", "legal"])
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert not [line for line in lines if line.startswith("domain legal: 999")]
+    assert "\x1b" not in out and "\r" not in out
+    assert any("x\\ndomain legal: 999 examples" in line and "\\x1b[2K" in line for line in lines)
+    assert any("bad\\rname.jsonl" in line for line in lines)

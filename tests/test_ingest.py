@@ -1072,3 +1072,183 @@ def test_a_file_name_that_is_not_utf8_is_ingested_and_stored_under_a_readable_na
     assert Path(report.stored_path) == layout.done / DOMAIN / "caf\\xe9.jsonl"
     assert_kept(path, report, layout.done / DOMAIN, content.encode())
     assert report_on_disk(report)["file"] == "caf\\xe9.jsonl"
+
+
+# --- names at the file system's limit (NAME_MAX, 255 bytes) ---------------------------------
+
+
+def name_bytes(path: Path | str) -> int:
+    return len(os.fsencode(Path(path).name))
+
+
+def test_a_file_name_of_250_bytes_is_stored_with_its_report(db, layout, drop):
+    """Before: the report `<name>.report.json` (and its temporary name) went past NAME_MAX
+    after the commit; the file was retried for ever with a traceback, never finished."""
+    name = "q" * 244 + ".jsonl"
+    assert name_bytes(name) == 250
+    content = jsonl(qa("Q1?", "A1."), qa("Q2?", "A2."))
+    first = drop(DOMAIN, name, content)
+    report = ingest(db, layout, first)
+    assert report.status == "ingested" and report.examples_added == 2
+    assert report.file == name  # the report says which file it was, in full
+    assert_kept(first, report, layout.done / DOMAIN, content.encode())
+    stored = Path(report.stored_path)
+    assert stored.suffix == ".jsonl" and stored.name.startswith("q" * 200)
+    assert Path(report.stored_path + ".report.json").is_file()
+    # the same name again, new content: a numbered name, shortened to fit too
+    again = drop(DOMAIN, name, jsonl(qa("Q3?", "A3.")))
+    second = ingest(db, layout, again)
+    assert second.status == "ingested" and second.examples_added == 1
+    assert second.stored_path != report.stored_path and "~2.jsonl" in second.stored_path
+    assert_kept(again, second, layout.done / DOMAIN, jsonl(qa("Q3?", "A3.")).encode())
+    for r in (report, second):
+        assert name_bytes(r.stored_path + ".report.json") <= 255
+    assert [p for p in layout.inbox.rglob("*") if p.is_file()] == []
+
+
+def test_a_255_byte_name_that_is_not_utf8_is_stored_under_a_readable_name_that_fits(db, layout):
+    """Each bad byte is written \\xNN in the stored name: four bytes for one."""
+    folder = layout.inbox / DOMAIN
+    folder.mkdir(parents=True)
+    raw = os.path.join(os.fsencode(folder), b"\xe9" * 249 + b".jsonl")
+    with open(raw, "wb") as f:
+        f.write(jsonl(qa("Q?", "A.")).encode())
+    path = Path(os.fsdecode(raw))
+
+    report = ingest(db, layout, path)
+
+    assert report.status == "ingested" and report.examples_added == 1
+    assert report.file == "\\xe9" * 249 + ".jsonl"
+    assert not path.exists()
+    assert Path(report.stored_path).is_file() and report.stored_path.endswith(".jsonl")
+    assert report_on_disk(report)["file"] == report.file
+    assert name_bytes(report.stored_path + ".report.json") <= 255
+
+
+def test_a_rejected_file_with_a_long_name_is_kept_in_rejected_with_its_report(db, layout, drop):
+    path = drop(DOMAIN, "r" * 245 + ".xlsx", b"PK not a table")
+    report = ingest(db, layout, path)
+    assert report.status == "rejected"
+    assert_kept(path, report, layout.rejected / DOMAIN, b"PK not a table")
+    assert name_bytes(report.stored_path + ".report.json") <= 255
+
+
+@pytest.mark.parametrize("where", ["done", "rejected", "inbox"])
+def test_a_linked_folder_in_the_home_is_refused_before_anything_is_stored(
+    db, layout, drop, tmp_path, where
+):
+    """done/<domain>, rejected/<domain> or inbox/<domain> planted as a link to a folder
+    elsewhere: nothing is written or moved through it, and nothing is stored."""
+    from evertune.store.errors import UnsafeFolderError
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    if where == "inbox":
+        (outside / "a.jsonl").write_text(jsonl(qa("Q?", "A.")))
+        (layout.inbox / DOMAIN).symlink_to(outside, target_is_directory=True)
+        path = layout.inbox / DOMAIN / "a.jsonl"
+    else:
+        (getattr(layout, where) / DOMAIN).symlink_to(outside, target_is_directory=True)
+        path = drop(DOMAIN, "a.jsonl", jsonl(qa("Q?", "A.")))
+    link = getattr(layout, where) / DOMAIN
+    with pytest.raises(UnsafeFolderError) as caught:
+        ingest(db, layout, path)
+    assert str(caught.value).startswith(f"{link} is a symbolic link (to {outside})")
+    assert path.exists()
+    assert [p.name for p in outside.iterdir()] == (["a.jsonl"] if where == "inbox" else [])
+    assert count(db, "files") == 0 and count(db, "examples") == 0
+
+
+def test_a_long_named_file_stuck_after_its_commit_is_finished_under_a_name_that_fits(
+    db, layout, drop, monkeypatch
+):
+    """A file stored before names were fitted: its row promised done/<250-byte name>, whose
+    report could not be written, and every retry failed again. Now the retry finishes it."""
+    from evertune.store import ingest as ingest_mod
+    from evertune.store.files import free_name
+
+    name = "s" * 244 + ".jsonl"
+    content = jsonl(qa("Q?", "A."))
+    path = drop(DOMAIN, name, content)
+    with monkeypatch.context() as m:  # as names were chosen before: no room for the report
+        m.setattr(ingest_mod, "_stored_name", lambda db, folder, n: free_name(db, folder, n))
+        with pytest.raises(OSError, match="File name too long"):
+            ingest(db, layout, path)
+    assert path.exists() and count(db, "examples") == 1  # committed, not moved
+
+    report = ingest(db, layout, path)
+
+    assert report.status == "ingested" and report.examples_added == 1
+    assert_kept(path, report, layout.done / DOMAIN, content.encode())
+    assert count(db, "examples") == 1 and count(db, "files") == 1
+    assert db.execute("SELECT stored_path, report_path FROM files").fetchone() == (
+        report.stored_path,
+        report.stored_path + ".report.json",
+    )
+
+
+# --- a file still written while it is read (no kernel lease to tell) -------------------------
+
+
+def halves(n: int = 200) -> tuple[str, str]:
+    records = [qa(f"Q{i}?", f"A{i}.") for i in range(n)]
+    return jsonl(*records[: n // 2]), jsonl(*records[n // 2 :])
+
+
+def test_a_file_written_to_while_it_is_read_is_not_stored_and_is_read_again(db, layout, drop):
+    """Before: 100 of 200 records stored and the report said 100; the file moved to done/
+    where its writer then finished it: 200 records there, nothing telling anyone."""
+    from evertune.store.errors import FileChangedError
+
+    first, rest = halves()
+    path = drop(DOMAIN, "growing.jsonl", first)
+
+    def writer_goes_on(done: int, total: int) -> None:
+        if done >= total and path.stat().st_size == len(first):  # read to its end so far
+            with path.open("a") as f:
+                f.write(rest)
+
+    with pytest.raises(FileChangedError) as caught:
+        ingest_file(db, layout, path, DOMAIN, IngestLimits(batch_size=10), writer_goes_on)
+    message = str(caught.value)
+    assert message.startswith(f"{path} changed ({len(first)} -> {len(first + rest)} bytes)")
+    assert "Nothing of it was stored and it stays in the inbox" in message
+    assert path.read_text() == first + rest
+    assert count(db, "files") == 0 and count(db, "examples") == 0
+    assert [p for p in layout.done.rglob("*")] == []
+
+    report = ingest(db, layout, path)  # once it has settled
+
+    assert report.status == "ingested" and report.examples_added == 200
+    assert report.records == 200
+    assert_kept(path, report, layout.done / DOMAIN, (first + rest).encode())
+
+
+def test_a_file_written_to_after_the_commit_is_not_moved_and_its_rest_is_stored(
+    db, layout, drop, monkeypatch
+):
+    """The last moment before the move: the writer appends while the report is written."""
+    from evertune.store import ingest as ingest_mod
+    from evertune.store.errors import FileChangedError
+
+    first, rest = halves()
+    path = drop(DOMAIN, "growing.jsonl", first)
+    real_write = ingest_mod.write_atomic
+
+    def report_then_append(target: Path, data: bytes) -> None:
+        real_write(target, data)
+        if path.stat().st_size == len(first):
+            with path.open("a") as f:
+                f.write(rest)
+
+    monkeypatch.setattr(ingest_mod, "write_atomic", report_then_append)
+    with pytest.raises(FileChangedError):
+        ingest(db, layout, path)
+    assert path.read_text() == first + rest  # not moved: the writer's rest is not lost
+
+    report = ingest(db, layout, path)
+
+    assert report.status == "ingested"
+    assert (report.examples_added, report.examples_duplicate) == (100, 100)
+    assert_kept(path, report, layout.done / DOMAIN, (first + rest).encode())
+    assert count(db, "examples") == 200
