@@ -306,6 +306,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f" {f['duplicate']} duplicate, {f['waiting']} waiting; live version:"
             f" {dom['live_version'] or 'none'}"
         )
+        for w in f.get("waiting_why", []):
+            _say(
+                f"  waiting: {w['file'] or 'the folder'}: {w['error']} (next try {w['next_retry']})"
+            )
         run = dom["run"]
         if run:
             step = f" step {run['step']}/{run['steps']}" if run.get("steps") else ""

@@ -1,6 +1,7 @@
 """The daemon's control API: JSON over HTTP on loopback, for the CLI, plus Prometheus `/metrics`.
 
     GET  /healthz        {"ok": true} | 503 {"ok": false, "why": ...}     no token
+                         (+ "waiting": [{domain, file, error, next_retry}] when any)
     GET  /metrics        Prometheus text exposition                       no token
     GET  /v1/status      handler.status()
     POST /v1/train       {"domain": str, "force": bool = false, "from_base": bool = false}
@@ -63,6 +64,10 @@ class ControlHandler(Protocol):
 
     def health(self) -> str | None:
         """None when the daemon is healthy, else why it is not (served as 503)."""
+        ...
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """Why each file that could not be taken yet waits (in /healthz's answer)."""
         ...
 
     def train(self, domain: str, force: bool, from_base: bool) -> dict[str, Any]: ...
@@ -304,10 +309,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("control API: the health check failed")
             why = "the health check itself failed; the daemon's log has the traceback"
-        if why is None:
-            self._json(200, {"ok": True})
-        else:
-            self._json(503, {"ok": False, "why": why})
+        body: dict[str, Any] = {"ok": why is None} | ({"why": why} if why else {})
+        try:  # why files wait (an unreadable folder, a failed ingest): no reason for a 503
+            if waiting := getattr(control.handler, "waiting", list)():
+                body["waiting"] = waiting
+        except Exception:
+            log.exception("control API: listing the waiting files failed")
+        self._json(200 if why is None else 503, body)
 
     def _status_page(self, control: ControlServer, path: str) -> None:
         from evertune.daemon import status_page

@@ -1,9 +1,11 @@
 """Dropped files into the store: the watcher hands each settled file over, it is ingested
 as one job on the store writer's thread, and a file whose ingestion raised stays in the
-inbox and is retried (daemon/schedule.py) and at the next start."""
+inbox and is retried (daemon/schedule.py) and at the next start. Why each such file waits,
+and when it is tried again, is kept for `status` and /healthz (`waiting()`)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from evertune.daemon.config import Config
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.schedule import Schedule
 from evertune.daemon.writer import StoreWriter
+from evertune.store.files import text_of
 from evertune.store.ingest import ingest_file
 from evertune.store.layout import HomeLayout
 from evertune.store.reports import FileReport
@@ -34,6 +37,11 @@ class Ingestion:
         self.writer = writer
         self.schedule = schedule
         self.metrics = metrics
+        self._waiting: dict[Path, dict[str, str | None]] = {}
+
+    def waiting(self) -> list[dict[str, str | None]]:
+        """The files whose ingestion failed: domain, file, error, next_retry (UTC)."""
+        return list(self._waiting.values())
 
     def submit(self, domain: str, path: Path) -> None:
         """The watcher's callback: ingest `path` on the writer's thread."""
@@ -41,15 +49,24 @@ class Ingestion:
 
     def ingest(self, db: Database, domain: str, path: Path) -> FileReport | None:
         if not os.path.lexists(path):  # reported twice (event + scan), already moved: done
+            self._waiting.pop(path, None)
             return None
         config = self.config()
         try:
             report = ingest_file(db, HomeLayout(config.home), path, domain, config.ingest.limits())
-        except Exception:
+        except Exception as exc:
             # The job boundary: the file stays in the inbox and is retried, with a growing
             # pause (a full disk, a locked store: causes that pass), and at the next start.
-            self.schedule.ingest_failed(domain, path, self.submit)
+            delay = self.schedule.ingest_failed(domain, path, self.submit)
+            at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+            self._waiting[path] = {
+                "domain": domain,
+                "file": text_of(path.name),
+                "error": str(exc) or type(exc).__name__,
+                "next_retry": at.isoformat(timespec="seconds"),
+            }
             raise
+        self._waiting.pop(path, None)
         self.schedule.ingest_succeeded(path)
         outcome = report.status
         if report.status == "ingested" and report.records_rejected:

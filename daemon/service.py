@@ -226,7 +226,7 @@ class Service:
     # ---- the control API (daemon/control.py's ControlHandler) --------------------------------
 
     def status(self) -> dict[str, Any]:
-        report = status_report(self.config)
+        report = status_report(self.config, waiting=self.waiting())
         report["daemon"] |= {"control_url": self.control.url, "state": self._status_line()}
         report["training"] = self.runs.report()
         if self.serving.vllm is not None:
@@ -252,6 +252,10 @@ class Service:
             None if self.runs.is_alive() else "the training worker thread has stopped",
         ]
         return "; ".join(p for p in problems if p) or None
+
+    def waiting(self) -> list[dict[str, str | None]]:
+        """Why each file that could not be taken yet waits, and when it is tried again."""
+        return self.watcher.waiting() + self.ingestion.waiting()
 
     def train(self, domain: str, force: bool, from_base: bool = False) -> dict[str, Any]:
         check_domain(domain)

@@ -73,10 +73,26 @@ def _api_key(config: Config) -> str | None:
         return None
 
 
-def status_report(config: Config) -> dict[str, Any]:
-    """`status --json`: DESIGN.md's keys (add freely, rename none)."""
+def waiting_report(url: str | None) -> list[dict[str, Any]]:
+    """Why the running daemon's waiting files wait, from its /healthz (no token needed);
+    [] when it does not answer (status still reports the rest)."""
+    import httpx
+
+    if url is None:
+        return []
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2.0).json().get("waiting", [])
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return []
+
+
+def status_report(config: Config, waiting: list[dict] | None = None) -> dict[str, Any]:
+    """`status --json`: DESIGN.md's keys (add freely, rename none). `waiting`: why files
+    wait (the daemon's own list; asked of the running daemon when None)."""
     layout = HomeLayout(config.home)
     running, pid = daemon_state(layout.lock_path)
+    if waiting is None:
+        waiting = waiting_report(control_url(layout)) if running else []
     report: dict[str, Any] = {
         "home": str(layout.home),
         "daemon": {
@@ -102,12 +118,17 @@ def status_report(config: Config) -> dict[str, Any]:
             names |= set(domain_names(db))
         for name in sorted(names):
             summary = domain_summary(db, name) if db is not None else _empty_summary(name)
-            waiting = layout.inbox / name
-            summary["files"]["waiting"] = (
-                sum(1 for f in waiting.iterdir() if f.is_file() and not f.name.startswith("."))
-                if waiting.is_dir()
-                else 0
-            )
+            folder = layout.inbox / name
+            try:
+                summary["files"]["waiting"] = (
+                    sum(1 for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+                    if folder.is_dir() and not folder.is_symlink()
+                    else 0
+                )
+            except OSError as exc:  # unreadable: said, not a traceback
+                summary["files"]["waiting"] = 0
+                report["warnings"].append(f"{folder} cannot be listed ({exc})")
+            summary["files"]["waiting_why"] = [w for w in waiting if w.get("domain") == name]
             report["domains"].append(summary)
     finally:
         if db is not None:

@@ -21,6 +21,7 @@ by `evertune status`.
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -342,6 +343,26 @@ class InboxWatcher:
                 self.scan(folder)
                 if folder not in self._unscanned:
                     log.info("%s can be listed again", folder)
+
+    def waiting(self) -> list[dict[str, str | None]]:
+        """The files and folders that could not be read: domain, file (None: the folder
+        itself), error, next_retry (UTC), as ingestion.Ingestion.waiting() gives them."""
+        from evertune.store.files import text_of
+
+        def entry(path: Path, error: str, at: float, file: str | None) -> dict[str, str | None]:
+            parts = path.relative_to(self.inbox).parts
+            when = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="seconds")
+            domain = text_of(parts[0]) if parts else None
+            return {"domain": domain, "file": file, "error": error, "next_retry": when}
+
+        with self._lock:
+            out = [
+                entry(p, e.error, e.retry_at, text_of(p.name))
+                for p, e in self._pending.items()
+                if e.error is not None
+            ]
+            out += [entry(f, why, at, None) for f, (why, at) in self._unscanned.items()]
+        return out
 
     def pending(self) -> int:
         with self._lock:

@@ -385,3 +385,37 @@ def test_the_partial_copy_of_a_killed_command_is_removed_at_start_and_the_rest_i
     wait_for(lambda: db.exists() and examples(home, "legal") == 1, what="kept.jsonl ingested")
     wait_for(lambda: not stale.exists(), what="the partial copy removed")
     assert f"removed {stale}: the partial copy of a command that was stopped" in d.logtext()
+
+
+def test_status_and_healthz_say_why_a_file_waits_and_when_it_is_tried_again(tmp_path):
+    """Before: `status` said "1 waiting" and /healthz "ok"; the reason was in the log only."""
+    import httpx
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "done").mkdir()
+    (home / "done" / "legal").write_text("in the way")  # the move after the commit fails
+    d = Daemon(
+        home, INGEST_ONLY.replace("[watch]\n", "[watch]\nretry_seconds = 60\n"), stop_timeout=30
+    ).wait_locked()
+    try:
+        d.wait_up()
+        inbox = home / "inbox" / "legal"
+        inbox.mkdir(parents=True)
+        (inbox / "facts.jsonl").write_text(CHAT % (1, 1))
+        wait_for(lambda: "retried in 60 s" in d.logtext(), what="the first failure", daemon=d)
+        url = (home / "control.url").read_text().strip()
+        health = httpx.get(f"{url}/healthz", timeout=5).json()
+        assert health["ok"] is True
+        [why] = health["waiting"]
+        assert why["domain"] == "legal" and why["file"] == "facts.jsonl"
+        assert "Not a directory" in why["error"] or "File exists" in why["error"], why
+        assert why["next_retry"]
+        out = evertune(home, "status")
+        assert out.returncode == 0, out.stderr
+        line = f"  waiting: facts.jsonl: {why['error']} (next try {why['next_retry']})"
+        assert line in out.stdout.splitlines(), out.stdout
+        status = json.loads(evertune(home, "status", "--json").stdout)
+        assert status["domains"][0]["files"]["waiting_why"] == [why]
+    finally:
+        assert d.stop() == 0
