@@ -5,15 +5,15 @@ so on a shared CPU an answer gets the cores it needs (`train.cpu_priority = "pau
 Why: training and vLLM's OpenMP threads fought over the same 2 cores (one short request
 every 2 s: answers up to 11.5 s, training ~2x slower). Idle CPU priority for the child was
 not enough: vLLM's worker busy-polls its queue for a second after every step, so an
-idle-priority child starved under steady traffic. Pausing costs training only the time
-requests are in flight.
+idle-priority child starved under steady traffic. Pausing costs training the time
+requests are in flight, and at most half of it.
 
 How: a background child leads a process group of its own and is registered as the file
 `<home>/pausable/<pgid>` holding its leader's start time (field 22 of /proc/<pid>/stat);
 the server's middleware (`evertune.daemon.vllm_entry.AdminGuard`) counts client generation
 requests in flight and sends SIGSTOP to every registered group when the count leaves 0,
-SIGCONT when it is back at 0. A pause lasts at most MAX_PAUSE_S: under steady traffic the
-children run for RUN_S before the next one, so training always progresses. A group is
+SIGCONT when it is back at 0, within a budget (`Pauser`: paused at most half of the time,
+MAX_PAUSE_S at a time), so training always progresses. A group is
 signalled only while its leader's start time matches its file (a reused pid is left alone).
 If the server dies mid-pause, the daemon resumes a child stopped for longer than a pause can
 last (`registered`); if the daemon dies, the kernel resumes the orphaned group and hangs it
@@ -35,8 +35,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PAUSE_DIR_ENV = "EVERTUNE_PAUSE_DIR"  # set in the embedded server's environment only
-MAX_PAUSE_S = 10.0  # the longest a child stays paused at a time...
-RUN_S = 2.0  # ...before it runs this long, even with requests in flight
+MAX_PAUSE_S = 10.0  # the longest a child stays paused at a time
+MAX_SHARE = 0.5  # of the time, at most: training at least half as fast under any load
 STUCK_S = MAX_PAUSE_S + 5.0  # stopped longer than this: the server died mid-pause
 
 
@@ -120,28 +120,44 @@ def clear(directory: Path) -> None:
 
 class Pauser:
     """The server side: `enter` when a client's request is admitted, `leave` when its answer
-    is sent. Runs on the server's event loop (`call_later` schedules the pause limits);
-    never raises: a client's answer must not fail because a child could not be paused."""
+    is sent. Runs on the server's event loop (`call_later` schedules the limits); never
+    raises: a client's answer must not fail because a child could not be paused.
+
+    The children are paused at most `max_share` of the time: after a pause of p seconds
+    they run at least p * (1 - max_share) / max_share seconds before the next one (requests
+    admitted meanwhile share the CPU with them), and no pause lasts over `max_pause`. So a
+    light load (short answers, far apart) is answered as if nothing trained, and a heavy
+    one (answers through an adapter that take most of the interval) slows training by at
+    most 1 / (1 - max_share)."""
 
     def __init__(
         self,
         directory: Path,
         call_later: Callable[[float, Callable[[], None]], object],
         max_pause: float = MAX_PAUSE_S,
-        run: float = RUN_S,
+        max_share: float = MAX_SHARE,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.directory = directory
         self.call_later = call_later
         self.max_pause = max_pause
-        self.run = run
+        self.max_share = max_share
+        self.clock = clock
         self.in_flight = 0
         self.paused: list[int] = []
-        self._timer = None  # set while pausing (until max_pause) or in a forced run
+        self.paused_s = 0.0  # in all, for the server's log
+        self._paused_at = 0.0
+        self._run_until = 0.0  # no pause before this: the children's share of the CPU
+        self._timer = None  # the running pause's limit, or the wait for the next pause
 
     def enter(self) -> None:
         self.in_flight += 1
         if self.in_flight == 1 and self._timer is None:
-            self._pause()
+            owed = self._run_until - self.clock()
+            if owed > 0:
+                self._timer = self.call_later(owed, self._after_run)
+            else:
+                self._pause()
 
     def leave(self) -> None:
         self.in_flight -= 1
@@ -162,23 +178,32 @@ class Pauser:
                 os.killpg(pgid, signal.SIGSTOP)
                 self.paused.append(pgid)
         if self.paused:
+            self._paused_at = self.clock()
             self._timer = self.call_later(self.max_pause, self._break)
 
     def _break(self) -> None:
-        """Paused for max_pause with requests still in flight: the children run for a
-        while."""
+        """Paused for max_pause with requests still in flight: the children run for their
+        share before the next pause."""
+        self._timer = None
         self._resume()
-        self._timer = self.call_later(self.run, self._after_break)
+        owed = self._run_until - self.clock()
+        self._timer = self.call_later(max(owed, 0.0), self._after_run)
 
-    def _after_break(self) -> None:
+    def _after_run(self) -> None:
         self._timer = None
         if self.in_flight > 0:
             self._pause()
 
     def _resume(self) -> None:
+        if not self.paused:
+            return
         for pgid in self.paused:
             resume(pgid)
         self.paused = []
+        now = self.clock()
+        paused = now - self._paused_at
+        self.paused_s += paused
+        self._run_until = now + paused * (1 - self.max_share) / self.max_share
 
     def _cancel(self) -> None:
         if self._timer is not None:

@@ -4,6 +4,7 @@ and training goes on between requests (evertune.daemon.pausing)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import subprocess
@@ -19,6 +20,7 @@ from evertune.daemon.children import run_child
 from evertune.daemon.config import parse
 from evertune.daemon.pausing import Pauser, is_stopped, registered
 from evertune.daemon.procs import pausable_child
+from evertune.daemon.vllm_process import ENGINE_NICE
 from evertune.store import runs
 from evertune.store.layout import HomeLayout
 
@@ -85,22 +87,59 @@ def test_a_registered_child_is_paused_while_a_request_is_in_flight(tmp_path, bus
     assert not (directory / str(busy_child.pid)).exists()
 
 
-def test_under_steady_traffic_a_paused_child_still_gets_to_run(tmp_path, busy_child):
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_under_steady_traffic_a_paused_child_still_gets_half_the_time(tmp_path, busy_child):
     directory = HomeLayout(tmp_path).pausable
-    timers = Timers()
-    pauser = Pauser(directory, timers.call_later, max_pause=10.0, run=2.0)
+    timers, clock = Timers(), Clock()
+    pauser = Pauser(directory, timers.call_later, max_pause=10.0, max_share=0.5, clock=clock)
     with registered(directory, busy_child):
         pauser.enter()
         assert wait_state(busy_child.pid, stopped=True)
+        clock.now += 10.0
         assert timers.fire() == 10.0  # paused for max_pause with the request still in flight
         assert wait_state(busy_child.pid, stopped=False)
-        pauser.enter()  # a new request during the child's run does not pause it
+        pauser.enter()  # a new request while the child has its share does not pause it
         assert not is_stopped(busy_child.pid)
-        assert timers.fire() == 2.0  # the run is over, requests are in flight: paused again
+        clock.now += 10.0
+        assert timers.fire() == 10.0  # its share is over and requests are in flight
         assert wait_state(busy_child.pid, stopped=True)
+        clock.now += 1.0
         pauser.leave()
         pauser.leave()
         assert wait_state(busy_child.pid, stopped=False)
+
+
+def test_after_a_pause_the_child_runs_as_long_before_the_next(tmp_path, busy_child):
+    """Answers that take most of the interval between requests (an adapter on 2 cores):
+    training still gets half of the time."""
+    directory = HomeLayout(tmp_path).pausable
+    timers, clock = Timers(), Clock()
+    pauser = Pauser(directory, timers.call_later, max_share=0.5, clock=clock)
+    with registered(directory, busy_child):
+        pauser.enter()
+        assert wait_state(busy_child.pid, stopped=True)
+        clock.now += 1.5
+        pauser.leave()  # a 1.5 s answer
+        assert wait_state(busy_child.pid, stopped=False)
+        clock.now += 0.5
+        pauser.enter()  # the next request, 0.5 s later: the child is owed 1.0 s more
+        time.sleep(0.1)
+        assert not is_stopped(busy_child.pid)
+        assert [t.delay for t in timers.pending] == [pytest.approx(1.0)]
+        clock.now += 1.0
+        timers.fire()
+        assert wait_state(busy_child.pid, stopped=True)
+        clock.now += 0.5
+        pauser.leave()
+        assert wait_state(busy_child.pid, stopped=False)
+        assert pauser.paused_s == pytest.approx(2.0)
 
 
 def test_a_pid_that_is_no_longer_the_registered_child_is_left_alone(tmp_path, busy_child):
@@ -227,3 +266,19 @@ def test_answers_while_training_are_about_as_fast_as_idle(vllm, tiny_base, db, t
     assert statistics.median(busy) <= 1.5 * idle + 0.1, (idle, busy)
     assert max(busy) <= 2 * idle + 0.3, (idle, busy)
     assert not list(HomeLayout(vllm.home).pausable.iterdir()), "registration left behind"
+
+
+@pytest.mark.e2e
+def test_the_embedded_engine_yields_to_training_and_its_api_server_does_not(vllm):
+    """vLLM's worker busy-polls for a second after every step: between requests it runs at a
+    lower priority than training; the API server, which admits requests and pauses
+    training, keeps the normal one."""
+    import psutil
+
+    server = psutil.Process(vllm.pid)
+    engine = server.children(recursive=True)
+    assert engine, "vLLM's engine runs in processes of its own"
+    assert os.getpriority(os.PRIO_PROCESS, server.pid) == 0
+    for process in engine:
+        for thread in process.threads():
+            assert os.getpriority(os.PRIO_PROCESS, thread.id) == ENGINE_NICE, process.name()
