@@ -34,3 +34,7 @@ class EndpointDown(ServingError):
 
 class AdapterRefused(ServingError):
     """A vLLM endpoint answered but refused to load an adapter folder."""
+
+
+class StoreGone(EvertuneError, RuntimeError):
+    """The store the daemon opened was deleted or replaced under it: it writes nothing."""

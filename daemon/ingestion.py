@@ -45,7 +45,7 @@ class Ingestion:
 
     def submit(self, domain: str, path: Path) -> None:
         """The watcher's callback: ingest `path` on the writer's thread."""
-        self.writer.submit(lambda db: self.ingest(db, domain, path))
+        self.writer.submit(lambda db: self.ingest(db, domain, path), f"ingesting {path}")
 
     def ingest(self, db: Database, domain: str, path: Path) -> FileReport | None:
         if not os.path.lexists(path):  # reported twice (event + scan), already moved: done

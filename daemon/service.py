@@ -42,14 +42,14 @@ from evertune.daemon.operations import Local
 from evertune.daemon.runqueue import RunQueue
 from evertune.daemon.schedule import Schedule
 from evertune.daemon.serving_runner import ServingRunner
-from evertune.daemon.status import publish_control_url, status_report
+from evertune.daemon.status import note_health, publish_control_url, status_report
 from evertune.daemon.training import TrainingWork
 from evertune.daemon.watcher import InboxWatcher, tidy
 from evertune.daemon.writer import StoreWriter
 from evertune.store import examples, runs, versions
 from evertune.store.db import open_db
 from evertune.store.domains import check_domain
-from evertune.store.layout import HomeLayout
+from evertune.store.layout import HomeLayout, stored_files
 
 log = logging.getLogger(__name__)
 # Each of stop()'s waits (training, serving start-up, ingestion): within systemd's
@@ -58,6 +58,23 @@ STOP_WAIT_S = 30.0
 # One ingest job running longer than this means the writer is wedged (measured: 1M
 # examples in one file take minutes, not an hour).
 WRITER_STUCK_S = 3600.0
+
+
+def _warn_of_done_without_store(layout: HomeLayout) -> None:
+    """A new store, while done/ holds files ingested before: their examples are in a store
+    that is gone (deleted, or the home moved without it), not in this one."""
+    n = stored_files(layout)
+    if n:
+        log.warning(
+            "a new, empty store was created at %s, but %s/ holds %d file(s) ingested into a"
+            " store that is not there any more: their examples are not in this one. To get"
+            " them back, stop the daemon and restore %s from a backup, or move the files from"
+            " done/<domain>/ back into inbox/<domain>/ to ingest them again",
+            layout.db_path,
+            layout.done,
+            n,
+            layout.db_path.name,
+        )
 
 
 class Service:
@@ -124,10 +141,13 @@ class Service:
     def start(self) -> None:
         self.layout.create()
         self._lock.acquire()
+        self._new_store = not self.layout.db_path.exists()  # checked under the lock
         self._watchdog = self.notifier.start_watchdog(
             self.stop_event, healthy=lambda: self.health() is None
         )
         self.writer.start()
+        if self._new_store:
+            _warn_of_done_without_store(self.layout)
         self._db = open_db(self.layout.db_path)
         self._close_leftovers()
         self.control.start()
@@ -228,6 +248,7 @@ class Service:
     def status(self) -> dict[str, Any]:
         report = status_report(self.config, waiting=self.waiting())
         report["daemon"] |= {"control_url": self.control.url, "state": self._status_line()}
+        note_health(report, self.health())
         report["training"] = self.runs.report()
         if self.serving.vllm is not None:
             report["daemon"]["vllm"] = self.serving.vllm.report()

@@ -11,7 +11,7 @@ from evertune.daemon.lock import daemon_state
 from evertune.daemon.watcher import misplaced
 from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import domain_problem
-from evertune.store.layout import HomeLayout
+from evertune.store.layout import HomeLayout, stored_files
 from evertune.store.queries import domain_names, domain_summary
 
 CONTROL_URL_FILE = "control.url"
@@ -104,6 +104,14 @@ def status_report(config: Config, waiting: list[dict] | None = None) -> dict[str
         "domains": [],
         "warnings": list(misplaced(layout.inbox)) if layout.inbox.exists() else [],
     }
+    if running and waiting is None:  # asked from outside the daemon: its /healthz says
+        note_health(report, daemon_health(report["daemon"]["control_url"]))
+    if not layout.db_path.exists() and (kept := stored_files(layout)):
+        report["warnings"].append(
+            f"no store at {layout.db_path}, but {layout.done}/ holds {kept} ingested file(s):"
+            f" restore {layout.db_path.name} from a backup, or move the files from"
+            " done/<domain>/ back into inbox/<domain>/ to ingest them again"
+        )
     names = set()
     if layout.inbox.exists():
         names |= {
@@ -148,3 +156,23 @@ def _empty_summary(name: str) -> dict[str, Any]:
         "run": None,
         "last_errors": [],
     }
+
+
+def daemon_health(url: str | None) -> str | None:
+    """Why the running daemon at `url` says it is not healthy (its /healthz), or None."""
+    import httpx
+
+    if not url:
+        return None
+    try:
+        r = httpx.get(f"{url}/healthz", timeout=2.0)
+        return None if r.status_code == 200 else str(r.json().get("why", r.text))
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return f"its control API at {url} does not answer ({exc})"
+
+
+def note_health(report: dict[str, Any], why: str | None) -> None:
+    """The daemon's health in `status`: "ok", or why not, also as a warning."""
+    report["daemon"]["health"] = why or "ok"
+    if why:
+        report["warnings"].append(f"the daemon is not healthy: {why}")

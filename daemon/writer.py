@@ -5,11 +5,17 @@ minutes; its writes are batched transactions on this connection). The daemon's o
 writers (the run queue's, the serving runner's, the control connection: see
 daemon/service.py) write a few rows at a time in short BEGIN IMMEDIATE transactions, which
 SQLite serialises with these. A job that raises fails its future, not the thread.
+
+The store file is the one this writer opened, as long as the path still names it (same
+device and inode): a store deleted or replaced while the daemon runs would otherwise take
+every file into a database nobody can see again. Then no job runs (each is refused and
+logged, its file stays in the inbox) and `problem()` says why, for /healthz and `status`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -20,6 +26,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from evertune.daemon.errors import StoreGone
 from evertune.store.db import open_db
 
 log = logging.getLogger(__name__)
@@ -30,12 +37,13 @@ Job = Callable[[Database], Any]
 class StoreWriter:
     def __init__(self, db_path: Path):
         self._db_path = db_path
-        self._jobs: queue.Queue[tuple[Job, Future] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[Job, Future, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._db: Database | None = None
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self.busy_since: float | None = None  # time.monotonic() the running job started
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the store opened
 
     def start(self) -> None:
         self._thread.start()
@@ -43,9 +51,10 @@ class StoreWriter:
         if self._open_error is not None:
             raise self._open_error
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job, what: str = "a store job") -> Future:
+        """Run `job(db)` in turn; `what` names it in the log if it is refused."""
         future: Future = Future()
-        self._jobs.put((job, future))
+        self._jobs.put((job, future, what))
         return future
 
     def stop(self) -> None:
@@ -63,14 +72,42 @@ class StoreWriter:
         `stuck_after` seconds (files wait behind it)."""
         if not self._thread.is_alive():
             return "the store writer thread has stopped"
+        gone = self.store_problem()
+        if gone is not None:
+            return gone
         since = self.busy_since
         if since is not None and time.monotonic() - since > stuck_after:
             return f"the store writer has been on one job for {time.monotonic() - since:.0f} s"
         return None
 
+    def store_problem(self) -> str | None:
+        """Why the store this writer opened is no longer the file at its path: deleted, or
+        another file put in its place (a copy, a restore) while the daemon runs."""
+        if self._identity is None:
+            return None
+        path = self._db_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return (
+                f"the store {path} was deleted while the daemon runs: no file is ingested"
+                " (they wait in the inbox); restore it from a backup and restart the daemon"
+                " (a restart without it starts a new, empty store)"
+            )
+        except OSError as exc:
+            return f"the store {path} cannot be checked ({exc}); fix its folder's permissions"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return (
+                f"the store {path} was replaced by another file while the daemon runs: no file"
+                " is ingested (they wait in the inbox) until the daemon is restarted on it"
+            )
+        return None
+
     def _run(self) -> None:
         try:
             self._db = open_db(self._db_path)
+            st = os.stat(self._db_path)
+            self._identity = (st.st_dev, st.st_ino)
         except BaseException as exc:
             self._open_error = exc
             self._opened.set()
@@ -78,8 +115,13 @@ class StoreWriter:
         self._opened.set()
         try:
             while (item := self._jobs.get()) is not None:
-                job, future = item
+                job, future, what = item
                 if not future.set_running_or_notify_cancel():
+                    continue
+                gone = self.store_problem()
+                if gone is not None:
+                    log.error("%s: refused: %s", what, gone)
+                    future.set_exception(StoreGone(gone))
                     continue
                 self.busy_since = time.monotonic()
                 try:

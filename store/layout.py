@@ -84,6 +84,19 @@ class HomeLayout:
             folder.mkdir(parents=True, exist_ok=True)
 
 
+def stored_files(layout: HomeLayout) -> int:
+    """How many dropped files done/ keeps (their reports not counted)."""
+    if not layout.done.is_dir():
+        return 0
+    return sum(
+        1
+        for domain in layout.done.iterdir()
+        if domain.is_dir() and not domain.is_symlink()
+        for f in domain.iterdir()
+        if not f.name.endswith(".report.json")
+    )
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename or create inside `folder` durable (the directory entry itself)."""
     fd = os.open(folder, os.O_RDONLY)
