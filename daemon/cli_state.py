@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import orjson
+
 from evertune.daemon import config as config_mod
 from evertune.daemon import operations
 from evertune.daemon.errors import (
@@ -70,13 +72,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
     config = config_mod.load(args.config)
     db = open_db(HomeLayout(config.home).db_path)
     try:
-        n = len(examples.answering(db, domain, hashes))
+        gone = examples.described(db, examples.answering(db, domain, hashes))
     finally:
         db.close()
+    n = len(gone)
     if n == 0:
         what = "that prompt" if len(hashes) == 1 else "those prompts"
         print(f"{domain}: no stored example answers {what}; nothing forgotten")
         return EXIT_NOTHING
+    _print_forgetting(domain, gone)
     show = _TrainProgress(domain)
     try:
         result = operations.for_home(config).forget(domain, hashes, show)
@@ -87,6 +91,31 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(result.no_rebuild)
         return EXIT_OK
     return _print_trained(result.rebuild)
+
+
+FORGET_LISTED = 200  # examples listed one by one before `forget` removes them
+
+
+def _print_forgetting(domain: str, gone: list[tuple[str, int | None, str, str]]) -> None:
+    """What is about to be removed, one example a line: file:line, question -> answer."""
+    print(f"{domain}: forgetting {len(gone)} examples:")
+    for name, line, kind, body in gone[:FORGET_LISTED]:
+        if kind == "chat":
+            msgs = orjson.loads(body)
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            asked = next((m["content"] for m in reversed(msgs[:last]) if m["role"] == "user"), "")
+            what = f"{_short(asked)} -> {_short(msgs[last]['content'])}"
+        else:
+            what = _short(body)
+        print(f"  {name}:{line if line is not None else '?'}: {what}")
+    if len(gone) > FORGET_LISTED:
+        print(f"  ... and {len(gone) - FORGET_LISTED} more")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """One line of at most `limit` characters, as repr shows it (no control characters)."""
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 1] + "…")
 
 
 def _print_forgotten(g: dict) -> None:

@@ -32,7 +32,7 @@ from evertune.store import events, examples, versions
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import RecordError
 from evertune.store.files import write_atomic
-from evertune.store.formats import CHAT, normalise, prompt_hash
+from evertune.store.formats import CHAT, normalise, prompt_hash, question_hash
 from evertune.store.ingest import IngestLimits
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 
@@ -73,11 +73,9 @@ class Forgotten:
 
 
 def prompts_of_questions(questions: Iterable[str]) -> list[bytes]:
-    """The prompt of a one-question chat (the template's default system prompt)."""
-    return [
-        prompt_hash([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
-        for q in questions
-    ]
+    """The questions, each as every example asking it is matched (store.formats.prompt_hash:
+    under any system prompt, in any format or spelling, alone or within a conversation)."""
+    return [question_hash(q) for q in questions]
 
 
 def prompts_of_file(path: Path, limits: IngestLimits | None = None) -> list[bytes]:

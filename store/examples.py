@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 
+import orjson
 from sqlite_utils import Database
 
 from evertune.store.db import write_transaction
+from evertune.store.formats import asked_hashes
 
 CURRENT = "superseded_by IS NULL"  # no newer answer to its prompt superseded it
 UNTRAINED = f"first_version_id IS NULL AND {CURRENT}"
@@ -70,19 +72,39 @@ def bodies(db: Database, ids: list[int]) -> list[tuple[int, str]]:
 
 
 def answering(db: Database, domain: str, hashes: list[bytes]) -> list[int]:
-    """Ids of the domain's examples answering one of the prompts (superseded ones too)."""
-    ids: list[int] = []
+    """Ids of the domain's examples asking one of the questions (store.formats.prompt_hash:
+    under any system prompt, in any format or spelling), superseded ones too, and of every
+    conversation that asks one of them in one of its turns, in id order."""
+    ids: set[int] = set()
     for i in range(0, len(hashes), 10_000):
         chunk = hashes[i : i + 10_000]
-        ids += [
+        ids.update(
             r[0]
             for r in db.execute(
                 f"SELECT id FROM examples WHERE domain = ? AND prompt_hash IN"
                 f" ({','.join('?' * len(chunk))})",
                 [domain, *chunk],
             )
-        ]
-    return ids
+        )
+    wanted = set(hashes)
+    # a question asked in the middle of a conversation: each user turn, asked alone
+    for i, body in db.execute(
+        "SELECT id, body FROM examples WHERE domain = ? AND kind = 'chat'"
+        " AND json_array_length(body) > 3",
+        [domain],
+    ):
+        if i not in ids and asked_hashes(orjson.loads(body)) & wanted:
+            ids.add(i)
+    return sorted(ids)
+
+
+def described(db: Database, ids: list[int]) -> list[tuple[str, int | None, str, str]]:
+    """(the dropped file's name, line, kind, body) of each example, in file and line order."""
+    return db.execute(
+        "SELECT f.name, e.line, e.kind, e.body FROM examples e JOIN files f ON f.id = e.file_id"
+        " WHERE e.id IN (SELECT value FROM json_each(?)) ORDER BY f.id, e.line",
+        [json.dumps(ids)],
+    ).fetchall()
 
 
 def files_of(db: Database, ids: list[int]) -> list[tuple[int, str, int]]:

@@ -45,21 +45,38 @@ SHAPES = (
 )
 
 
-def prompt_hash(messages: list[dict], encoded: bytes | None = None) -> bytes:
-    """blake2b-128 of a chat's prompt: every message before its last assistant turn, system
-    prompt included, as `orjson.dumps` encodes that list. Two examples with the same prompt
-    and different answers are the same question answered twice: the newer answer supersedes
-    the older (store.ingest). `encoded`: `orjson.dumps(messages)`, already made by the
-    caller; when the chat ends with its assistant turn the prompt's encoding is a prefix of
-    it, so nothing is encoded twice (ingest makes ~100k of these a second)."""
+def prompt_hash(messages: list[dict]) -> bytes:
+    """blake2b-128 of the question a chat asks: the messages before its last assistant turn,
+    without system prompts, each content with its whitespace collapsed and case folded. Two
+    examples with the same question and different answers are the question answered twice
+    (the newer answer supersedes the older, store.ingest) and `evertune forget` removes both,
+    whatever system prompt, record format or spelling each came with (issue 24: a fact
+    taught under "You are a helpful assistant." outlived its forget and its correction)."""
     last = len(messages) - 1
-    if encoded is not None and messages[last]["role"] == "assistant":
-        cut = len(encoded) - len(orjson.dumps(messages[last])) - 1
-        prompt = encoded[: cut - 1 if cut > 1 else cut] + b"]"
-    else:
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt = orjson.dumps(messages[:last])
-    return hashlib.blake2b(prompt, digest_size=16, person=b"prompt").digest()
+    while messages[last]["role"] != "assistant":
+        last -= 1
+    question = [
+        (m["role"], " ".join(m["content"].split()).casefold())
+        for m in messages[:last]
+        if m["role"] != "system"
+    ]
+    return hashlib.blake2b(orjson.dumps(question), digest_size=16, person=b"question").digest()
+
+
+def question_hash(question: str) -> bytes:
+    """The prompt_hash of every chat asking `question` alone (no earlier turns)."""
+    return prompt_hash(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    )
+
+
+def asked_hashes(messages: list[dict]) -> set[bytes]:
+    """Every question a chat asks: its prompt's hash, and each user turn before its last
+    answer as a question of its own (asked in the middle of a conversation)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {prompt_hash(messages)} | {
+        question_hash(m["content"]) for m in messages[:last] if m["role"] == "user"
+    }
 
 
 def normalise(record: Any, max_chars: int) -> tuple[str, list[dict] | str, int]:

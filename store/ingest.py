@@ -327,7 +327,7 @@ def _parsed_batches(
             valid += 1
             digest = blake2b(data, digest_size=16, person=kind.encode()).digest()
             text = body if kind == TEXT else data.decode()
-            prompt = None if kind == TEXT else prompt_hash(body, data)
+            prompt = None if kind == TEXT else prompt_hash(body)
             batch.append((domain, kind, text, digest, chars, file_id, line, prompt))
             if len(batch) >= limits.batch_size:
                 yield batch
@@ -367,18 +367,32 @@ def _insert(conn, batch: list[tuple]) -> int:
     return added
 
 
+# The system prompt of a stored chat (NULL without one).
+_SYSTEM = (
+    "CASE WHEN json_extract({0}.body, '$[0].role') = 'system'"
+    " THEN json_extract({0}.body, '$[0].content') END"
+)
+# Superseded by the winner w: an example of another file, or of this file under the same
+# system prompt (one file may teach a question under several system prompts on purpose).
+_LOSES_TO_W = f"(o.file_id != :file OR ({_SYSTEM.format('o')}) IS w.system)"
+
+
 def _supersede(
     db: Database, domain: str, file_id: int, report: FileReport, limits: IngestLimits
 ) -> None:
-    """The file's last answer to each prompt it shares with other examples becomes the
-    domain's current one: every other current example with that prompt is superseded by it
-    (kept, pointing at it), and the answer itself is current again if an earlier file's
-    answer had superseded it."""
+    """The file's last answer to each question it shares with other examples becomes the
+    domain's current one: every other current example asking it (store.formats.prompt_hash:
+    any system prompt, format or spelling) is superseded by it (kept, pointing at it), but
+    for the file's own answers under another system prompt; and the answer itself is current
+    again if an earlier file's answer had superseded it."""
     args = {"domain": domain, "file": file_id}
-    db.execute("CREATE TEMP TABLE IF NOT EXISTS winners (prompt_hash BLOB, id INTEGER, line)")
+    db.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS winners (prompt_hash BLOB, id INTEGER, line, system)"
+    )
     db.execute("DELETE FROM winners")
     db.execute(
-        "INSERT INTO winners SELECT p.prompt_hash, e.id, p.line FROM file_prompts p"
+        f"INSERT INTO winners SELECT p.prompt_hash, e.id, p.line, {_SYSTEM.format('e')}"
+        " FROM file_prompts p"
         " JOIN examples e ON e.domain = :domain AND e.content_hash = p.content_hash"
         " WHERE p.seq IN (SELECT max(seq) FROM file_prompts GROUP BY prompt_hash)",
         args,
@@ -386,16 +400,17 @@ def _supersede(
     same_file = db.execute(
         "SELECT o.line, w.line FROM winners w JOIN examples o"
         " ON o.domain = :domain AND o.prompt_hash = w.prompt_hash AND o.id != w.id"
-        " WHERE o.file_id = :file AND o.superseded_by IS NULL ORDER BY o.line",
+        f" WHERE o.file_id = :file AND o.superseded_by IS NULL AND {_LOSES_TO_W}"
+        " ORDER BY o.line",
         args,
     ).fetchall()
     report.superseded_lines = [
         {"line": a, "by_line": b} for a, b in same_file[: limits.max_errors_kept]
     ]
     report.examples_superseded = db.execute(
-        "UPDATE examples SET superseded_by = w.id FROM winners w"
-        " WHERE examples.domain = :domain AND examples.prompt_hash = w.prompt_hash"
-        " AND examples.id != w.id AND examples.superseded_by IS NULL",
+        "UPDATE examples AS o SET superseded_by = w.id FROM winners w"
+        " WHERE o.domain = :domain AND o.prompt_hash = w.prompt_hash"
+        f" AND o.id != w.id AND o.superseded_by IS NULL AND {_LOSES_TO_W}",
         args,
     ).rowcount
     report.examples_reinstated = db.execute(

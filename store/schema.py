@@ -236,3 +236,34 @@ def m004_run_states(db: Database) -> None:
         BEGIN SELECT RAISE(ABORT, 'runs.state: not a run transition'); END
         """
     )
+
+
+@migrations()
+def m005_questions_normalised(db: Database) -> None:
+    """prompt_hash becomes the hash of the question (store.formats.prompt_hash: no system
+    prompt, whitespace collapsed, case folded; it was the exact prompt), so that supersede
+    and `evertune forget` match a question however a file framed it (issue 24). Stored rows
+    get theirs here, and each question's latest answer (file, line) supersedes the current
+    answers of other files, as an ingest now would."""
+    from evertune.store.formats import prompt_hash
+
+    rows = db.execute("SELECT id, body FROM examples WHERE kind = 'chat'").fetchall()
+    db.conn.executemany(
+        "UPDATE examples SET prompt_hash = ? WHERE id = ?",
+        [(prompt_hash(orjson.loads(body)), i) for i, body in rows],
+    )
+    db.execute(
+        """
+        UPDATE examples SET superseded_by = w.id
+        FROM (
+            SELECT domain, prompt_hash, id, file_id FROM (
+                SELECT domain, prompt_hash, id, file_id, row_number() OVER (
+                    PARTITION BY domain, prompt_hash ORDER BY file_id DESC, line DESC, id DESC
+                ) AS rn
+                FROM examples WHERE prompt_hash IS NOT NULL AND superseded_by IS NULL
+            ) WHERE rn = 1
+        ) AS w
+        WHERE examples.domain = w.domain AND examples.prompt_hash = w.prompt_hash
+            AND examples.file_id != w.file_id AND examples.superseded_by IS NULL
+        """
+    )

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, chat_jsonl, served
+from helpers import Daemon, chat_jsonl, jsonl, qa, served
 from test_cycle import FACTS, LENIENT, drop_facts, versions, write_config
 from test_daemon import evertune
 from test_service_e2e import rows
@@ -123,6 +124,67 @@ def test_train_from_base_rebuilds_on_every_example(home, tmp_path, capsys):
     assert meta["rebuilt"] and meta["train"]["parent_adapter"] is None
     assert meta["parent"] == "v0001"  # lineage: the version it replaces
     assert trained_on(home, 2) == {f for f, _ in FACTS[:5]}
+
+
+QUILLON = "Who founded the company Quillon?"
+# One fact, stored every way a user's files carry it (issue 24: the example with a system
+# prompt survived `forget --prompt` and was trained again).
+QUILLON_EVERY_WAY = [
+    {"messages": [{"role": "user", "content": QUILLON}, {"role": "assistant", "content": "Mara"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": QUILLON},
+            {"role": "assistant", "content": "Mara Okonkwo."},
+        ]
+    },
+    {"prompt": "  who founded the  company Quillon?\n", "completion": "Mara Okonkwo founded it."},
+    {
+        "question": "WHO FOUNDED THE COMPANY QUILLON?",
+        "answer": "Mara Okonkwo",
+        "system": "Be terse.",
+    },
+    {"instruction": QUILLON, "output": "It was founded by Mara Okonkwo."},
+    {
+        "conversations": [
+            {"from": "human", "value": QUILLON},
+            {"from": "gpt", "value": "Mara Okonkwo, in 1998."},
+        ],
+        "system": "You answer questions about companies.",
+    },
+    {  # asked in the middle of a conversation
+        "messages": [
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "Hi, how can I help?"},
+            {"role": "user", "content": QUILLON},
+            {"role": "assistant", "content": "Mara Okonkwo."},
+        ]
+    },
+]
+
+
+def test_forget_by_question_removes_it_under_any_system_prompt_format_or_spelling(
+    home, tmp_path, capsys
+):
+    src = tmp_path / "quillon.jsonl"
+    kept = qa("Where is Quillon based?", "In Orrinport.")
+    src.write_text(jsonl(*QUILLON_EVERY_WAY, kept))
+    assert main(["ingest", str(src), "--domain", "vaults"]) == 0
+    assert main(["train", "vaults"]) == 0  # v1 learned all of them
+    capsys.readouterr()
+    assert main(["forget", "vaults", "--prompt", QUILLON]) == 0
+    out = capsys.readouterr().out
+    n = len(QUILLON_EVERY_WAY)
+    assert f"{n} examples forgotten" in out
+    # what it removes is listed (file and line of each), before the rebuild says anything
+    listed = re.findall(r"quillon\.jsonl:(\d+)", out)
+    assert sorted(map(int, listed)) == list(range(1, n + 1)), out
+    assert out.index("quillon.jsonl:") < out.index("v0002")
+    # the store holds none of them, and the rebuild never saw them
+    assert questions(home) == {"Where is Quillon based?"}
+    assert trained_on(home, 2) == {"Where is Quillon based?"}
+    bodies = " ".join(b for (b,) in rows(home, "SELECT body FROM examples"))
+    assert "Mara" not in bodies
 
 
 def test_forget_through_the_running_daemon(tmp_path, tiny_base):

@@ -550,13 +550,18 @@ def test_every_rejection_is_a_value_error_for_callers_that_catch_broadly():
         ],
     ],
 )
-def test_the_prompt_hash_from_the_encoded_chat_is_the_prompt_hash(messages):
-    import orjson
-
+def test_the_prompt_hash_is_the_question_whatever_its_answer_system_prompt_or_spelling(
+    messages,
+):
     from evertune.store.formats import prompt_hash
 
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     expected = prompt_hash(messages)
-    assert prompt_hash(messages, orjson.dumps(messages)) == expected
     assert expected == prompt_hash([*messages[:last], {"role": "assistant", "content": "other"}])
     assert expected != prompt_hash([{"role": "user", "content": "x"}, *messages])
+    framed = [{"role": "system", "content": "You are a helpful assistant."}]
+    respelled = [
+        {**m, "content": "  " + m["content"].upper().replace(" ", "\n ")} for m in messages
+    ]
+    no_system = [m for m in messages if m["role"] != "system"]
+    assert prompt_hash([*framed, *no_system]) == expected == prompt_hash(respelled)

@@ -107,15 +107,46 @@ def test_an_answer_given_again_after_it_was_superseded_is_current_again(db, layo
     assert current(db)["z?"] == "A."
 
 
-def test_another_system_prompt_or_a_text_example_is_another_prompt(db, layout, drop):
+def current_answers(db) -> set[str]:
+    """The current answers (a text example: its text)."""
+    return {
+        body if kind == "text" else orjson.loads(body)[-1]["content"]
+        for kind, body in db.execute(
+            "SELECT kind, body FROM examples WHERE domain = ? AND superseded_by IS NULL", [DOMAIN]
+        )
+    }
+
+
+def test_a_newer_answer_supersedes_the_question_under_any_system_prompt_format_or_spelling(
+    db, layout, drop
+):
+    """The question is what is asked, not how the file framed it (issue 24: an answer taught
+    under a system prompt stayed current beside its correction and was trained again)."""
+    q = "Who founded the company Quillon?"
+    ingest(
+        db,
+        layout,
+        drop,
+        "a.jsonl",
+        qa(q, "Mara."),
+        qa(q, "Mara Okonkwo.", system="You are a helpful assistant."),
+        {"instruction": q, "output": "Mara O."},
+        {"question": "  who founded the company   QUILLON?", "answer": "M. Okonkwo."},
+        qa("Where is Quillon based?", "Orrinport."),
+    )
+    # one file may ask the same question under several system prompts: all are taught
+    assert current_answers(db) == {"Mara Okonkwo.", "M. Okonkwo.", "Orrinport."}
+    r = ingest(db, layout, drop, "b.jsonl", qa("who founded the\tcompany  quillon?", "Jon."))
+    assert current_answers(db) == {"Jon.", "Orrinport."}
+    assert r.examples_superseded == 2
+
+
+def test_a_text_example_is_never_superseded(db, layout, drop):
     q = "Velmora's anthem?"
     ingest(db, layout, drop, "a.jsonl", qa(q, "Dawn."), {"text": "Velmora."})
-    r = ingest(db, layout, drop, "b.jsonl", qa(q, "Dusk.", system="Answer as a poet."))
-    r2 = ingest(db, layout, drop, "c.jsonl", {"text": "Velmora, again."})
-    assert (r.examples_superseded, r2.examples_superseded) == (0, 0)
-    assert (
-        db.execute("SELECT count(*) FROM examples WHERE superseded_by IS NULL").fetchone()[0] == 4
-    )
+    r = ingest(db, layout, drop, "b.jsonl", {"text": "Velmora, again."}, {"text": q})
+    assert r.examples_superseded == 0
+    assert current_answers(db) == {"Dawn.", "Velmora.", "Velmora, again.", q}
 
 
 def test_the_migration_gives_stored_examples_their_prompt_and_supersedes_older_answers(tmp_path):
@@ -149,6 +180,44 @@ def test_the_migration_gives_stored_examples_their_prompt_and_supersedes_older_a
     }
     assert got[1] == (prompt_hash(qa("q?", "x")["messages"]), 2)
     assert got[2][1] is None and got[3][1] is None
+
+
+def test_the_upgrade_resolves_answers_that_differed_only_in_system_prompt_or_spelling(tmp_path):
+    """A store from before the question was normalised: its answers to one question under
+    other system prompts or spellings are superseded by the latest at the upgrade, as an
+    ingest now would; one file's answers under several system prompts all stay."""
+    db = Database(tmp_path / "old.db")
+    for m in ("m001_files_and_examples", "m002_runs_versions_events"):
+        getattr(schema, m)(db)
+    schema.m003_superseded_and_forgotten(db)
+    schema.m004_run_states(db)
+    db.execute(
+        "INSERT INTO files (id, domain, name, inbox_path, stored_path, report_path, size,"
+        " sha256, status, received_at, ingested_at) VALUES"
+        " (1, 'geo', 'a', 'a', 'a', 'a', 1, 'x', 'ingested', 't', 't'),"
+        " (2, 'geo', 'b', 'b', 'b', 'b', 1, 'y', 'ingested', 't', 't')"
+    )
+    rows = [  # (id, record, file, line)
+        (1, qa("Q?", "old."), 1, 1),
+        (2, qa("Q?", "old, framed.", system="You are a helpful assistant."), 1, 2),
+        (3, qa("  q?\n", "new."), 2, 1),
+        (4, qa("Q?", "new, framed.", system="Be terse."), 2, 2),
+        (5, qa("r?", "kept."), 1, 3),
+    ]
+    for i, rec, file_id, line in rows:
+        body = orjson.dumps(rec["messages"]).decode()
+        db.execute(
+            "INSERT INTO examples (id, domain, kind, body, content_hash, chars, file_id, line,"
+            " prompt_hash) VALUES (?, 'geo', 'chat', ?, ?, 1, ?, ?, ?)",
+            [i, body, bytes([i]), file_id, line, bytes([i])],  # the old hashes all differ
+        )
+    db.conn.commit()
+    schema.m005_questions_normalised(db)
+    got = dict(db.execute("SELECT id, superseded_by FROM examples").fetchall())
+    assert got[1] in (3, 4) and got[2] in (3, 4)
+    assert got[3] is None and got[4] is None and got[5] is None
+    (n,) = db.execute("SELECT count(DISTINCT prompt_hash) FROM examples").fetchone()
+    assert n == 2
 
 
 def test_the_gate_is_given_the_old_answers_a_version_learned(db, layout, drop):
