@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="QUESTION",
-        help="a question as asked with no system prompt (repeatable)",
+        help="a question (repeatable): every example asking it goes, under any system prompt,"
+        " in any format, spacing or case, also asked within a conversation",
     )
     p.add_argument(
         "--file",
