@@ -91,7 +91,8 @@ def status_report(config: Config, waiting: list[dict] | None = None) -> dict[str
     wait (the daemon's own list; asked of the running daemon when None)."""
     layout = HomeLayout(config.home)
     running, pid = daemon_state(layout.lock_path)
-    if waiting is None:
+    outside = waiting is None  # asked from outside the daemon (the CLI), not by the daemon
+    if outside:
         waiting = waiting_report(control_url(layout)) if running else []
     report: dict[str, Any] = {
         "home": str(layout.home),
@@ -104,7 +105,7 @@ def status_report(config: Config, waiting: list[dict] | None = None) -> dict[str
         "domains": [],
         "warnings": list(misplaced(layout.inbox)) if layout.inbox.exists() else [],
     }
-    if running and waiting is None:  # asked from outside the daemon: its /healthz says
+    if running and outside:  # the daemon's /healthz says how it is
         note_health(report, daemon_health(report["daemon"]["control_url"]))
     if not layout.db_path.exists() and (kept := stored_files(layout)):
         report["warnings"].append(
