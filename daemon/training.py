@@ -6,6 +6,7 @@ daemon runs the same cycle from the CLI.)"""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,24 @@ from evertune.store.layout import HomeLayout
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 2.0  # progress lines to systemd at most this often
+
+
+def _close(db: Database, req: Request, state: str, error: str) -> None:
+    """Close the run's row. A store that cannot be written now (a full disk: SQLite's
+    "database or disk is full") is said, not raised: raised here it ended the trainer
+    thread, and no domain trained again until a restart. The row left open is closed
+    before the next run (cycle.close_interrupted), which the retry brings."""
+    try:
+        runs.close_if_open(db, req.run_id, state, error)
+    except (sqlite3.Error, OSError) as exc:
+        log.error(
+            "%s: run %d ended (%s) but could not be recorded (%s); it is closed before the"
+            " next run",
+            req.domain,
+            req.run_id,
+            state,
+            exc,
+        )
 
 
 class TrainingWork:
@@ -74,15 +93,15 @@ class TrainingWork:
                 from_base=req.from_base or req.forget is not None,
             )
         except NothingToTrain as exc:
-            runs.close_if_open(db, req.run_id, "skipped", str(exc))
+            _close(db, req, "skipped", str(exc))
             m.run_finished(req.domain, "nothing")
             log.info("%s: %s", req.domain, exc)
         except Cancelled:
-            runs.close_if_open(db, req.run_id, "cancelled", "the daemon stopped")
+            _close(db, req, "cancelled", "the daemon stopped")
             m.run_finished(req.domain, "cancelled", time.monotonic() - t0)
             log.info("%s: training cancelled; it runs again at the next start", req.domain)
         except Exception as exc:
-            runs.close_if_open(db, req.run_id, "failed", str(exc))
+            _close(db, req, "failed", str(exc))
             m.run_finished(req.domain, "failed", time.monotonic() - t0)
             if self.stopping.is_set():
                 log.error("%s: training failed while stopping (%s)", req.domain, exc)
