@@ -39,14 +39,17 @@ class RunQueue:
         queue_run: Callable[[str, str], int],
         work: Callable[[Database, Request, threading.Event], None],
         on_idle: Callable[[], None] = lambda: None,
+        blocked: Callable[[], str | None] = lambda: None,
     ):
         """`queue_run(domain, trigger)` records a queued run and returns its id;
         `work(db, request, cancel)` runs it on the queue's own connection (`cancel` is set
-        when the daemon stops: the run cancels at its next step); `on_idle()` after each."""
+        when the daemon stops: the run cancels at its next step); `on_idle()` after each;
+        `blocked()`: why no run may start now (the store is gone), checked before each."""
         self.db_path = db_path
         self.queue_run = queue_run
         self.work = work
         self.on_idle = on_idle
+        self.blocked = blocked
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -122,7 +125,10 @@ class RunQueue:
                     req = self._queue.popleft()
                     self.current = req
                 try:
-                    self.work(db, req, self.cancel)
+                    if (why := self.blocked()) is not None:
+                        log.error("%s: training not started: %s", req.domain, why)
+                    else:
+                        self.work(db, req, self.cancel)
                 finally:
                     self.current = None
                     self.on_idle()

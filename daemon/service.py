@@ -118,6 +118,7 @@ class Service:
                 stopping=self.stop_event,
             ),
             on_idle=self.notify_status,
+            blocked=self.writer.store_problem,  # a store deleted under it: no run, no version
         )
         self.ops = Local(config, lambda: self.serving.serving)  # rollback and pin
         self.control = ControlServer(

@@ -53,6 +53,7 @@ def test_a_store_deleted_under_the_daemon_stops_ingestion_loudly_and_the_restart
         code, body = _health(home)
         assert code == 503 and "evertune.db" in body["why"] and "deleted" in body["why"]
         status = evertune(home, "status")
+        assert "the daemon is not healthy" in status.stdout, status.stdout
         assert "evertune.db" in status.stdout and "deleted" in status.stdout, status.stdout
     finally:
         assert d.stop() == 0
@@ -87,3 +88,39 @@ def test_a_store_replaced_under_the_daemon_is_noticed_too(tmp_path):
         assert code == 503 and "replaced" in body["why"] and "restart" in body["why"]
     finally:
         assert d.stop() == 0
+
+
+def test_no_training_run_starts_on_a_store_that_is_gone(tmp_path, caplog):
+    """The trainer writes runs and versions on its own connection: with the store deleted
+    it would train, publish and record a version in a database nobody sees again."""
+    import threading
+
+    from evertune.daemon.runqueue import RunQueue
+    from evertune.daemon.writer import StoreWriter
+
+    db_path = tmp_path / "evertune.db"
+    writer = StoreWriter(db_path)
+    writer.start()
+    ran, idle = [], threading.Event()
+    queue = RunQueue(
+        db_path,
+        queue_run=lambda domain, trigger: 1,
+        work=lambda db, req, cancel: ran.append(req.domain),
+        on_idle=idle.set,
+        blocked=writer.store_problem,
+    )
+    queue.start()
+    try:
+        queue.request("before", "manual")  # runs: the store is there
+        wait_for(idle.is_set, 10, "the first run")
+        idle.clear()
+        _remove_store(tmp_path)
+        queue.request("legal", "manual")
+        wait_for(idle.is_set, 10, "the run to be taken off the queue")
+        assert ran == ["before"]
+        assert "legal: training not started" in caplog.text and "deleted" in caplog.text
+    finally:
+        queue.stop()
+        queue.join(5)
+        writer.stop()
+        writer.join(5)
