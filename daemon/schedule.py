@@ -171,7 +171,10 @@ class Schedule:
         return delay
 
     def _retry(self, domain: str, force: bool) -> None:
-        self.request(domain, "retry", force)
+        try:
+            self.request(domain, "retry", force)
+        except Exception as exc:  # the run cannot be queued now (a full disk): not lost
+            self.training_failed(domain, exc, force)
 
     def ingest_failed(self, domain: str, path: Path, ingest: Callable[[str, Path], Any]) -> float:
         """Retry an ingest that raised (a full disk, a locked store: causes that pass):

@@ -80,3 +80,36 @@ def test_a_run_failure_the_full_store_cannot_record_leaves_the_trainer_running(
         queue.join(5)
         sched.stop()
         store.close()
+
+
+def test_a_retry_that_cannot_be_queued_is_planned_again(tmp_path):
+    """Before: the retry's request raised "database or disk is full" (its run row could
+    not be written) inside the scheduler's job, which only logged it: the retry was lost
+    and the domain's examples were not trained until new data or a restart."""
+    asked = []
+
+    def request(domain, trigger, force=False):
+        asked.append((domain, trigger, force))
+        if len(asked) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return 7
+
+    config = Config(home=tmp_path, path=None, schedule=ScheduleConfig(retry_seconds=60))
+    sched = Schedule(
+        config,
+        request=request,
+        count_fresh=lambda d: 1,
+        domains=lambda: ["legal"],
+        scheduler=BackgroundScheduler(timezone=dt.UTC),
+    )
+    sched.scheduler.start(paused=True)  # planned, never fired: fired by hand below
+    try:
+        assert sched.training_failed("legal", RuntimeError("child died"), force=True) == 60
+        job = sched.scheduler.get_job("retry:legal")
+        job.func(*job.args)  # the store is full: the run cannot be queued
+        again = sched.scheduler.get_job("retry:legal")
+        assert again is not None and sched.failures["legal"] == 2  # 120 s later, not lost
+        again.func(*again.args)
+        assert asked == [("legal", "retry", True)] * 2
+    finally:
+        sched.stop()
