@@ -122,7 +122,8 @@ def ask(
 class Daemon:
     """`evertune run` on `home` as a subprocess (EVERTUNE_HOME set), its output written to
     `home/<log>` (appended to with append=True). With `config`, the home is created and its
-    evertune.toml written first. `stop()` waits `stop_timeout` seconds for it to exit."""
+    evertune.toml written first. `stop()` waits `stop_timeout` seconds for it to exit.
+    `prefix`: a command it is run under (e.g. setpriv, to run it without some capability)."""
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class Daemon:
         log: str = "daemon.log",
         append: bool = False,
         stop_timeout: float = 120,
+        prefix: Iterable[str] = (),
     ):
         self.home = home
         if config is not None:
@@ -141,7 +143,7 @@ class Daemon:
         self.log_path = home / log
         self.log = self.log_path.open("a" if append else "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evertune.daemon.cli", "run"],
+            [*prefix, sys.executable, "-m", "evertune.daemon.cli", "run"],
             env={**os.environ, "EVERTUNE_HOME": str(home)},
             stdout=self.log,
             stderr=subprocess.STDOUT,
