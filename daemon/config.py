@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tomllib
 import types
@@ -241,6 +242,10 @@ def _check(where: str, dotted: str, value: Any, typ: Any, meta: Any) -> Any:
         raise ConfigError(f"{where}: {dotted} = {value!r} has the wrong type; allowed: {allowed}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{where}: {dotted} = {value!r} is not allowed; allowed: {allowed}")
+    if typ is float and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(
+            f"{where}: {dotted} = {value!r} is not a finite number; allowed: {allowed}"
+        )
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ConfigError(f"{where}: {dotted} = {value!r} is out of range; allowed: {allowed}")

@@ -299,7 +299,9 @@ class ScheduleConfig:
     retry_seconds: float = key(
         60.0, "A failed run is retried after this long, doubling up to an hour.", min=1, max=86_400
     )
-    max_retries: int = key(5, "Retries of a failing domain before waiting for new data.", min=0)
+    max_retries: int = key(
+        5, "Retries of a failing domain before waiting for new data.", min=0, max=10_000
+    )
 
 
 @dataclass(frozen=True)

@@ -166,3 +166,57 @@ def test_loopback_hosts_are_fine(tmp_path, host):
     path = tmp_path / "evertune.toml"
     path.write_text(f'[serve]\nhost = "{host}"\n')
     assert config.load(path).serve.host == host
+
+
+def _numeric_keys() -> list[tuple[str, str, type]]:
+    import dataclasses
+    import typing
+
+    out = []
+    for section, cls in config.SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out += [
+            (section, f.name, hints[f.name])
+            for f in dataclasses.fields(cls)
+            if hints[f.name] in (int, float)
+        ]
+    return out
+
+
+NUMERIC_KEYS = _numeric_keys()
+FLOAT_KEYS = [(s, k) for s, k, t in NUMERIC_KEYS if t is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-nan", "+inf"])
+@pytest.mark.parametrize(("section", "name"), FLOAT_KEYS)
+def test_a_number_that_is_not_finite_is_refused_naming_file_key_value_and_range(
+    tmp_path, section, name, value
+):
+    """NaN compares false with every bound, so it passed every range check (issue 24)."""
+    path = write(tmp_path, f"[{section}]\n{name} = {value}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    msg = str(err.value)
+    shown = {"-nan": "nan", "+inf": "inf"}.get(value, value)
+    assert str(path) in msg and f"{section}.{name} = {shown} is" in msg
+    assert "not a finite number" in msg and " from " in msg and " to " in msg
+
+
+def test_a_domain_override_that_is_not_finite_is_refused(tmp_path):
+    path = write(tmp_path, "[domains.legal]\ninterval_minutes = nan\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    msg = str(err.value)
+    assert str(path) in msg and "domains.legal.interval_minutes = nan" in msg
+    assert "not a finite number" in msg and "from 0 to 1000000" in msg
+
+
+@pytest.mark.parametrize(("section", "name", "typ"), NUMERIC_KEYS)
+def test_every_number_has_a_range_and_a_value_above_it_is_refused(tmp_path, section, name, typ):
+    field = config.SECTIONS[section].__dataclass_fields__[name]
+    lo, hi = field.metadata["min"], field.metadata["max"]
+    assert lo is not None and hi is not None, f"{section}.{name} has no range"
+    too_big = int(hi) + 1 if typ is int else float(hi) * 2 + 1
+    path = write(tmp_path, f"[{section}]\n{name} = {too_big}\n")
+    with pytest.raises(ConfigError, match=rf"{section}\.{name} = .* is out of range; allowed: "):
+        config.load(path, env={})
