@@ -348,13 +348,26 @@ class _RequestHandler(BaseHTTPRequestHandler):
             raise _Answer(400, "the Content-Length header is not a number") from None
         if length > MAX_BODY or length < 0:
             raise _Answer(413, f"request body of {length} bytes; the limit is {MAX_BODY}")
-        raw = self.rfile.read(length) if length else b""
+        raw = b""
+        try:
+            while len(raw) < length and (chunk := self.rfile.read1(length - len(raw))):
+                raw += chunk
+        except TimeoutError:  # the client stalled: `timeout` seconds with nothing more
+            pass
+        if len(raw) < length:
+            raise _Answer(
+                400,
+                f"the request body is shorter than its Content-Length ({len(raw)} of {length}"
+                f" bytes within {self.timeout} s); send the whole body",
+            )
         if not raw.strip():
             return {}
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Answer(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _Answer(400, "the request body is nested too deeply to be read") from None
         if not isinstance(body, dict):
             raise _Answer(400, "the request body must be a JSON object")
         return body

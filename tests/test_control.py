@@ -398,3 +398,58 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, server: ControlServer) -> 
     other = ControlServer(RecordingHandler(), port=port, token_path=tmp_path / "control.token")
     with pytest.raises(ControlError, match=f"cannot listen on 127.0.0.1:{port}"):
         other.start()
+
+
+def _raw_post(server: ControlServer, head: bytes, body: bytes, half_close: bool) -> bytes:
+    """A POST written by hand (httpx always sends the whole body it announces)."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("half_close", [True, False], ids=["client-closed", "client-stalled"])
+def test_a_body_shorter_than_its_content_length_is_400_without_a_traceback(
+    server: ControlServer,
+    handler: RecordingHandler,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    half_close: bool,
+) -> None:
+    from evertune.daemon import control
+
+    monkeypatch.setattr(control._RequestHandler, "timeout", 1)  # the stalled client's wait
+    body = b'{"domain": "legal"}'
+    head = (
+        f"POST /v1/train HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body) + 100}\r\n\r\n"
+    ).encode()
+    with caplog.at_level(logging.DEBUG, logger="evertune.daemon.control"):
+        answer = _raw_post(server, head, body, half_close)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.0 400") or status.startswith(b"HTTP/1.1 400"), answer
+    assert b"shorter than its Content-Length" in rest
+    assert b"19 of 119 bytes" in rest
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert handler.calls == []
+
+
+def test_a_deeply_nested_body_is_400_without_a_traceback(
+    raw: httpx.Client,
+    server: ControlServer,
+    handler: RecordingHandler,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for body in (b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 8_000 + b"1" + b"}" * 8_000):
+        assert len(body) < MAX_BODY
+        with caplog.at_level(logging.DEBUG, logger="evertune.daemon.control"):
+            response = raw.post("/v1/train", content=body, headers=auth(server))
+        assert response.status_code == 400, response.text
+        assert "nested too deeply" in response.json()["error"]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert handler.calls == []
