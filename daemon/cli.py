@@ -48,6 +48,7 @@ from evertune.daemon.errors import (
     EvertuneError,
     UsageError,
 )
+from evertune.store.db import store_problem
 from evertune.store.errors import InvalidDomainError, StoreError
 from evertune.store.layout import HomeLayout
 
@@ -69,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename and exc.filename not in str(exc) else ""
         print(f"Error: {exc}{where}", file=sys.stderr)
         return EXIT_FAILED
-    except sqlite3.Error as exc:
-        print(
-            f"Error: the store could not be used: {exc}. If another evertune command is"
-            " writing to it, wait and retry; `evertune status` shows what runs.",
-            file=sys.stderr,
-        )
+    except sqlite3.Error as exc:  # locked, damaged or unwritable: said apart, the file named
+        print(f"Error: {store_problem(_store_path(args), exc)}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _store_path(args: argparse.Namespace) -> Path | str:
+    try:
+        return HomeLayout(config_mod.load(args.config).home).db_path
+    except (EvertuneError, OSError):
+        return "the store"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from evertune.store.errors import SchemaError
+from evertune.store.errors import SchemaError, StoreError, StoreLockedError
 from evertune.store.schema import migrations
 
 BUSY_TIMEOUT_MS = 30_000
@@ -42,6 +42,11 @@ def open_db(path: Path | str, *, readonly: bool = False) -> Database:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db = Database(conn, execute_plugins=False)
     if readonly:
+        try:  # a damaged file fails here, named, not at the reader's first query
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise store_problem(path, exc) from exc
         return db
     try:
         db.enable_wal()
@@ -60,10 +65,33 @@ def open_db(path: Path | str, *, readonly: bool = False) -> Database:
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise SchemaError(
-            f"{path} is not a usable evertune store ({exc}); move it aside and restart"
-        ) from exc
+        raise store_problem(path, exc) from exc
     return db
+
+
+def store_problem(path: Path | str, exc: sqlite3.Error) -> StoreError:
+    """What an SQLite error on the store means for its user: locked by another process
+    (wait: moving it aside would start from an empty store), damaged (only then move it
+    aside), or not accessible (permissions, disk)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF  # extended codes keep it in the low byte
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in str(exc):
+        return StoreLockedError(
+            f"{path} is locked by another process, which has held a write transaction for"
+            f" over {BUSY_TIMEOUT_MS / 1000:g} s ({exc}); the store is not damaged: wait and"
+            f" retry, or find the process holding it (`fuser -v {path}`) and let it finish."
+            " Do not move the file aside: it holds every example"
+        )
+    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return SchemaError(
+            f"{path} is damaged or is not an evertune store ({exc}). Stop the daemon, move the"
+            f" file aside (keep it: `sqlite3 {path} .recover` may save its rows) and start"
+            " again with a new, empty store; the files in done/ can then be ingested again"
+        )
+    return StoreError(
+        f"{path} cannot be used ({exc}); check that it and its folder are readable and"
+        " writable by this user and that the disk has space, then retry"
+    )
 
 
 @contextlib.contextmanager

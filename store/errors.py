@@ -11,6 +11,10 @@ class SchemaError(StoreError, RuntimeError):
     """The database file is not one this version can use."""
 
 
+class StoreLockedError(StoreError, RuntimeError):
+    """Another process holds the store's write lock longer than the busy timeout: wait."""
+
+
 class IngestError(StoreError, ValueError):
     """A file cannot be ingested at all (not a per-record problem)."""
 
