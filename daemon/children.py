@@ -207,23 +207,29 @@ def run_child(
             watcher = threading.Thread(target=_forward_stop, args=(child, stop), daemon=True)
             watcher.start()
             result = None
-            for line in child.stdout:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == "progress":
-                    runs.progress(
-                        db,
-                        run_id,
-                        event["step"],
-                        event["steps"],
-                        {k: event[k] for k in ("loss", "tokens_per_s", "eta_s", "epoch")},
-                    )
-                elif event.get("event") == "result":
-                    result = {k: event.get(k) for k in ("train", "gate", "timing")}
-                if progress:
-                    progress(event)
+            try:
+                for line in child.stdout:
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if event.get("event") == "progress":
+                        runs.progress(
+                            db,
+                            run_id,
+                            event["step"],
+                            event["steps"],
+                            {k: event[k] for k in ("loss", "tokens_per_s", "eta_s", "epoch")},
+                        )
+                    elif event.get("event") == "result":
+                        result = {k: event.get(k) for k in ("train", "gate", "timing")}
+                    if progress:
+                        progress(event)
+            except BaseException:
+                # The run fails here (a store locked past the busy timeout, a full disk): its
+                # child must not go on training on its own, beside the retry's.
+                _terminate(child)
+                raise
             code = child.wait()
     # Stopped on request: at a step boundary (exit 3), or by the SIGTERM itself when it
     # arrived before the child had set up its handler (still importing torch).
@@ -250,11 +256,19 @@ def _forward_stop(
         return
     while child.poll() is None:
         if stop.wait(0.2):
-            child.send_signal(signal.SIGTERM)
-            resume(child.pid)  # a child paused for clients acts on it only once resumed
-            try:
-                child.wait(grace)
-            except subprocess.TimeoutExpired:
-                log.warning("child %d did not stop %.0f s after SIGTERM: killed", child.pid, grace)
-                child.kill()
+            _terminate(child, grace)
             return
+
+
+def _terminate(child: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM (it cancels at its next step boundary), SIGKILL `grace` seconds later."""
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    resume(child.pid)  # a child paused for clients acts on it only once resumed
+    try:
+        child.wait(grace)
+    except subprocess.TimeoutExpired:
+        log.warning("child %d did not stop %.0f s after SIGTERM: killed", child.pid, grace)
+        child.kill()
+        child.wait()

@@ -9,8 +9,11 @@
 - retry: a failed run is retried after `retry_seconds`, doubling up to an hour, at most
   `max_retries` times in a row (a success or new data starts the count again); a failed
   ingest after `watch.retry_seconds`, 4x each time, up to an hour;
-- catch-up: at start, one check of every domain (what was missed while the daemon was down
-  becomes one run; missed periodic runs coalesce into that one).
+- catch-up: at start, one check of every domain that trains by itself on new data or
+  every `interval_minutes` (examples ingested but never trained, a run the stop cut short,
+  missed periodic runs: all become one run). None for a domain with on_drop off and a
+  `cron` line (it trains at those times only) or with no automatic training at all (it
+  trains on `evertune train` only).
 
 No storage, training or HTTP here: the rules act through the callables they are given, so
 each is tested directly (tests/test_schedule.py).
@@ -30,6 +33,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from evertune.daemon.config import Config
 from evertune.daemon.config_sections import ScheduleConfig
+from evertune.daemon.errors import ConfigError
 
 log = logging.getLogger(__name__)
 RETRY_MAX_S = 3600.0  # the longest pause before a retry, of training or of an ingest
@@ -66,7 +70,7 @@ class Schedule:
         """Start the timers, the periodic jobs and the start-up catch-up."""
         self.scheduler.start()
         self.set_config(self.config)
-        self.scheduler.add_job(self.check_domains, args=["startup", None, set()], id="startup")
+        self.scheduler.add_job(self.catch_up, id="startup")
 
     def stop(self) -> None:
         self._stopped = True
@@ -117,27 +121,45 @@ class Schedule:
             if (only is None or d in only) and d not in skip:
                 self.maybe_train(d, trigger)
 
+    def catch_up(self) -> None:
+        """At start: a check of each domain that trains by itself at any time (on_drop, or
+        an interval); not of one that trains at its cron times only or never by itself."""
+        for d in self.domains():
+            s = self.config.schedule_for(d)
+            if s.on_drop or (s.interval_minutes and not s.cron):
+                self.maybe_train(d, "startup")
+
     def set_config(self, config: Config) -> None:
-        """The periodic checks: one for [schedule], one per [domains.<name>] override."""
-        self.config = config
-        for job in self.scheduler.get_jobs():
-            if job.id.startswith("periodic:"):
-                job.remove()
+        """The periodic checks: one for [schedule], one per [domains.<name>] override. Every
+        trigger is built before anything changes: one that cannot be is a ConfigError and the
+        running config and jobs stay as they were."""
         overrides = set(config.domains)
         groups: list[tuple[str, ScheduleConfig, set[str] | None, set[str]]] = [
             ("periodic:*", config.schedule, None, overrides)
         ]
         groups += [(f"periodic:{d}", s, {d}, set()) for d, s in config.domains.items()]
+        jobs = []
         for job_id, s, only, skip in groups:
-            if s.cron:
-                trigger = CronTrigger.from_crontab(s.cron, timezone=dt.UTC)
-            elif s.interval_minutes:
-                trigger = IntervalTrigger(minutes=s.interval_minutes, timezone=dt.UTC)
-            else:
-                continue
-            self.scheduler.add_job(
-                self.check_domains, trigger, args=["schedule", only, skip], id=job_id
-            )
+            try:
+                if s.cron:
+                    trigger = CronTrigger.from_crontab(s.cron, timezone=dt.UTC)
+                elif s.interval_minutes:
+                    trigger = IntervalTrigger(minutes=s.interval_minutes, timezone=dt.UTC)
+                else:
+                    continue
+            except (ValueError, OverflowError) as exc:
+                section = "schedule" if only is None else f"domains.{job_id[9:]}"
+                raise ConfigError(
+                    f"{config.path}: {section}.cron = {s.cron!r} / {section}.interval_minutes ="
+                    f" {s.interval_minutes!r} cannot be scheduled ({exc})"
+                ) from exc
+            jobs.append((job_id, trigger, ["schedule", only, skip]))
+        self.config = config
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith("periodic:"):
+                job.remove()
+        for job_id, trigger, args in jobs:
+            self.scheduler.add_job(self.check_domains, trigger, args=args, id=job_id)
 
     def training_succeeded(self, domain: str) -> None:
         self.failures.pop(domain, None)
@@ -157,7 +179,7 @@ class Schedule:
                 domain,
             )
             return None
-        delay = min(schedule.retry_seconds * 2 ** (n - 1), RETRY_MAX_S)
+        delay = min(schedule.retry_seconds * 2 ** min(n - 1, 32), RETRY_MAX_S)
         log.error(
             "%s: training failed (%s); retry %d/%d in %.0f s",
             domain,
@@ -180,7 +202,7 @@ class Schedule:
         """Retry an ingest that raised (a full disk, a locked store: causes that pass):
         `ingest(domain, path)` after a pause growing 4x each time, up to an hour."""
         n = self._ingest_failures[path] = self._ingest_failures.get(path, 0) + 1
-        delay = min(self.config.watch.retry_seconds * 4 ** (n - 1), RETRY_MAX_S)
+        delay = min(self.config.watch.retry_seconds * 4 ** min(n - 1, 16), RETRY_MAX_S)
         log.exception(
             "ingesting %s failed (%d time(s)); it stays in the inbox, retried in %.0f s",
             path,

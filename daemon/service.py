@@ -22,6 +22,7 @@ SIGHUP re-reads the config (`reload`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -143,6 +144,20 @@ class Service:
         self.layout.create()
         self._lock.acquire()
         self._new_store = not self.layout.db_path.exists()  # checked under the lock
+        try:
+            self._start_parts()
+        except BaseException:
+            # Whatever started is stopped: left running, the trainer thread kept the process
+            # alive, deaf to SIGTERM (nobody waits on the stop event), holding the lock and
+            # the control port.
+            log.error("start failed; stopping what had started")
+            try:
+                self.stop()
+            except Exception:
+                log.exception("stopping after a failed start failed too")
+            raise
+
+    def _start_parts(self) -> None:
         self._watchdog = self.notifier.start_watchdog(
             self.stop_event, healthy=lambda: self.health() is None
         )
@@ -156,7 +171,7 @@ class Service:
         tidy(self.layout.inbox)
         self.watcher.start()
         self.runs.start()
-        self.schedule.start()  # with a catch-up: what was missed while down becomes one run
+        self.schedule.start()  # with a catch-up of the domains that train by themselves
         self.serving.start()
         self._state = "running"
         self._started = True
@@ -173,6 +188,8 @@ class Service:
                 self._on_db(lambda db: close_interrupted(db, self.layout))
 
     def stop(self) -> None:
+        """Stop every part, in reverse order; also after a start that failed half way (a part
+        never started is skipped)."""
         log.info("stopping")
         self.notifier.stopping()
         self.stop_event.set()
@@ -185,7 +202,8 @@ class Service:
         # SIGTERM is killed after children.STOP_GRACE_S, and what still runs after its bound is
         # named in the log. Nothing is lost by going on: an ingest not committed is redone
         # from the inbox at the next start, a training run is recorded as interrupted.
-        self.watcher.join(10)
+        with contextlib.suppress(RuntimeError):  # its observer never started
+            self.watcher.join(10)
         self._bounded("training", self.runs.join, self.runs.is_alive, STOP_WAIT_S)
         s = self.serving
         self._bounded("serving start-up", s.join, s.is_alive, STOP_WAIT_S)
@@ -194,12 +212,15 @@ class Service:
         self._bounded("ingestion", self.writer.join, self.writer.is_alive, STOP_WAIT_S)
         if self._watchdog is not None:
             self._watchdog.join(5)
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
         self._lock.release()
         log.info("stopped")
 
     @staticmethod
     def _bounded(what: str, join: Callable, alive: Callable[[], bool], timeout: float) -> None:
+        if not alive():  # done, or never started
+            return
         join(timeout)
         if alive():
             log.warning(
@@ -226,7 +247,8 @@ class Service:
             while not self.stop_event.wait(0.5):
                 if self.reload_event.is_set():
                     self.reload_event.clear()
-                    self.reload()
+                    with contextlib.suppress(ConfigError):  # logged; the running config stays
+                        self.reload()
         finally:
             self.stop()
 
@@ -308,17 +330,20 @@ class Service:
         return {"changes": self.serving.reconcile()}
 
     def reload(self) -> dict[str, Any]:
-        """Re-read the config file. A file that does not load is refused and the running
-        config kept; sections naming running processes and sockets need a restart."""
+        """Re-read the config file. A file that does not load, or whose schedule cannot be
+        planned, is refused whole (ConfigError: the control API answers 409 with the reason)
+        and the running config kept; sections naming running processes and sockets need a
+        restart."""
         self.notifier.reloading()
         try:
             try:
-                self.config, applied, restart = config_mod.reload(self.config)
+                config, applied, restart = config_mod.reload(self.config)
+                self.schedule.set_config(config)  # plans every trigger before it changes any
             except ConfigError as exc:
                 log.error("config not reloaded, keeping the running one: %s", exc)
-                return {"reloaded": False, "error": str(exc)}
-            logging.getLogger().setLevel(self.config.log.level.upper())
-            self.schedule.set_config(self.config)
+                raise
+            self.config = config
+            logging.getLogger().setLevel(config.log.level.upper())
             return {"reloaded": True, "applied": applied, "needs_restart": restart}
         finally:
             self.notifier.ready(self._status_line())

@@ -173,7 +173,6 @@ def test_start_catches_up_on_every_domain(tmp_path):
     try:
         sched.start()
         job = sched.scheduler.get_job("startup")
-        assert job.args == ("startup", None, set())
         job.func(*job.args)
         assert rec.requests == [("legal", "startup", False)]  # faq has nothing fresh
         assert {j.id for j in sched.scheduler.get_jobs()} == {"startup", "periodic:*"}
@@ -188,3 +187,83 @@ def test_nothing_is_planned_or_requested_once_stopped(tmp_path):
     assert not sched.maybe_train("legal", "drop")
     assert sched.training_failed("legal", RuntimeError("x")) == 60  # said, not planned
     assert rec.requests == []
+
+
+def test_retries_past_a_thousand_failures_stay_an_hour_apart(tmp_path, cleanup):
+    """max_retries may be 10,000: 2 ** 1024 seconds no longer fits a float (OverflowError in
+    the trainer thread); a file failing for weeks reaches 4 ** 512 the same way."""
+    sched, _ = make(tmp_path, schedule=ScheduleConfig(retry_seconds=60.0, max_retries=10_000))
+    cleanup.append(sched)
+    delays = [sched.training_failed("legal", RuntimeError("x")) for _ in range(1100)]
+    assert delays[-1] == RETRY_MAX_S and sched.failures["legal"] == 1100
+    path = tmp_path / "inbox" / "legal" / "a.jsonl"
+    delays = [sched.ingest_failed("legal", path, lambda d, p: None) for _ in range(600)]
+    assert delays[-1] == RETRY_MAX_S
+
+
+def started(tmp_path: Path, cfg: Config, fresh: dict[str, int]) -> tuple[Schedule, Recorder]:
+    """A Schedule started as the daemon starts it (paused), its start-up job run once."""
+    rec = Recorder(fresh)
+    sched = Schedule(
+        cfg,
+        request=rec.request,
+        count_fresh=lambda d: rec.fresh[d],
+        domains=lambda: sorted(rec.fresh),
+        scheduler=BackgroundScheduler(timezone=dt.UTC),
+    )
+    sched.scheduler.start(paused=True)
+    sched.scheduler.start = lambda: None  # already started, paused
+    sched.start()
+    job = sched.scheduler.get_job("startup")
+    if job is not None:
+        job.func(*job.args)
+    return sched, rec
+
+
+OFF = "[schedule]\non_drop = false\ninterval_minutes = 0\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "trained"),
+    [
+        (OFF, []),  # all automatic training off: `evertune train` only
+        (OFF + 'cron = "0 3 * * *"\n', []),  # nightly only: at 03:00, not at every restart
+        ("[schedule]\non_drop = true\ninterval_minutes = 0\n", ["faq", "legal"]),
+        ("[schedule]\non_drop = false\ninterval_minutes = 30\n", ["faq", "legal"]),
+        (OFF + "[domains.legal]\non_drop = true\n", ["legal"]),
+        ("[domains.legal]\non_drop = false\ninterval_minutes = 0\n", ["faq"]),
+    ],
+)
+def test_start_trains_only_domains_that_train_by_themselves(tmp_path, cleanup, text, trained):
+    """Issue 24: with on_drop off, no interval and no cron, every restart started a run."""
+    from evertune.daemon import config as config_mod
+
+    path = tmp_path / "evertune.toml"
+    path.write_text(text)
+    sched, rec = started(tmp_path, config_mod.load(path, env={}), {"legal": 5, "faq": 2})
+    cleanup.append(sched)
+    assert sorted(d for d, trigger, _ in rec.requests if trigger == "startup") == trained
+    assert all(trigger == "startup" for _, trigger, _ in rec.requests)
+
+
+def test_a_schedule_that_cannot_be_planned_changes_nothing(tmp_path, cleanup):
+    """Set_config builds every trigger first: a bad one (NaN minutes, a bad crontab) leaves
+    the running config and periodic jobs as they were (before: the jobs were removed first,
+    then it raised, and periodic training was silently off)."""
+    from evertune.daemon.errors import ConfigError
+
+    good = Config(home=tmp_path, path=None, schedule=ScheduleConfig(interval_minutes=5))
+    sched, _ = make(tmp_path, schedule=good.schedule)
+    cleanup.append(sched)
+    sched.set_config(good)
+    for bad in (
+        ScheduleConfig(interval_minutes=float("nan")),
+        ScheduleConfig(interval_minutes=float("inf")),
+        ScheduleConfig(cron="every night"),
+    ):
+        cfg = Config(home=tmp_path, path=tmp_path / "evertune.toml", schedule=bad)
+        with pytest.raises(ConfigError, match=r"evertune\.toml: schedule\.cron = .* cannot be"):
+            sched.set_config(cfg)
+        assert sched.config is good
+        [job] = [j for j in sched.scheduler.get_jobs() if j.id.startswith("periodic:")]
+        assert job.trigger.interval.total_seconds() == 300
