@@ -96,7 +96,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/helpers.py
-from helpers import Daemon, free_port, qa, served, wait_for
+from helpers import Daemon, evertune, free_port, qa, served, wait_for
 
 PHASES = ("ingest", "train", "publish", "reconcile")  # the kills
 HOSTILE = ("store-deleted", "unreadable", "disk-train", "disk-publish", "bad-reload")
@@ -466,17 +466,6 @@ def trial(
 
 
 # ---- the hostile conditions ----------------------------------------------------------------
-
-
-def evertune(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The `evertune` CLI on `home`, as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "evertune.daemon.cli", *args],
-        env={**os.environ, "EVERTUNE_HOME": str(home)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def health(home: Path) -> tuple[int | None, dict]:

@@ -63,6 +63,20 @@ def ts(text: str | None) -> float | None:
 # ---- a vLLM OpenAI endpoint -----------------------------------------------------------------
 
 
+def evertune(
+    home: Path, *args: str, timeout: float = 120, **kw: Any
+) -> subprocess.CompletedProcess:
+    """The `evertune` CLI on `home`, as an operator runs it (output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "evertune.daemon.cli", *args],
+        env={**os.environ, "EVERTUNE_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

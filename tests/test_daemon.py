@@ -11,23 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CHAT, Daemon, wait_for
+from helpers import CHAT, Daemon, evertune, wait_for
 
 from evertune.daemon.lock import daemon_state
 from evertune.store.db import is_initialised, open_db
-
-
-def evertune(home: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EVERTUNE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "evertune.daemon.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kw,
-    )
-
 
 # Ingestion only: no vLLM, no training on drop, the control API on a free port.
 INGEST_ONLY = """

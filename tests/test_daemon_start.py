@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import CHAT, Daemon, wait_for
+from helpers import CHAT, Daemon, evertune, wait_for
 
 from evertune.daemon import config as config_mod
 from evertune.daemon.control_client import ControlClient, ControlError
@@ -43,16 +43,6 @@ def load(home: Path, text: str) -> config_mod.Config:
     home.mkdir(parents=True, exist_ok=True)
     (home / "evertune.toml").write_text(text)
     return config_mod.load(home / "evertune.toml", env={})
-
-
-def run_cli(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "evertune.daemon.cli", *args],
-        env={**os.environ, "EVERTUNE_HOME": str(home)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def refused(port: int) -> bool:
@@ -123,7 +113,7 @@ def test_a_config_with_nan_at_start_exits_with_the_reason_and_frees_the_home(tmp
     path = home / "evertune.toml"
     path.write_text(CONFIG.replace("interval_minutes = 5", "interval_minutes = nan"))
     try:
-        out = run_cli(home, "run", timeout=60)
+        out = evertune(home, "run", timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("`evertune run` with interval_minutes = nan hung instead of exiting")
     assert out.returncode == 2, out.stderr
@@ -181,7 +171,7 @@ def test_reload_with_a_bad_number_is_409_with_the_reason_and_changes_nothing(tmp
         assert svc.config is running
         [job] = [j for j in svc.schedule.scheduler.get_jobs() if j.id.startswith("periodic:")]
         assert job.trigger.interval.total_seconds() == 300
-        out = run_cli(home, "reload")  # the CLI reads the file first and says why
+        out = evertune(home, "reload")  # the CLI reads the file first and says why
         assert out.returncode == 2 and "interval_minutes = nan is not a finite" in out.stderr
     finally:
         svc.stop()
@@ -217,7 +207,7 @@ def test_with_all_automatic_training_off_a_restart_trains_nothing(tmp_path):
         time.sleep(3)  # the start-up check runs at once when there is one
         assert runs_of(home) == []
         assert "training queued" not in d.logtext()
-        out = run_cli(home, "train", "legal")  # by hand it still trains (and fails here)
+        out = evertune(home, "train", "legal")  # by hand it still trains (and fails here)
         assert out.returncode == 1, out.stdout + out.stderr
         assert runs_of(home) == [("legal", "manual")]
     finally:
