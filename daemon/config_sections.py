@@ -339,6 +339,14 @@ class ServeConfig:
     start_timeout_seconds: float = key(
         600.0, "How long a starting vLLM server may take to answer.", min=5, max=7200
     )
+    routing: str = key(
+        "admission",
+        "admission: each request to a stable name is bound to the live version when it is"
+        " admitted (the evertune middleware in vLLM; servers without it fall back to"
+        " inplace); inplace: the stable name's weights are replaced by an in-place load,"
+        " and an answer running across a publish is finished by the new version.",
+        choices=("admission", "inplace"),
+    )
     keep_loaded: int = key(
         3,
         "Earlier live versions kept loaded as <domain>@vNNNN (besides the live and pinned"

@@ -14,6 +14,7 @@ import httpx
 from evertune.adapters.remote import admin_headers
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
+from evertune.daemon.routing import ROUTES_PATH
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Endpoint:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         headers |= admin_headers()  # the embedded server's admin routes (AdminGuard)
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.base_name: str | None = None  # the base model's served name (from served())
 
     def close(self) -> None:
         self._http.close()
@@ -55,11 +57,35 @@ class Endpoint:
             return False
 
     def served(self) -> dict[str, str]:
-        """The adapters it serves: name -> folder (the base model is not listed)."""
+        """The adapters it serves: name -> folder (the base model is not listed, but
+        remembered as `base_name`)."""
         r = self._call("GET", "/v1/models")
         if r.status_code != 200:
             raise EndpointDown(f"vLLM at {self.url}: GET /v1/models answered {r.status_code}")
-        return {m["id"]: m["root"] for m in r.json()["data"] if m.get("parent")}
+        cards = r.json()["data"]
+        self.base_name = next((m["id"] for m in cards if not m.get("parent")), self.base_name)
+        return {m["id"]: m["root"] for m in cards if m.get("parent")}
+
+    def routes(self) -> dict | None:
+        """Its route table (evertune.daemon.routing) with the requests each target got, or
+        None when the server has no evertune middleware (vLLM as shipped, or a key that
+        does not open its admin routes): its stable names are then switched in place."""
+        r = self._call("GET", ROUTES_PATH)
+        if r.status_code != 200:
+            return None
+        try:
+            body = r.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) and isinstance(body.get("routes"), dict) else None
+
+    def set_routes(self, routes: dict[str, dict]) -> None:
+        """Replace its route table (one assignment there: the flip of a publish)."""
+        r = self._call("PUT", ROUTES_PATH, json={"routes": routes})
+        if r.status_code != 200:
+            raise AdapterRefused(
+                f"vLLM at {self.url} refused the route table: {r.status_code} {_error_message(r)}"
+            )
 
     def load(self, name: str, path: str, *, inplace: bool = False) -> float:
         """Load (or with `inplace`, switch) `name` to the adapter in `path`; seconds taken."""

@@ -5,9 +5,20 @@ Names clients use (DESIGN.md):
     <domain>@vNNNN    one version: the live one, the pinned ones and the last few live ones
                       (`serve.keep_loaded`), so pinned clients and rollback keep working
 
-Switching the stable name is one in-place load (`load_inplace`) of `<domain>` from the new
+Switching the stable name (`serve.routing = "admission"`, the default, on a server with the
+evertune middleware: the embedded one, or an external one started with it) is one
+replacement of the server's route table after the version is loaded and probed under its
+versioned name: every request is bound to one version when it is admitted
+(evertune.daemon.routing), so no weights change under a running answer. A domain with
+nothing live (before its first version, while `forget` rebuilds it) is routed to the base
+model. The previous live version stays loaded (at least one, whatever `keep_loaded` says)
+so answers already running on it finish on it.
+
+Otherwise (`serve.routing = "inplace"`, or a server without the middleware: `status` says
+which) it is one in-place load (`load_inplace`) of `<domain>` from the new
 version's folder: vLLM loads and checks the new weights first and only then replaces the
-old ones under the same name, so there is no moment without `<domain>`. Prefix-cache blocks
+old ones under the same name, so there is no moment without `<domain>`, but an answer
+running across the switch is finished by the new weights. Prefix-cache blocks
 are keyed by (name, path) in vLLM 0.32 (v1/core/kv_cache_utils.py), and a version's folder
 never changes once published, so a switch can never reuse KV blocks computed with other
 weights: that is why the stable name is always pointed at a version folder, never at a
@@ -40,7 +51,7 @@ from evertune.adapters import registry
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.endpoint import Endpoint, read_api_key, versioned_name
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
-from evertune.store import versions
+from evertune.store import examples, versions
 from evertune.store.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -86,6 +97,7 @@ class Serving:
         self.on_publish = on_publish  # (domain, "ok" | "partial" | "failed", seconds)
         self._lock = threading.RLock()
         self._broken: set[str] = set()  # folders already reported unloadable
+        self._unrouted: set[str] = set()  # endpoints already reported without the middleware
 
     @classmethod
     def for_config(cls, db_path: Path, cfg: ServeConfig, embedded_url: str | None, **kw):
@@ -109,24 +121,61 @@ class Serving:
 
     # ---- what should be served --------------------------------------------------------------
 
-    def desired(self, db: Database) -> dict[str, versions.Version]:
-        """name -> version, for every domain with versions."""
+    def desired(self, db: Database, routed: bool = False) -> dict[str, versions.Version]:
+        """name -> version, for every domain with versions; with `routed`, no stable names
+        (the route table binds them) and at least one earlier live version per domain."""
         want: dict[str, versions.Version] = {}
+        keep = max(self.cfg.keep_loaded, 1) if routed else self.cfg.keep_loaded
         for domain in versions.domains(db):
             every = versions.list_versions(db, domain)
             live = next((v for v in every if v.state == "live"), None)
             earlier = sorted(
-                (v for v in every if v.state == "retired" and v.promoted_at),
+                (v for v in every if v.state == "retired" and v.promoted_at and not v.forgotten),
                 key=lambda v: v.promoted_at,
                 reverse=True,
-            )[: self.cfg.keep_loaded]
+            )[:keep]
             pinned = [v for v in every if v.pinned and v.state in ("live", "retired")]
             for v in [*([live] if live else []), *pinned, *earlier]:
                 if Path(v.path).is_dir():
                     want[versioned_name(domain, v.name)] = v
-            if live is not None:
+            if live is not None and not routed:
                 want[domain] = live
         return want
+
+    def routes(
+        self, db: Database, base_name: str | None, override: dict[str, str] | None = None
+    ) -> dict[str, dict]:
+        """The route table: every domain with examples or versions -> its live versioned
+        name (or `override`'s), or the base model while it has none."""
+        table: dict[str, dict] = {}
+        named = set(versions.domains(db)) | set(examples.domains(db)) | set(override or {})
+        for domain in sorted(named):
+            live = versions.live(db, domain)
+            if override and domain in override:
+                table[domain] = {"to": override[domain]}
+            elif live is not None and not live.forgotten and Path(live.path).is_dir():
+                table[domain] = {"to": versioned_name(domain, live.name)}
+            elif base_name:
+                table[domain] = {"to": base_name}
+        return table
+
+    def _routed(self, ep: Endpoint) -> dict | None:
+        """The endpoint's route table when requests are bound at admission there."""
+        if self.cfg.routing != "admission":
+            return None
+        table = ep.routes()
+        if table is None and ep.url not in self._unrouted:
+            self._unrouted.add(ep.url)
+            log.warning(
+                "vLLM at %s has no evertune middleware: its stable names are switched in"
+                " place (an answer running across a publish is finished by the new version)."
+                " Start it with --middleware evertune.daemon.vllm_entry.AdminGuard and the"
+                " daemon's EVERTUNE_VLLM_ADMIN_KEY (README, external servers).",
+                ep.url,
+            )
+        elif table is not None:
+            self._unrouted.discard(ep.url)
+        return table
 
     # ---- making a version live ------------------------------------------------------------
 
@@ -141,37 +190,47 @@ class Serving:
         stable, named = version.domain, versioned_name(version.domain, version.name)
         t0 = time.perf_counter()
         out = Activation(version.domain, version.name, 0.0)
-        switched: list[tuple[Endpoint, dict[str, str]]] = []
+        switched: list[tuple[Endpoint, dict[str, str], dict | None]] = []
         with self._lock:
             for ep in self.endpoints:
                 served: dict[str, str] = {}
+                before: dict | None = None
                 try:
                     served = ep.served()
+                    before = self._routed(ep)
                     if served.get(named) != version.path:
                         ep.load(named, version.path, inplace=named in served)
                     ep.probe(named)  # refuses a folder vLLM loads but cannot run
-                    took = ep.load(stable, version.path, inplace=stable in served)
-                    switched.append((ep, served))
-                    # No second probe: the same folder has just answered under the versioned
-                    # name and vLLM answered the in-place load only once it had loaded it.
-                    # Under load a probe waits for the running batch: it was a quarter of
-                    # the publish (benchmarks/swap.py: 234 of 960 ms p50 with 8 clients).
-                    if stable not in ep.served():
-                        raise AdapterRefused(f"vLLM at {ep.url} does not list {stable!r}")
+                    if before is not None:
+                        # the flip: requests admitted from now on get the new version
+                        table = self.routes(db, ep.base_name, {stable: named})
+                        t1 = time.perf_counter()
+                        ep.set_routes(table)
+                        took = time.perf_counter() - t1
+                    else:
+                        took = ep.load(stable, version.path, inplace=stable in served)
+                        # No second probe: the same folder has just answered under the
+                        # versioned name and vLLM answered the in-place load only once it had
+                        # loaded it. Under load a probe waits for the running batch: it was a
+                        # quarter of the publish (benchmarks/swap.py: 234 of 960 ms p50).
+                        if stable not in ep.served():
+                            raise AdapterRefused(f"vLLM at {ep.url} does not list {stable!r}")
+                    switched.append((ep, served, before))
                 except EndpointDown as exc:
                     log.warning("%s %s: %s; it is repaired when it answers", stable, named, exc)
                     out.switches.append(Switch(ep.url, False, error=str(exc)))
                     continue
                 except AdapterRefused:
                     # Every endpoint goes back to what it served: the version is not live.
-                    for done, before in switched:
-                        self._restore(done, stable, before)
-                    self._restore(ep, named, served)
+                    for done, was, routes in switched:
+                        self._restore(done, stable, was, routes)
+                    self._restore(ep, named, served, None)
                     if self.on_publish:
                         self.on_publish(version.domain, "failed", None)
                     raise
                 out.switches.append(Switch(ep.url, True, switch_ms=took * 1000))
-                if self.on_switch and stable in served:  # an in-place switch, not a first load
+                switch = before is not None and stable in before["routes"]
+                if self.on_switch and (switch or stable in served):  # not a first load
                     self.on_switch(took)
         out.seconds = time.perf_counter() - t0
         if self.on_publish:
@@ -179,10 +238,15 @@ class Serving:
             self.on_publish(version.domain, "ok" if ok else "partial", out.seconds)
         return out
 
-    def _restore(self, ep: Endpoint, name: str, before: dict[str, str]) -> None:
-        """Put `name` back as it was on `ep` (best effort: reconcile repairs the rest)."""
+    def _restore(
+        self, ep: Endpoint, name: str, before: dict[str, str], routes: dict | None
+    ) -> None:
+        """Put `name` (or with `routes`, the route table) back as it was on `ep` (best
+        effort: reconcile repairs the rest)."""
         try:
-            if name in before:
+            if routes is not None:
+                ep.set_routes(routes["routes"])
+            elif name in before:
                 ep.load(name, before[name], inplace=True)
             else:
                 ep.unload(name)
@@ -196,11 +260,10 @@ class Serving:
         every endpoint; record what each serves. Returns a line per change, for the log."""
         changes: list[str] = []
         with self._lock:
-            want = self.desired(db)
             domains = set(versions.domains(db))
             for ep in self.endpoints:
                 try:
-                    changes += self._reconcile_one(db, ep, want, domains)
+                    changes += self._reconcile_one(db, ep, domains)
                 except EndpointDown as exc:
                     log.warning("reconcile: %s", exc)
                     self._record(db, ep.url, None)
@@ -210,11 +273,11 @@ class Serving:
             log.info("reconcile: %s", line)
         return changes
 
-    def _reconcile_one(
-        self, db: Database, ep: Endpoint, want: dict[str, versions.Version], domains: set[str]
-    ) -> list[str]:
+    def _reconcile_one(self, db: Database, ep: Endpoint, domains: set[str]) -> list[str]:
         changes = []
         served = ep.served()
+        routed = self._routed(ep)
+        want = self.desired(db, routed is not None)
         # Versioned names first: the stable name is switched once its version is known good.
         for name in sorted(want, key=lambda n: ("@" not in n, n)):
             v = want[name]
@@ -232,6 +295,22 @@ class Serving:
                 self.on_switch(took)
             changes.append(f"{ep.url}: {name} -> {v.path}")
             served[name] = v.path
+        if routed is not None:
+            table = {
+                stable: route
+                for stable, route in self.routes(db, ep.base_name).items()
+                if "@" not in route["to"] or route["to"] in served  # never a name it lacks
+            }
+            if table != routed["routes"]:
+                ep.set_routes(table)
+                changes += [
+                    f"{ep.url}: {stable} routed to {route['to']}"
+                    for stable, route in table.items()
+                    if routed["routes"].get(stable) != route
+                ]
+        elif self.cfg.routing != "admission" and (ep.routes() or {}).get("routes"):
+            ep.set_routes({})  # routing turned off: the stable names are loaded again
+            changes.append(f"{ep.url}: route table cleared")
         ours = re.compile(
             "^(?:" + "|".join(re.escape(d) for d in sorted(domains)) + r")(?:@v\d{4})?$"
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from evertune.adapters.remote import ADMIN_HEADER, ADMIN_KEY_ENV
 from evertune.daemon.pausing import PAUSE_DIR_ENV, Pauser
+from evertune.daemon.routing import ROUTES_PATH, Router
 
 # What clients need, open to anyone who can reach the server (loopback by default): the
 # OpenAI-compatible generation routes, the model list, health and metrics.
@@ -55,7 +56,10 @@ class AdminGuard:
     hub id) under a served name, or unload it, by /v1/load_lora_adapter, /adapters and
     DELETE /adapters/{name} (vLLM's --api-key does not cover the last two), and vLLM has
     more admin routes (sleep, pause, collective_rpc, weight updates). An allowlist closes
-    every one of them, present and future. Without a key every admin route is refused."""
+    every one of them, present and future. Without a key every admin route is refused.
+
+    It also binds each generation request to one version when it is admitted (its route
+    table, `evertune.daemon.routing`, at the admin route /evertune/routes)."""
 
     def __init__(self, app):
         self.app = app
@@ -65,27 +69,35 @@ class AdminGuard:
         pause_dir = os.environ.get(PAUSE_DIR_ENV)
         self.pause_dir = Path(pause_dir) if pause_dir else None
         self.pauser: Pauser | None = None
+        self.router = Router()  # the stable names, bound to a version at admission
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self._is_admin(scope):
-            return await self.app(scope, receive, send)
-        if (scope["method"], scope["path"]) in GENERATION_ROUTES and self.pause_dir:
+        admin = self._is_admin(scope)
+        method, path = scope["method"], scope["path"]
+        if admin and path == ROUTES_PATH:
+            return await self.router.admin(scope, receive, send)
+        if (method, path) in GENERATION_ROUTES:
+            if admin or not self.pause_dir:
+                return await self.router.generate(self.app, scope, receive, send)
             # a client's request: the daemon's background children pause until it is answered
             pauser = self._pauser()
             pauser.enter()
             try:
-                return await self.app(scope, receive, send)
+                return await self.router.generate(self.app, scope, receive, send)
             finally:
                 pauser.leave()
+        if admin:
+            return await self.app(scope, receive, send)
+        if (method, path) == ("GET", "/v1/models"):
+            return await self.router.models(self.app, scope, receive, send)
         if self._is_client_route(scope):
             return await self.app(scope, receive, send)
         body = json.dumps(
             {
                 "error": {
-                    "message": f"{scope['method']} {scope['path']} is reserved for the"
-                    " evertune daemon",
+                    "message": f"{method} {path} is reserved for the evertune daemon",
                     "type": "Forbidden",
                     "code": 403,
                 }

@@ -62,7 +62,9 @@ def home(tmp_path, vllm):
     db = open_db(layout.db_path)
     serving = Serving(layout.db_path, vllm.cfg, [_endpoint(vllm)])
     yield layout, db, serving
-    # Leave the shared server clean for the next test: nothing of this home stays loaded.
+    # Leave the shared server clean for the next test: nothing of this home stays loaded
+    # or routed.
+    serving.endpoints[0].set_routes({})
     for name in serving.endpoints[0].served():
         serving.endpoints[0].unload(name)
     vllm.hooks.clear()
@@ -91,9 +93,13 @@ def version(signatures, url: str, model: str) -> int | None:
     return signatures.maker(16).version_of(ask(url, model, QUESTION, max_tokens=8))
 
 
-def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, signatures):
+@pytest.mark.parametrize("routing", ["admission", "inplace"])
+def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, signatures, routing):
     layout, db, serving = home
-    serving.cfg = ServeConfig(port=vllm.cfg.port, keep_loaded=0)  # only pins keep old ones
+    # keep_loaded 0: only pins keep old ones (and, bound at admission, the last live one,
+    # whose answers may still be running)
+    serving.cfg = ServeConfig(port=vllm.cfg.port, keep_loaded=0, routing=routing)
+    ep = serving.endpoints[0]
     v1 = make_live(db, new_version(layout, db, signatures, "legal", 1), serving, "test")
     assert version(signatures, vllm.url, "legal@v0001") == 1
     assert version(signatures, vllm.url, "legal") == 1
@@ -105,23 +111,30 @@ def test_publish_pin_rollback_change_what_the_stable_name_answers(home, vllm, si
     assert version(signatures, vllm.url, "legal") == 2
     # Pinned: v1 stays reachable by its versioned name although keep_loaded is 0.
     assert version(signatures, vllm.url, "legal@v0001") == 1
-    served = serving.endpoints[0].served()
-    assert served == {
-        "legal": v2.path,
-        "legal@v0002": v2.path,
-        "legal@v0001": v1.path,
-    }
+    stable = {"legal": v2.path} if routing == "inplace" else {}
+    assert ep.served() == {**stable, "legal@v0002": v2.path, "legal@v0001": v1.path}
     rows = dict(db.execute("SELECT model, version_id FROM endpoint_models").fetchall())
-    assert rows == {"legal": v2.id, "legal@v0002": v2.id, "legal@v0001": v1.id}
+    stable_row = {"legal": v2.id} if routing == "inplace" else {}
+    assert rows == {**stable_row, "legal@v0002": v2.id, "legal@v0001": v1.id}
+    # Clients see the stable name listed either way; bound at admission it says where to.
+    card = next(m for m in httpx.get(f"{vllm.url}/v1/models").json()["data"] if m["id"] == "legal")
+    assert card["root"] == v2.path
+    assert card.get("routed_to") == ("legal@v0002" if routing == "admission" else None)
 
     back = rollback(db, "legal", None, serving)
     assert back.name == "v0001" and back.state == "live"
     assert version(signatures, vllm.url, "legal") == 1
     assert versions.live(db, "legal").name == "v0001"
 
-    # Unpinned and not live, v2 falls out of what is kept loaded (keep_loaded = 0).
+    # Unpinned and not live, v2 falls out of what is kept loaded (keep_loaded = 0), unless
+    # requests are bound at admission: then it is the last live one and stays.
     set_pinned(db, "legal", "v0001", False, serving)
-    assert set(serving.endpoints[0].served()) == {"legal", "legal@v0001"}
+    if routing == "inplace":
+        assert set(ep.served()) == {"legal", "legal@v0001"}
+        assert ep.routes()["routes"] == {}
+    else:
+        assert set(ep.served()) == {"legal@v0001", "legal@v0002"}
+        assert ep.routes()["routes"] == {"legal": {"to": "legal@v0001"}}
 
 
 def test_a_missing_or_corrupt_folder_is_refused_and_the_old_version_keeps_serving(
@@ -166,14 +179,18 @@ def test_reconcile_loads_missing_and_unloads_only_our_stale_names(home, vllm, si
     foreign = new_version(layout, db, signatures, "elsewhere", 5)  # a name that is not ours
     ep.load("someone-elses-adapter", foreign.path)
     ep.load("ops@v0009", v1.path)  # ours, but no such version: stale
-    ep.unload("ops")  # as if the server had lost it
+    ep.load("ops", v1.path)  # a stable name loaded by an older daemon (routing inplace)
+    ep.set_routes({})  # as if the server had lost its table...
+    ep.unload("ops@v0001")  # ...and the live version
     changes = serving.reconcile(db)
     assert version(signatures, vllm.url, "ops") == 1
     served = ep.served()
-    assert served["ops"] == v1.path and served["ops@v0001"] == v1.path
-    assert "ops@v0009" not in served
+    assert served["ops@v0001"] == v1.path
+    assert "ops@v0009" not in served and "ops" not in served
     assert served["someone-elses-adapter"] == foreign.path
+    assert ep.routes()["routes"] == {"ops": {"to": "ops@v0001"}, "elsewhere": {"to": "base"}}
     assert any("unloaded ops@v0009" in c for c in changes)
+    assert any("ops routed to ops@v0001" in c for c in changes)
     assert serving.reconcile(db) == []  # nothing left to do
 
 
@@ -235,7 +252,7 @@ def test_a_reconcile_in_another_thread_never_undoes_a_publish(home, vllm, signat
             t.join()
         other.close()
     assert failures == []
-    assert serving.endpoints[0].served()["swap"].endswith("v0004")
+    assert serving.endpoints[0].routes()["routes"]["swap"] == {"to": "swap@v0004"}
     assert version(signatures, vllm.url, "swap") == 4
 
 
@@ -300,8 +317,11 @@ def test_no_client_without_the_daemons_key_can_load_or_unload_by_any_route(home,
     layout, db, serving = home
     v1 = make_live(db, new_version(layout, db, signatures, "alpha", 1), serving, "test")
     served = serving.endpoints[0].served()
-    assert "alpha" in served
+    routes = serving.endpoints[0].routes()
+    assert "alpha@v0001" in served and routes["routes"]["alpha"] == {"to": "alpha@v0001"}
     tries = [
+        ("GET", "/evertune/routes", None),
+        ("PUT", "/evertune/routes", {"routes": {"alpha": {"to": "base"}}}),
         ("POST", "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": v1.path}),
         ("POST", "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": v1.path}),
         ("POST", "/v1/unload_lora_adapter", {"lora_name": "alpha"}),
@@ -323,4 +343,63 @@ def test_no_client_without_the_daemons_key_can_load_or_unload_by_any_route(home,
         )
         assert r.status_code == 200
     assert serving.endpoints[0].served() == served  # nothing was swapped or unloaded
+    assert serving.endpoints[0].routes()["routes"] == routes["routes"]  # nor routed elsewhere
     assert version(signatures, vllm.url, "alpha") == 1
+
+
+def test_an_answer_running_across_a_publish_comes_wholly_from_the_version_it_was_admitted_to(
+    home, vllm, signatures
+):
+    """Bound at admission: v1's answer is streamed while v2 is published, and every token of
+    it is v1's (an in-place switch finishes it with v2's weights: a "mixed" answer). Every
+    chunk names the model the client asked for, not the version behind it. (Past ~60 tokens
+    a signature's answer wanders off its marker into other words, never into another
+    version's marker: so the check is that no other version's marker appears.)"""
+    import json
+    import re
+
+    layout, db, serving = home
+    make_live(db, new_version(layout, db, signatures, "news", 1), serving, "test")
+    v2 = new_version(layout, db, signatures, "news", 2)
+    body = {"model": "news", "messages": QUESTION, "max_tokens": 400, "temperature": 0}
+    chunks = []
+    with httpx.Client(base_url=vllm.url, timeout=120) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:  # the first token is out: the request runs on v1
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    break
+            make_live(db, v2, serving, "test")
+            before_publish_done = len(chunks)
+            for line in lines:
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+        after = http.post("/v1/chat/completions", json=body | {"max_tokens": 8}).json()
+    assert len(chunks) - before_publish_done > 100  # most of the answer came after the publish
+    assert {c["model"] for c in chunks} == {"news"}
+    maker = signatures.maker(16)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    markers = {w for w, _ in maker.markers}
+    said = {w for w in re.findall(r"[a-z]+", text.lower()) if w in markers}
+    assert said == {maker.marker(1)}, text
+    assert after["model"] == "news"
+    assert maker.version_of(after["choices"][0]["message"]["content"]) == 2
+
+
+def test_a_domain_with_nothing_live_is_answered_by_the_base_model(home, vllm, signatures):
+    """Before its first version, and while `forget` rebuilds it (every version retired),
+    the stable name answers as the base model, which never saw the domain's examples,
+    instead of 404."""
+    layout, db, serving = home
+    first = new_version(layout, db, signatures, "wiki", 1)  # a candidate, not yet live
+    serving.reconcile(db)
+    base_answer = ask(vllm.url, "base", QUESTION, max_tokens=8)
+    assert ask(vllm.url, "wiki", QUESTION, max_tokens=8) == base_answer
+    make_live(db, first, serving, "test")
+    assert version(signatures, vllm.url, "wiki") == 1
+    versions.mark_forgotten(db, versions.get(db, first.id), "test: forgotten")
+    serving.reconcile(db)
+    assert ask(vllm.url, "wiki", QUESTION, max_tokens=8) == base_answer
+    assert "wiki@v0001" not in serving.endpoints[0].served()
