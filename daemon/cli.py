@@ -14,6 +14,7 @@
     evertune rollback DOMAIN [--to V]    the previous (or given) version becomes live
     evertune pin DOMAIN vNNNN            keep a version loaded (as DOMAIN@vNNNN) and kept
     evertune unpin DOMAIN vNNNN
+    evertune canary DOMAIN vNNNN PCT     a share of the requests to a version, then live
     evertune ask DOMAIN "question"       a chat completion from the served stable name
     evertune reload                      the daemon re-reads its config (as SIGHUP does)
 
@@ -39,7 +40,14 @@ import orjson
 from evertune.adapters.errors import AdapterError
 from evertune.daemon import config as config_mod
 from evertune.daemon.cli_data import cmd_ask, cmd_export, cmd_ingest, cmd_report, cmd_versions
-from evertune.daemon.cli_state import cmd_forget, cmd_pin, cmd_reload, cmd_rollback, cmd_train
+from evertune.daemon.cli_state import (
+    cmd_canary,
+    cmd_forget,
+    cmd_pin,
+    cmd_reload,
+    cmd_rollback,
+    cmd_train,
+)
 from evertune.daemon.errors import (
     EXIT_FAILED,
     EXIT_OK,
@@ -185,6 +193,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("version", metavar="vNNNN")
         p.set_defaults(func=cmd_pin, pinned=name == "pin")
 
+    p = sub.add_parser(
+        "canary",
+        help="send a share of a domain's requests to a version before it is made live",
+        description="With DOMAIN vNNNN PERCENT: that version answers PERCENT of the stable"
+        " name's requests (the same conversation the same version, by the request's `user`)"
+        " and is made live after --minutes unless a request to it fails. With DOMAIN and"
+        " --promote or --rollback: end it now. Alone: list the canaries.",
+    )
+    p.add_argument("domain", nargs="?")
+    p.add_argument("version", nargs="?", metavar="vNNNN")
+    p.add_argument("percent", nargs="?", type=float, metavar="PERCENT")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="made live after this long without a failed request (default: by command only)",
+    )
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--promote", action="store_true", help="make the canary live now")
+    end.add_argument("--rollback", action="store_true", help="end the canary; live stays")
+    p.set_defaults(func=cmd_canary)
+
     p = sub.add_parser("ask", help="ask the served stable name a question (streamed)")
     p.add_argument("domain")
     p.add_argument("question")
@@ -289,7 +318,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{name} ({Path(path).name})" for name, path in sorted(ep["served"].items())
         )
         state = "up" if ep["healthy"] else "DOWN"
-        _say(f"serving: {ep['url']}/v1 {state}; adapters: {names or 'none yet'}")
+        how = {
+            "admission": "; stable names bound to a version when a request is admitted",
+            "inplace": "; stable names switched in place (no evertune middleware)",
+        }.get(ep.get("routing"), "")
+        _say(f"serving: {ep['url']}/v1 {state}; adapters: {names or 'none yet'}{how}")
     if not report["domains"]:
         _say("no domains yet: drop files into inbox/<domain>/")
     for dom in report["domains"]:
@@ -315,6 +348,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             _say(
                 f"  waiting: {w['file'] or 'the folder'}: {w['error']} (next try {w['next_retry']})"
             )
+        if c := dom.get("canary"):
+            until = f"made live at {c['promote_at']}" if c["promote_at"] else "until promoted"
+            _say(f"  canary: {c['version']} answers {c['percent']:g}% of requests, {until}")
         run = dom["run"]
         if run:
             step = f" step {run['step']}/{run['steps']}" if run.get("steps") else ""

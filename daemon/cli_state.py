@@ -19,7 +19,9 @@ from evertune.daemon.errors import (
     UsageError,
 )
 from evertune.daemon.operations import TrainResult
+from evertune.store.db import open_db
 from evertune.store.domains import check_domain
+from evertune.store.layout import HomeLayout
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -155,6 +157,46 @@ def cmd_pin(args: argparse.Namespace) -> int:
         print(f"{domain} {args.version} is pinned: kept, and served as {domain}@{args.version}")
     else:
         print(f"{domain} {args.version} is no longer pinned")
+    return EXIT_OK
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    config = config_mod.load(args.config)
+    if args.domain is None:
+        from evertune.store import canaries
+
+        db = open_db(HomeLayout(config.home).db_path, readonly=True)
+        try:
+            trials = canaries.every(db)
+        finally:
+            db.close()
+        for c in trials:
+            until = f"made live at {c.promote_at}" if c.promote_at else "until promoted by command"
+            print(f"{c.domain}: {c.version.name} answers {c.percent:g}% of requests, {until}")
+        if not trials:
+            print("no canary runs (start one: evertune canary DOMAIN vNNNN PERCENT)")
+        return EXIT_OK
+    domain = check_domain(args.domain)
+    ops = operations.for_home(config)
+    when = "now" if ops.served_now else "when the daemon starts"
+    if args.promote or args.rollback:
+        if args.version is not None:
+            raise UsageError("--promote and --rollback end the domain's canary: no version")
+        out = ops.canary(domain, None, 100 if args.promote else 0, None)
+        what = "made live" if out["promoted"] else "rolled back"
+        print(f"{domain}: canary {out['version']} {what}; live: {out['live']} (served {when})")
+        if not out["promoted"]:
+            print(f"  its new examples are trained again at the next training of {domain}")
+        return EXIT_OK
+    if args.version is None or args.percent is None:
+        raise UsageError("evertune canary DOMAIN vNNNN PERCENT (or DOMAIN --promote/--rollback)")
+    out = ops.canary(domain, args.version, args.percent, args.minutes)
+    until = (
+        f"made live at {out['promote_at']} unless a request to it fails"
+        if out["promote_at"]
+        else f"until `evertune canary {domain} --promote` (or --rollback)"
+    )
+    print(f"{domain}: {out['version']} answers {out['percent']:g}% of requests ({when}), {until}")
     return EXIT_OK
 
 

@@ -347,6 +347,21 @@ class ServeConfig:
         " and an answer running across a publish is finished by the new version.",
         choices=("admission", "inplace"),
     )
+    canary_percent: float = key(
+        0.0,
+        "0: off. Above 0 (needs routing = admission): a version that passes the gate first"
+        " answers this share of its stable name's requests as a canary, and is made live"
+        " after canary_minutes if none of them failed (rolled back at the first that"
+        " does); `evertune canary` promotes or rolls back sooner.",
+        min=0.0,
+        max=100.0,
+    )
+    canary_minutes: float = key(
+        30.0,
+        "How long a canary runs before it is made live (0: only by `evertune canary`).",
+        min=0.0,
+        max=525_600.0,
+    )
     keep_loaded: int = key(
         3,
         "Earlier live versions kept loaded as <domain>@vNNNN (besides the live and pinned"

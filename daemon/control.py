@@ -9,6 +9,9 @@
     POST /v1/rollback    {"domain": str, "to": str | null = null}
     POST /v1/pin         {"domain": str, "version": str}
     POST /v1/unpin       {"domain": str, "version": str}
+    POST /v1/canary      {"domain": str, "version": str | null, "percent": float | null,
+                          "minutes": float | null}  start one; version null: end it
+                          (percent 100 promotes, 0 rolls back)
     POST /v1/reload      {}
     POST /v1/reconcile   {}
 
@@ -79,6 +82,10 @@ class ControlHandler(Protocol):
     def pin(self, domain: str, version: str) -> dict[str, Any]: ...
 
     def unpin(self, domain: str, version: str) -> dict[str, Any]: ...
+
+    def canary(
+        self, domain: str, version: str | None, percent: float | None, minutes: float | None
+    ) -> dict[str, Any]: ...
 
     def reload(self) -> dict[str, Any]: ...
 
@@ -197,6 +204,7 @@ class ControlServer:
 
 
 _REQUIRED = object()
+_NUMBER = float  # a field that takes an int or a float (never a bool, NaN or infinity)
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -207,7 +215,12 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     value = body[name]
     if value is None and default is None:  # an optional field may be null
         return None
-    if not isinstance(value, kind):
+    if kind is _NUMBER:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise _Answer(400, f"field {name!r} must be a number, not {value!r}")
+        if abs(value) == float("inf"):
+            raise _Answer(400, f"field {name!r} must be a finite number, not {value!r}")
+    elif not isinstance(value, kind):
         raise _Answer(400, f"field {name!r} must be a {kind.__name__}, not {value!r}")
     return value
 
@@ -237,6 +250,16 @@ _ROUTES = {
     "/v1/rollback": ("POST", _call("rollback", _DOMAIN, ("to", str, None))),
     "/v1/pin": ("POST", _call("pin", _DOMAIN, _VERSION)),
     "/v1/unpin": ("POST", _call("unpin", _DOMAIN, _VERSION)),
+    "/v1/canary": (
+        "POST",
+        _call(
+            "canary",
+            _DOMAIN,
+            ("version", str, None),
+            ("percent", _NUMBER, None),
+            ("minutes", _NUMBER, None),
+        ),
+    ),
     "/v1/reload": ("POST", _call("reload")),
     "/v1/reconcile": ("POST", _call("reconcile")),
 }

@@ -95,6 +95,12 @@ class ControlClient:
     def unpin(self, domain: str, version: str) -> dict[str, Any]:
         return self._post("/v1/unpin", {"domain": domain, "version": version})
 
+    def canary(
+        self, domain: str, version: str | None, percent: float | None, minutes: float | None
+    ) -> dict[str, Any]:
+        body = {"domain": domain, "version": version, "percent": percent, "minutes": minutes}
+        return self._post("/v1/canary", body)
+
     def reload(self) -> dict[str, Any]:
         return self._post("/v1/reload", {})
 

@@ -25,15 +25,14 @@ from typing import Any
 from sqlite_utils import Database
 
 from evertune.adapters import registry
-from evertune.adapters.errors import (
-    TrainingCancelled,
-)
+from evertune.adapters.errors import NothingToTrain, TrainingCancelled
+from evertune.daemon import canary
 from evertune.daemon.children import prepare_base, run_child, training_lock
 from evertune.daemon.config import Config
 from evertune.daemon.errors import AdapterRefused
 from evertune.daemon.selection import replaced_answers, select_examples
 from evertune.daemon.serving import Serving, make_live
-from evertune.store import events, runs, versions
+from evertune.store import canaries, events, runs, versions
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import RegistryError
 from evertune.store.layout import HomeLayout
@@ -118,6 +117,12 @@ def _cycle(
     from_base: bool = False,
 ) -> Outcome:
     t, g = config.train, config.gate
+    trial = canaries.of(db, domain)
+    if trial is not None:
+        raise NothingToTrain(
+            f"{domain}: a canary of {trial.version.name} is running; it trains again once"
+            f" the canary is promoted or rolled back (`evertune canary {domain} --promote`)"
+        )
     # The seed moves on with each run of the domain, so the held-out slice changes.
     new, replay, held, every_old = select_examples(
         db,
@@ -266,16 +271,30 @@ def _cycle(
             db, version, [i for i, _ in new], [i for i, _ in replay], [i for i, _ in held]
         )
     promoted, reason = gate["promote"], gate["reason"]
+    trial = None
     if promoted:
         if progress:
             progress({"event": "phase", "phase": "publishing"})
         try:
-            version = make_live(db, version, serving, reason)
+            if _canary_first(db, config, serving, domain):
+                trial = canary.start(
+                    db,
+                    domain,
+                    version.name,
+                    config.serve.canary_percent,
+                    config.serve.canary_minutes or None,
+                    serving,
+                )
+                reason = f"{reason}; a canary on {trial.percent:g}% of requests first"
+            else:
+                version = make_live(db, version, serving, reason)
         except (AdapterRefused, RegistryError) as exc:
             promoted, reason = False, f"passed the gate but could not be served: {exc}"
             log.error("%s %s: %s", domain, version.name, reason)
     with write_transaction(db):
-        if promoted:
+        if trial is not None:
+            pass  # a candidate until the canary ends (its examples marked trained then)
+        elif promoted:
             versions.mark_trained(db, version, [i for i, _ in new])
         else:
             version = versions.set_state(db, version, "rejected", reason=reason)
@@ -284,12 +303,23 @@ def _cycle(
             db,
             "info" if promoted else "warning",
             domain,
-            "version_promoted" if promoted else "version_rejected",
+            ("version_canary" if trial else "version_promoted") if promoted else "version_rejected",
             f"{version.name}: {reason}",
             metrics,
         )
     registry.prune(db, domain, config.registry.keep_last)
-    return Outcome(domain, version.name, promoted, reason, metrics, run_id)
+    return Outcome(domain, version.name, promoted and trial is None, reason, metrics, run_id)
+
+
+def _canary_first(db: Database, config: Config, serving: Serving | None, domain: str) -> bool:
+    """serve.canary_percent asks for a canary, and one can run: requests are bound at
+    admission and the domain has a live version to share them with."""
+    return (
+        config.serve.canary_percent > 0
+        and serving is not None
+        and serving.cfg.routing == "admission"
+        and versions.live(db, domain) is not None
+    )
 
 
 def _retry_sample(replay: list, held: list, every_old: list, seed: int) -> tuple[list, list]:

@@ -33,6 +33,7 @@ class Endpoint:
         headers |= admin_headers()  # the embedded server's admin routes (AdminGuard)
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.base_name: str | None = None  # the base model's served name (from served())
+        self.routed: dict[str, str] = {}  # stable name -> version, as clients see it
 
     def close(self) -> None:
         self._http.close()
@@ -64,6 +65,8 @@ class Endpoint:
             raise EndpointDown(f"vLLM at {self.url}: GET /v1/models answered {r.status_code}")
         cards = r.json()["data"]
         self.base_name = next((m["id"] for m in cards if not m.get("parent")), self.base_name)
+        # the names its evertune middleware routes (listed to clients, not to the daemon)
+        self.routed = {m["id"]: m["routed_to"] for m in cards if m.get("routed_to")}
         return {m["id"]: m["root"] for m in cards if m.get("parent")}
 
     def routes(self) -> dict | None:

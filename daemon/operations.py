@@ -1,4 +1,5 @@
-"""State changes (train, forget, rollback, pin, unpin, reload): one interface, two ways.
+"""State changes (train, forget, rollback, pin, unpin, canary, reload): one interface, two
+ways.
 
     ops = operations.for_home(config)      # the daemon runs: Daemon; else Local
     result = ops.train("legal", force=False, from_base=False, progress=show)
@@ -58,6 +59,13 @@ class Operations(Protocol):
 
     def pin(self, domain: str, version: str, pinned: bool) -> None: ...
 
+    def canary(
+        self, domain: str, version: str | None, percent: float | None, minutes: float | None
+    ) -> dict[str, Any]:
+        """Start (version and percent) a canary, or end it (version None: `percent` 100
+        promotes, 0 rolls back); the domain's canary afterwards ({} when none)."""
+        ...
+
     def reload(self) -> dict[str, Any]: ...
 
 
@@ -106,6 +114,11 @@ class Daemon:
 
     def pin(self, domain: str, version: str, pinned: bool) -> None:
         (self.client.pin if pinned else self.client.unpin)(domain, version)
+
+    def canary(
+        self, domain: str, version: str | None, percent: float | None, minutes: float | None
+    ) -> dict[str, Any]:
+        return self.client.canary(domain, version, percent, minutes)
 
     def reload(self) -> dict[str, Any]:
         return self.client.reload()
@@ -176,6 +189,22 @@ class Local:
         from evertune.daemon.serving import set_pinned
 
         self._on_store(lambda db: set_pinned(db, domain, version, pinned, self.serving()))
+
+    def canary(
+        self, domain: str, version: str | None, percent: float | None, minutes: float | None
+    ) -> dict[str, Any]:
+        from evertune.daemon import canary
+
+        def job(db) -> dict[str, Any]:
+            if version is not None:
+                if percent is None:
+                    raise EvertuneError("a canary needs its share: PERCENT, above 0, at most 100")
+                return canary.start(db, domain, version, percent, minutes, self.serving()).to_json()
+            if percent not in (0, 100):
+                raise EvertuneError("end a canary with --promote or --rollback")
+            return canary.finish(db, domain, percent == 100, self.serving(), "by command")
+
+        return self._on_store(job)
 
     def reload(self) -> dict[str, Any]:
         raise EvertuneError("no daemon runs on this home: nothing to reload")

@@ -183,8 +183,12 @@ class _Renamer:
 
     def __init__(self, send: Send, target: str, asked: str, counts: dict[str, int]):
         self._send = send
-        self._old = b'"model":' + json.dumps(target).encode()
-        self._new = b'"model":' + json.dumps(asked).encode()
+        old, new = json.dumps(target).encode(), json.dumps(asked).encode()
+        # compact JSON (vLLM's) and json.dumps' default spacing alike
+        self._pairs = [
+            (b'"model":' + old, b'"model":' + new),
+            (b'"model": ' + old, b'"model": ' + new),
+        ]
         self._counts = counts
         self._start: dict | None = None  # held while the body's length is being fixed
         self._held: list[bytes] = []
@@ -200,7 +204,9 @@ class _Renamer:
             return await self._send(message)
         if message["type"] != "http.response.body":
             return await self._send(message)
-        body = message.get("body", b"").replace(self._old, self._new)
+        body = message.get("body", b"")
+        for old, new in self._pairs:
+            body = body.replace(old, new)
         if self._start is None:
             return await self._send(dict(message, body=body))
         self._held.append(body)

@@ -326,6 +326,11 @@ class Service:
     def unpin(self, domain: str, version: str) -> dict[str, Any]:
         return self.pin(domain, version, False)
 
+    def canary(
+        self, domain: str, version: str | None, percent: float | None, minutes: float | None
+    ) -> dict[str, Any]:
+        return self.ops.canary(check_domain(domain), version, percent, minutes)
+
     def reconcile(self) -> dict[str, Any]:
         return {"changes": self.serving.reconcile()}
 

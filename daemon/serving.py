@@ -1,9 +1,6 @@
 """Serving: make every vLLM endpoint serve what the database says, and keep it so.
 
-Names clients use (DESIGN.md):
-    <domain>          the stable name: always the domain's live version
-    <domain>@vNNNN    one version: the live one, the pinned ones and the last few live ones
-                      (`serve.keep_loaded`), so pinned clients and rollback keep working
+Names clients use, and what should be loaded: evertune.daemon.wanted.
 
 Switching the stable name (`serve.routing = "admission"`, the default, on a server with the
 evertune middleware: the embedded one, or an external one started with it) is one
@@ -48,10 +45,11 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from evertune.adapters import registry
+from evertune.daemon import wanted
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.endpoint import Endpoint, read_api_key, versioned_name
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
-from evertune.store import examples, versions
+from evertune.store import versions
 from evertune.store.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -97,7 +95,8 @@ class Serving:
         self.on_publish = on_publish  # (domain, "ok" | "partial" | "failed", seconds)
         self._lock = threading.RLock()
         self._broken: set[str] = set()  # folders already reported unloadable
-        self._unrouted: set[str] = set()  # endpoints already reported without the middleware
+        self.unrouted: set[str] = set()  # endpoints already reported without the middleware
+        self._counts: dict[str, dict] = {}  # url -> requests per target name (its routes)
 
     @classmethod
     def for_config(cls, db_path: Path, cfg: ServeConfig, embedded_url: str | None, **kw):
@@ -122,50 +121,20 @@ class Serving:
     # ---- what should be served --------------------------------------------------------------
 
     def desired(self, db: Database, routed: bool = False) -> dict[str, versions.Version]:
-        """name -> version, for every domain with versions; with `routed`, no stable names
-        (the route table binds them) and at least one earlier live version per domain."""
-        want: dict[str, versions.Version] = {}
-        keep = max(self.cfg.keep_loaded, 1) if routed else self.cfg.keep_loaded
-        for domain in versions.domains(db):
-            every = versions.list_versions(db, domain)
-            live = next((v for v in every if v.state == "live"), None)
-            earlier = sorted(
-                (v for v in every if v.state == "retired" and v.promoted_at and not v.forgotten),
-                key=lambda v: v.promoted_at,
-                reverse=True,
-            )[:keep]
-            pinned = [v for v in every if v.pinned and v.state in ("live", "retired")]
-            for v in [*([live] if live else []), *pinned, *earlier]:
-                if Path(v.path).is_dir():
-                    want[versioned_name(domain, v.name)] = v
-            if live is not None and not routed:
-                want[domain] = live
-        return want
+        return wanted.names(db, self.cfg.keep_loaded, routed)
 
     def routes(
         self, db: Database, base_name: str | None, override: dict[str, str] | None = None
     ) -> dict[str, dict]:
-        """The route table: every domain with examples or versions -> its live versioned
-        name (or `override`'s), or the base model while it has none."""
-        table: dict[str, dict] = {}
-        named = set(versions.domains(db)) | set(examples.domains(db)) | set(override or {})
-        for domain in sorted(named):
-            live = versions.live(db, domain)
-            if override and domain in override:
-                table[domain] = {"to": override[domain]}
-            elif live is not None and not live.forgotten and Path(live.path).is_dir():
-                table[domain] = {"to": versioned_name(domain, live.name)}
-            elif base_name:
-                table[domain] = {"to": base_name}
-        return table
+        return wanted.route_table(db, base_name, override)
 
     def _routed(self, ep: Endpoint) -> dict | None:
         """The endpoint's route table when requests are bound at admission there."""
         if self.cfg.routing != "admission":
             return None
         table = ep.routes()
-        if table is None and ep.url not in self._unrouted:
-            self._unrouted.add(ep.url)
+        if table is None and ep.url not in self.unrouted:
+            self.unrouted.add(ep.url)
             log.warning(
                 "vLLM at %s has no evertune middleware: its stable names are switched in"
                 " place (an answer running across a publish is finished by the new version)."
@@ -174,7 +143,7 @@ class Serving:
                 ep.url,
             )
         elif table is not None:
-            self._unrouted.discard(ep.url)
+            self.unrouted.discard(ep.url)
         return table
 
     # ---- making a version live ------------------------------------------------------------
@@ -296,11 +265,14 @@ class Serving:
             changes.append(f"{ep.url}: {name} -> {v.path}")
             served[name] = v.path
         if routed is not None:
-            table = {
-                stable: route
-                for stable, route in self.routes(db, ep.base_name).items()
-                if "@" not in route["to"] or route["to"] in served  # never a name it lacks
-            }
+            self._counts[ep.url] = routed.get("counts") or {}
+            table = {}
+            for stable, route in self.routes(db, ep.base_name).items():
+                if "@" in route["to"] and route["to"] not in served:
+                    continue  # never route to a name it lacks
+                if route.get("canary") not in (None, *served):
+                    route = {"to": route["to"]}  # nor a canary share
+                table[stable] = route
             if table != routed["routes"]:
                 ep.set_routes(table)
                 changes += [
@@ -323,6 +295,17 @@ class Serving:
         if self.on_endpoint:
             self.on_endpoint(ep.url, True, len(served))
         return changes
+
+    def request_counts(self) -> dict[str, dict[str, int]]:
+        """Requests each routed target name got, and how many failed (HTTP errors), summed
+        over the endpoints as of their last reconcile (since each server started)."""
+        out: dict[str, dict[str, int]] = {}
+        for counts in self._counts.values():
+            for name, got in counts.items():
+                mine = out.setdefault(name, {"requests": 0, "failed": 0})
+                for k in mine:
+                    mine[k] += int(got.get(k, 0))
+        return out
 
     def record_all(self, db: Database) -> None:
         """Record what each endpoint serves now (after an activation)."""

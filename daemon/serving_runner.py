@@ -14,14 +14,16 @@ import threading
 from collections.abc import Callable
 
 from evertune.adapters.errors import Cancelled, TrainingError
-from evertune.daemon import pausing
+from evertune.daemon import canary, pausing
 from evertune.daemon.children import prepare_base, warm_gate
 from evertune.daemon.config import Config
+from evertune.daemon.errors import EvertuneError
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.schedule import Schedule
 from evertune.daemon.serving import Serving
 from evertune.daemon.vllm_process import EmbeddedVLLM
 from evertune.store.db import open_db
+from evertune.store.errors import StoreError
 from evertune.store.layout import HomeLayout
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class ServingRunner:
             return []  # starting or restarting: its on_ready reconciles
         with self._db_lock:
             changes = self.serving.reconcile(self._db)
+            try:  # canaries: a failed request rolls one back, its time up promotes it
+                changes += canary.check(self._db, self.serving, self.serving.request_counts())
+            except (EvertuneError, StoreError) as exc:
+                log.error("canary check: %s", exc)
         self.notify(None)
         return changes
 

@@ -9,6 +9,7 @@ from typing import Any
 from evertune.daemon.config import Config
 from evertune.daemon.lock import daemon_state
 from evertune.daemon.watcher import misplaced
+from evertune.store import canaries
 from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import domain_problem
 from evertune.store.layout import HomeLayout, stored_files
@@ -53,7 +54,10 @@ def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]
     for url in endpoint_urls(config, daemon_running):
         ep = Endpoint(url, _api_key(config), timeout=2.0)
         try:
-            out.append({"url": url, "healthy": True, "served": ep.served()})
+            served = ep.served()
+            stable = [n for n in served if "@" not in n and n not in ep.routed]
+            routing = "admission" if ep.routed else "inplace" if stable else None
+            out.append({"url": url, "healthy": True, "served": served, "routing": routing})
         except Exception as exc:  # down, refused, not vLLM: all mean "not healthy" here
             out.append({"url": url, "healthy": False, "served": {}, "error": str(exc)})
         finally:
@@ -138,6 +142,8 @@ def status_report(config: Config, waiting: list[dict] | None = None) -> dict[str
                 summary["files"]["waiting"] = 0
                 report["warnings"].append(f"{folder} cannot be listed ({exc})")
             summary["files"]["waiting_why"] = [w for w in waiting if w.get("domain") == name]
+            trial = canaries.of(db, name) if db is not None else None
+            summary["canary"] = trial.to_json() if trial is not None else None
             report["domains"].append(summary)
     finally:
         if db is not None:

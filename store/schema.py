@@ -11,6 +11,7 @@ Append new migrations at the end; never edit one that has shipped. Tables:
   each version was trained on (filled by evertune.adapters).
 - endpoint_models: what each serving endpoint actually serves (filled by the serving side).
 - events: an append-only log of what the service did, for `status` and debugging.
+- canaries: a share of a domain's requests sent to a version that is not live (m006).
 """
 
 from __future__ import annotations
@@ -265,5 +266,23 @@ def m005_questions_normalised(db: Database) -> None:
         ) AS w
         WHERE examples.domain = w.domain AND examples.prompt_hash = w.prompt_hash
             AND examples.file_id != w.file_id AND examples.superseded_by IS NULL
+        """
+    )
+
+
+@migrations()
+def m006_canaries(db: Database) -> None:
+    """A canary: a share of a domain's stable-name requests routed to a version that is not
+    live (evertune.daemon.routing), until it is promoted or rolled back, by command or when
+    `promote_at` passes (NULL: by command only). One per domain."""
+    db.execute(
+        """
+        CREATE TABLE canaries (
+            domain TEXT PRIMARY KEY,
+            version_id INTEGER NOT NULL REFERENCES versions(id),
+            percent REAL NOT NULL CHECK (percent > 0 AND percent <= 100),
+            started_at TEXT NOT NULL,
+            promote_at TEXT
+        )
         """
     )

@@ -118,8 +118,14 @@ def live(db: Database, domain: str) -> Version | None:
 
 
 def unfinished(db: Database) -> list[Version]:
-    """Versions left 'training' or 'candidate' (a crash, or a run in progress)."""
-    return _select(db, "v.state IN ('training', 'candidate')", [])
+    """Versions left 'training' or 'candidate' (a crash, or a run in progress); a candidate
+    that is a running canary is not unfinished."""
+    return _select(
+        db,
+        "(v.state = 'training' OR (v.state = 'candidate'"
+        " AND v.id NOT IN (SELECT version_id FROM canaries)))",
+        [],
+    )
 
 
 def domains(db: Database) -> list[str]:
@@ -278,6 +284,16 @@ def record_examples(
             + [(version.id, i, "replay") for i in replay]
             + [(version.id, i, "heldout") for i in held],
         )
+
+
+def new_examples_of(db: Database, version: Version) -> list[int]:
+    """The examples `version` was trained on as new (record_examples)."""
+    rows = db.execute(
+        "SELECT example_id FROM version_examples WHERE version_id = ? AND role = 'new'"
+        " ORDER BY example_id",
+        [version.id],
+    )
+    return [i for (i,) in rows]
 
 
 def mark_trained(db: Database, version: Version, new: list[int]) -> None:

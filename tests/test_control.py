@@ -60,6 +60,9 @@ class RecordingHandler:
     def unpin(self, domain: str, version: str) -> dict[str, Any]:
         return self._record("unpin", domain, version)
 
+    def canary(self, domain: str, version, percent, minutes) -> dict[str, Any]:
+        return self._record("canary", domain, version, percent, minutes)
+
     def reload(self) -> dict[str, Any]:
         return self._record("reload")
 
@@ -256,6 +259,8 @@ def test_each_route_calls_the_handler_with_its_arguments(
     client.rollback("legal", to="v0003")
     client.pin("legal", "v0002")
     client.unpin("legal", "v0002")
+    client.canary("legal", "v0003", 10, 30)
+    client.canary("legal", None, 100, None)
     client.reload()
     client.reconcile()
     assert handler.calls == [
@@ -268,6 +273,8 @@ def test_each_route_calls_the_handler_with_its_arguments(
         ("rollback", ("legal", "v0003")),
         ("pin", ("legal", "v0002")),
         ("unpin", ("legal", "v0002")),
+        ("canary", ("legal", "v0003", 10, 30)),
+        ("canary", ("legal", None, 100, None)),
         ("reload", ()),
         ("reconcile", ()),
     ]
@@ -291,6 +298,15 @@ def test_bad_requests_are_400_naming_the_field(
     response = raw.post("/v1/pin", json={"domain": "legal"}, headers=auth(server))
     assert response.status_code == 400
     assert "missing field 'version'" in response.json()["error"]
+    for body, message in [
+        (b'{"domain": "legal", "percent": true}', "field 'percent' must be a number"),
+        (b'{"domain": "legal", "percent": NaN}', "field 'percent' must be a number"),
+        (b'{"domain": "legal", "minutes": Infinity}', "'minutes' must be a finite number"),
+        (b'{"domain": "legal", "percent": "10"}', "field 'percent' must be a number"),
+    ]:
+        response = raw.post("/v1/canary", content=body, headers=auth(server))
+        assert response.status_code == 400, body
+        assert message in response.json()["error"], body
     assert handler.calls == []
 
 

@@ -21,10 +21,11 @@ from conftest import benchmark_module
 from helpers import ask, served
 
 from evertune.adapters import registry
+from evertune.daemon import canary
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.errors import AdapterRefused
 from evertune.daemon.serving import Serving, make_live, rollback, set_pinned
-from evertune.store import versions
+from evertune.store import canaries, versions
 from evertune.store.db import open_db
 from evertune.store.errors import RegistryError
 from evertune.store.layout import HomeLayout
@@ -403,3 +404,84 @@ def test_a_domain_with_nothing_live_is_answered_by_the_base_model(home, vllm, si
     serving.reconcile(db)
     assert ask(vllm.url, "wiki", QUESTION, max_tokens=8) == base_answer
     assert "wiki@v0001" not in serving.endpoints[0].served()
+
+
+# ---- canaries (evertune.daemon.canary) -------------------------------------------------------
+
+
+def _shop_answer(
+    url: str, maker, http: httpx.Client, user: str | None = None, model: str = "shop"
+) -> int | None:
+    body = {"model": model, "messages": QUESTION, "max_tokens": 6, "temperature": 0}
+    if user is not None:
+        body["user"] = user
+    r = http.post(f"{url}/v1/chat/completions", json=body)
+    r.raise_for_status()
+    assert r.json()["model"] == model  # the name asked, not the version behind it
+    return maker.version_of(r.json()["choices"][0]["message"]["content"])
+
+
+@pytest.mark.e2e
+def test_a_canary_answers_its_share_the_same_for_each_conversation_then_is_promoted(
+    home, vllm, signatures
+):
+    layout, db, serving = home
+    maker = signatures.maker(16)
+    make_live(db, new_version(layout, db, signatures, "shop", 1), serving, "test")
+    v2 = new_version(layout, db, signatures, "shop", 2)
+    trial = canary.start(db, "shop", "v0002", 50, None, serving)
+    assert trial.version.id == v2.id and trial.promote_at is None
+    assert serving.endpoints[0].routes()["routes"]["shop"] == {
+        "to": "shop@v0001",
+        "canary": "shop@v0002",
+        "percent": 50.0,
+    }
+    with httpx.Client(timeout=60) as http:
+        users = [f"user-{i}" for i in range(16)]
+        first = {u: _shop_answer(vllm.url, maker, http, u) for u in users}
+        again = {u: _shop_answer(vllm.url, maker, http, u) for u in users}
+        anonymous = [_shop_answer(vllm.url, maker, http) for _ in range(24)]
+    assert first == again  # one conversation, one version
+    assert set(first.values()) == {1, 2}  # 16 users at 50%: both (all alike: 2 ** -15)
+    assert set(anonymous) == {1, 2}
+    serving.reconcile(db)  # as the daemon's timer does: the servers' counts are read
+    counts = serving.request_counts()
+    assert counts["shop@v0002"]["failed"] == 0
+    assert counts["shop@v0002"]["requests"] == sum(
+        v == 2 for v in [*first.values(), *again.values(), *anonymous]
+    )
+
+    # Not due yet (promoted by command only): nothing happens.
+    assert canary.check(db, serving, serving.request_counts()) == []
+    # Its time is up and none of its requests failed: made live, its examples learned.
+    canaries.start(db, versions.get(db, v2.id), 50, 0)
+    assert canary.check(db, serving, serving.request_counts()) == ["shop v0002: promoted"]
+    assert versions.live(db, "shop").name == "v0002"
+    assert canaries.of(db, "shop") is None
+    assert serving.endpoints[0].routes()["routes"]["shop"] == {"to": "shop@v0002"}
+    with httpx.Client(timeout=60) as http:
+        assert {_shop_answer(vllm.url, maker, http, f"user-{i}") for i in range(16)} == {2}
+
+
+@pytest.mark.e2e
+def test_a_canary_with_a_failed_request_is_rolled_back_and_its_examples_wait(
+    home, vllm, signatures
+):
+    layout, db, serving = home
+    maker = signatures.maker(16)
+    make_live(db, new_version(layout, db, signatures, "kiosk", 1), serving, "test")
+    v2 = new_version(layout, db, signatures, "kiosk", 2)
+    canary.start(db, "kiosk", "v0002", 100, 30, serving)
+    with httpx.Client(timeout=60) as http:
+        assert _shop_answer(vllm.url, maker, http, model="kiosk") == 2  # 100%: every request
+    # The server counted one of its requests failed (an HTTP 5xx from vLLM).
+    serving.reconcile(db)
+    counts = serving.request_counts()
+    counts["kiosk@v0002"]["failed"] += 1
+    [line] = canary.check(db, serving, counts)
+    assert line == "kiosk v0002: 1 of its 1 requests failed"
+    assert versions.live(db, "kiosk").name == "v0001"
+    assert versions.get(db, v2.id).state == "rejected"
+    assert serving.endpoints[0].routes()["routes"]["kiosk"] == {"to": "kiosk@v0001"}
+    with httpx.Client(timeout=60) as http:
+        assert _shop_answer(vllm.url, maker, http, model="kiosk") == 1
