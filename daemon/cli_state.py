@@ -88,7 +88,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         result = operations.for_home(config).forget(domain, hashes, show)
     finally:
         show.close()
-    _print_forgotten(result.forgotten)
+    _print_forgotten(result.forgotten, config.serve.routing)
     if result.rebuild is None:  # forgotten; no rebuild was due
         print(result.no_rebuild)
         return EXIT_OK
@@ -120,11 +120,16 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(flat if len(flat) <= limit else flat[: limit - 1] + "…")
 
 
-def _print_forgotten(g: dict) -> None:
+def _print_forgotten(g: dict, routing: str = "admission") -> None:
     print(
         f"{g['domain']}: {g['examples']} examples forgotten (from {len(g['files'])} files, kept"
         f" in done/ and marked in their reports); versions no longer served:"
         f" {', '.join(g['versions']) or 'none'}"
+    )
+    meanwhile = (
+        "the stable name answers as the base model"
+        if routing == "admission"
+        else "stable name unloaded"
     )
     if g["pinned"]:
         print(
@@ -132,7 +137,7 @@ def _print_forgotten(g: dict) -> None:
             f" {', '.join(g['pinned'])} (evertune unpin {g['domain']} VERSION)"
         )
     print(
-        f"  live: {g['live_before'] or 'none'} -> {g['live_now'] or 'none (stable name unloaded)'}"
+        f"  live: {g['live_before'] or 'none'} -> {g['live_now'] or 'none (' + meanwhile + ')'}"
         + (
             f" until the rebuild from the base model on the {g['remaining']} remaining examples"
             if g.get("rebuild")

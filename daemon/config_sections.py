@@ -320,6 +320,13 @@ class ServeConfig:
     api_key_file: str = key(
         "", "A file holding the API key of the external servers (their --api-key); empty: none."
     )
+    admin_key_file: str = key(
+        "",
+        "external mode: a file holding the key of the servers' evertune middleware (their"
+        " EVERTUNE_VLLM_ADMIN_KEY): with it, requests are bound to a version at admission"
+        " and canaries work there; empty: none (the embedded server gets a fresh key at"
+        " every start).",
+    )
     host: str = key("127.0.0.1", "embedded mode: the address the vLLM server listens on.")
     port: int = key(8421, "embedded mode: the vLLM server's port.", min=1, max=65_535)
     max_lora_rank: int = key(

@@ -6,12 +6,13 @@ answered and refused the adapter (the folder is bad)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import httpx
 
-from evertune.adapters.remote import admin_headers
+from evertune.adapters.remote import ADMIN_KEY_ENV, admin_headers
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
 from evertune.daemon.routing import ROUTES_PATH
@@ -147,9 +148,24 @@ def _error_message(r: httpx.Response) -> str:
 
 def read_api_key(cfg: ServeConfig) -> str | None:
     """The external servers' API key from `serve.api_key_file` (None: no key configured)."""
-    if not cfg.api_key_file:
+    return _read_key(cfg.api_key_file, "serve.api_key_file")
+
+
+def use_admin_key(cfg: ServeConfig) -> None:
+    """The key of the external servers' evertune middleware from `serve.admin_key_file`,
+    for this process and its children (admin_headers() sends it)."""
+    key = _read_key(cfg.admin_key_file, "serve.admin_key_file")
+    if key:
+        os.environ[ADMIN_KEY_ENV] = key
+
+
+def _read_key(path: str, option: str) -> str | None:
+    if not path:
         return None
     try:
-        return Path(cfg.api_key_file).read_text().strip()
+        key = Path(path).read_text().strip()
     except OSError as exc:
-        raise ServingError(f"serve.api_key_file {cfg.api_key_file} cannot be read: {exc}") from exc
+        raise ServingError(f"{option} {path} cannot be read: {exc}") from exc
+    if not key:
+        raise ServingError(f"{option} {path} is empty: write the key into it")
+    return key

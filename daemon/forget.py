@@ -151,7 +151,7 @@ def forget(db: Database, domain: str, hashes: list[bytes], serving: Serving | No
     for _, path, n in files:
         _mark_report(Path(path + ".report.json"), n)
     if serving is not None:
-        serving.reconcile(db)  # the stable name unloaded when nothing is live any more
+        serving.reconcile(db)  # nothing live any more: the stable name answers as the base
     log.warning(
         "%s: %d examples forgotten; retired %s; live %s -> %s",
         domain,

@@ -47,7 +47,7 @@ from sqlite_utils import Database
 from evertune.adapters import registry
 from evertune.daemon import wanted
 from evertune.daemon.config_sections import ServeConfig
-from evertune.daemon.endpoint import Endpoint, read_api_key, versioned_name
+from evertune.daemon.endpoint import Endpoint, read_api_key, use_admin_key, versioned_name
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
 from evertune.store import versions
 from evertune.store.errors import RegistryError
@@ -104,6 +104,8 @@ class Serving:
         if cfg.mode == "none":
             return None
         api_key = read_api_key(cfg)
+        if cfg.mode == "external":
+            use_admin_key(cfg)  # the embedded server's key is the daemon's own
         urls = [embedded_url] if cfg.mode == "embedded" else list(cfg.urls)
         timeout = cfg.request_timeout_seconds
         return cls(db_path, cfg, [Endpoint(u, api_key, timeout) for u in urls if u], **kw)

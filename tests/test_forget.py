@@ -91,7 +91,8 @@ def test_a_pinned_version_that_saw_it_is_kept_and_reported(home, tmp_path, capsy
     assert main(["forget", "vaults", "--prompt", FACTS[0][0]]) == 0
     out = capsys.readouterr().out
     assert "pinned, so kept" in out and "v0001" in out
-    assert "live: v0001 -> none (stable name unloaded)" in out  # no version without it
+    # no version without it: meanwhile the base model answers for the stable name
+    assert "live: v0001 -> none (the stable name answers as the base model)" in out
     v1, v2 = versions(capsys)
     assert v1["forgotten"] and v1["pinned"] and Path(v1["path"]).is_dir()
     assert v2["state"] == "live" and trained_on(home, 2) == {FACTS[1][0], FACTS[2][0]}

@@ -7,6 +7,7 @@ tests read, as systemd's NOTIFY_SOCKET would be. Skips only what needs a missing
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -177,6 +178,10 @@ def test_vllm_unit_reads_the_adapters_the_daemon_writes():
     argv = shlex.split(one(VLLM_UNIT, "ExecStart"))
     for flag in ("--enable-lora", "--max-lora-rank", "--max-loras"):
         assert flag in argv
+    # evertune's middleware: requests bound to a version at admission, admin routes keyed
+    middleware = argv[argv.index("--middleware") + 1]
+    module, name = middleware.rsplit(".", 1)
+    assert getattr(importlib.import_module(module), name).__name__ == "AdminGuard"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="tmpfiles can only chown to the new user as root")
