@@ -356,7 +356,7 @@ class ServeConfig:
     )
     canary_percent: float = key(
         0.0,
-        "0: off. Above 0 (needs routing = admission): a version that passes the gate first"
+        "0: off. Above 0 (with routing \"admission\"): a version that passes the gate first"
         " answers this share of its stable name's requests as a canary, and is made live"
         " after canary_minutes if none of them failed (rolled back at the first that"
         " does); `evertune canary` promotes or rolls back sooner.",
