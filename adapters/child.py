@@ -111,6 +111,7 @@ def evaluate(
             answer=answer,
             general_max_len=cut,
             changed=ev_spec.get("changed", ()),
+            doc_checks=ev_spec.get("doc_checks", ()),
         )
     known = {f.name for f in fields(GateThresholds)}
     gate = GateThresholds(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})

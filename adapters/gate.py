@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from evertune.adapters.reference import Reference, is_right
+from evertune.store.knowledge import covers
 
 log = logging.getLogger("evertune.adapters.gate")
 SHORT_ANSWER_CHARS = 200
@@ -51,6 +52,9 @@ class GateThresholds:
     old_tolerance: float = 0.10
     drift_tolerance: float = 0.10
     easy_alpha: float = 0.05
+    # of the held-out questions about the documents this version learned (store.knowledge),
+    # the share its answers must cover: below it the document is not "learned"
+    min_doc_answered: float = 0.5
 
 
 @dataclass
@@ -111,11 +115,14 @@ def measure(
     answer: Answer | None = None,
     general_max_len: int = 1024,
     changed: Sequence[dict] = (),
+    doc_checks: Sequence[dict] = (),
 ) -> dict[str, Any]:
     """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
     metrics not in `parts` are None. Losses are computed on `model`; greedy answers by
     `answer` when given (the same weights served by vLLM), else by `model`. `changed`:
-    {"prompt": messages, "old": [answers]} for new examples that replace older answers."""
+    {"prompt": messages, "old": [answers]} for new examples that replace older answers.
+    `doc_checks`: {"question", "answer"} held out of a document's derived examples: the
+    share of them answered (store.knowledge.covers) is `doc_answered`."""
     from evertune.adapters import evaluate as ev  # torch: only in the training child
 
     if answer is None:
@@ -204,6 +211,16 @@ def measure(
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
         out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
+    if doc_checks:
+        with timed("doc_answers"):
+            prompts = [[{"role": "user", "content": c["question"]}] for c in doc_checks]
+            answers = answer(prompts, False)
+        generated["asked"] += len(prompts)
+        pairs = list(zip(answers, doc_checks, strict=True))
+        out["doc_right"] = [covers(a, c["answer"]) for a, c in pairs]
+        out["doc_examples"] = [
+            {"question": c["question"], "expected": c["answer"], "answer": a} for a, c in pairs[:5]
+        ]
     out["greedy"] = generated
     log.info("measured %s in %s s", sorted(parts), spent)
     return out
@@ -287,6 +304,16 @@ def decide(
             f" wrong, {gained} the other way (p = {p:.3f} < {config.easy_alpha},"
             " gate.easy_alpha)"
         )
+    documents = ""
+    if candidate.get("doc_right"):
+        right, total = sum(candidate["doc_right"]), len(candidate["doc_right"])
+        m["doc_answered"], m["doc_total"] = round(right / total, 4), total
+        documents = f", answers {right} of {total} held-out questions about the documents"
+        if right < config.min_doc_answered * total:
+            problems.append(
+                f"answers only {right} of {total} held-out questions about the documents it"
+                f" learned (needs {config.min_doc_answered:.0%}, gate.min_doc_answered)"
+            )
     if problems:
         return GateResult(False, "; ".join(problems), m)
-    return GateResult(True, f"learned, drift {drift:+.0%}", m)
+    return GateResult(True, f"learned, drift {drift:+.0%}{documents}", m)

@@ -15,6 +15,7 @@
     evertune pin DOMAIN vNNNN            keep a version loaded (as DOMAIN@vNNNN) and kept
     evertune unpin DOMAIN vNNNN
     evertune canary DOMAIN vNNNN PCT     a share of the requests to a version, then live
+    evertune examples DOMAIN [--file F]  what a domain teaches (documents: derived questions)
     evertune ask DOMAIN "question"       a chat completion from the served stable name
     evertune reload                      the daemon re-reads its config (as SIGHUP does)
 
@@ -39,7 +40,14 @@ import orjson
 
 from evertune.adapters.errors import AdapterError
 from evertune.daemon import config as config_mod
-from evertune.daemon.cli_data import cmd_ask, cmd_export, cmd_ingest, cmd_report, cmd_versions
+from evertune.daemon.cli_data import (
+    cmd_ask,
+    cmd_examples,
+    cmd_export,
+    cmd_ingest,
+    cmd_report,
+    cmd_versions,
+)
 from evertune.daemon.cli_state import (
     cmd_canary,
     cmd_forget,
@@ -192,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("domain")
         p.add_argument("version", metavar="vNNNN")
         p.set_defaults(func=cmd_pin, pinned=name == "pin")
+
+    p = sub.add_parser(
+        "examples",
+        help="what a domain teaches: its examples (file:line), derived ones, held-out questions",
+    )
+    p.add_argument("domain")
+    p.add_argument("--file", help="only those of this dropped file (its name)")
+    p.add_argument("--derived", action="store_true", help="only those derived from documents")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.set_defaults(func=cmd_examples)
 
     p = sub.add_parser(
         "canary",

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 
 from evertune.daemon import config as config_mod
-from evertune.daemon.errors import EXIT_FAILED, EXIT_OK, EvertuneError, UsageError
+from evertune.daemon.errors import EXIT_FAILED, EXIT_NOTHING, EXIT_OK, EvertuneError, UsageError
 from evertune.daemon.lock import daemon_state
 from evertune.store.db import is_initialised, open_db, utcnow
 from evertune.store.domains import check_domain
@@ -131,6 +131,12 @@ def _print_report(r: FileReport, layout: HomeLayout) -> None:
         f"{r.domain}/{r.file}: {r.status}, {r.examples_added} new examples,"
         f" {r.examples_duplicate} duplicate, {r.records_rejected} records rejected -> {where}"
     )
+    if r.examples_derived:
+        print(
+            f"  a document: {r.examples_derived} question-and-answer examples derived from its"
+            f" statements, {r.questions_held_out} questions held out for the gate"
+            f" (evertune examples {r.domain} --file {r.file})"
+        )
     if r.examples_superseded or r.examples_reinstated:
         print(
             f"  {r.examples_superseded} older answers superseded by this file's"
@@ -284,4 +290,35 @@ def cmd_ask(args: argparse.Namespace) -> int:
     except (APIConnectionError, APIStatusError) as exc:
         raise EvertuneError(f"asking {model!r} at {served['url']} failed: {exc}") from exc
     sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    """What a domain teaches: its current examples, file:line, derived ones marked, and the
+    questions held out of a document for the gate."""
+    from evertune.store import knowledge
+
+    domain = check_domain(args.domain)
+    config = config_mod.load(args.config)
+    db = open_db(HomeLayout(config.home).db_path, readonly=True)
+    try:
+        shown = knowledge.listing(db, domain, args.file, args.derived, args.limit)
+        checks = knowledge.held_out(db, domain, args.file, args.limit)
+    finally:
+        db.close()
+    if not shown:
+        print(f"{domain}: no current examples" + (f" from {args.file}" if args.file else ""))
+        return EXIT_NOTHING
+    for name, line, kind, derived, body in shown:
+        tag = " (derived)" if derived else ""
+        if kind == "chat":
+            msgs = orjson.loads(body)
+            asked = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+            print(f"{name}:{line}{tag}: {asked!r} -> {msgs[-1]['content']!r}")
+        else:
+            print(f"{name}:{line} (text): {' '.join(body.split())[:100]!r}")
+    if checks:
+        print(f"held out for the gate (never trained on): {len(checks)} questions")
+        for name, line, question in checks:
+            print(f"  {name}:{line}: {question!r}")
     return EXIT_OK

@@ -256,12 +256,26 @@ class GateConfig:
     old_holdout: int = key(
         16, "Older examples held out of training to check forgetting.", min=0, max=100_000
     )
+    min_doc_answered: float = key(
+        GATE.min_doc_answered,
+        "Of the held-out questions about the documents a version learned (one per statement,"
+        " never trained on), the share it must answer with the statement; below it the"
+        " version is refused, not called learned.",
+        min=0.0,
+        max=1.0,
+    )
+    doc_checks: int = key(
+        40,
+        "Held-out questions about the new documents asked by the gate, at most.",
+        min=0,
+        max=100_000,
+    )
 
     def gate_fields(self) -> dict:
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name != "old_holdout"
+            if f.name not in ("old_holdout", "doc_checks")
         }
 
 
@@ -356,7 +370,7 @@ class ServeConfig:
     )
     canary_percent: float = key(
         0.0,
-        "0: off. Above 0 (with routing \"admission\"): a version that passes the gate first"
+        '0: off. Above 0 (with routing "admission"): a version that passes the gate first'
         " answers this share of its stable name's requests as a canary, and is made live"
         " after canary_minutes if none of them failed (rolled back at the first that"
         " does); `evertune canary` promotes or rolls back sooner.",

@@ -32,7 +32,7 @@ from evertune.daemon.config import Config
 from evertune.daemon.errors import AdapterRefused
 from evertune.daemon.selection import replaced_answers, select_examples
 from evertune.daemon.serving import Serving, make_live
-from evertune.store import canaries, events, runs, versions
+from evertune.store import canaries, events, knowledge, runs, versions
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import RegistryError
 from evertune.store.layout import HomeLayout
@@ -172,6 +172,10 @@ def _cycle(
             "live_adapter": live.path if live else None,
             # new answers that replace answers a version learned: the old must be gone
             "changed": replaced_answers(db, domain, [i for i, _ in new]),
+            # questions about the new documents, held out of training (store.knowledge)
+            "doc_checks": knowledge.checks_of_examples(
+                db, domain, [i for i, _ in new], g.doc_checks
+            ),
             # where the base model's side of the gate is kept (children.warm_gate too)
             "cache_dir": str(layout.home / "runs"),
         },

@@ -28,11 +28,11 @@ import orjson
 from sqlite_utils import Database
 
 from evertune.daemon.serving import Serving, make_live
-from evertune.store import events, examples, versions
+from evertune.store import events, examples, knowledge, versions
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import RecordError
 from evertune.store.files import write_atomic
-from evertune.store.formats import CHAT, normalise, prompt_hash, question_hash
+from evertune.store.formats import CHAT, normalise, prompt_hash, question_hash, text_hash
 from evertune.store.ingest import IngestLimits
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 
@@ -93,10 +93,14 @@ def prompts_of_file(path: Path, limits: IngestLimits | None = None) -> list[byte
                 continue
             try:  # a record ingest rejects was never stored
                 kind, body, _ = normalise(record, limits.max_example_chars)
-                if kind == CHAT:
-                    out.append(prompt_hash(body))
+                out.append(prompt_hash(body) if kind == CHAT else text_hash(body))
             except (RecordError, orjson.JSONEncodeError):
                 continue
+        if fmt == "text":  # a document: its chunks above, and the questions derived from it
+            f.seek(0)
+            text = f.read().decode("utf-8", errors="replace").removeprefix("\ufeff")
+            for d in knowledge.derive(text):
+                out += [question_hash(q) for q in d.taught]
     return out
 
 

@@ -135,6 +135,12 @@ def delete(db: Database, ids: list[int]) -> None:
         db.conn.executemany(
             "UPDATE files SET examples_forgotten = examples_forgotten + ? WHERE id = ?", per_file
         )
+        # a document with none of its derived examples left: its held-out questions go too
+        db.conn.executemany(
+            "DELETE FROM doc_checks WHERE file_id = ? AND NOT EXISTS"
+            " (SELECT 1 FROM examples WHERE file_id = ? AND derived = 1)",
+            [(fid, fid) for _, fid in per_file],
+        )
 
 
 def current_count(db: Database, domain: str) -> int:

@@ -63,6 +63,13 @@ def prompt_hash(messages: list[dict]) -> bytes:
     return hashlib.blake2b(orjson.dumps(question), digest_size=16, person=b"question").digest()
 
 
+def text_hash(text: str) -> bytes:
+    """The prompt_hash of a text chunk: its words, case folded, so `evertune forget --file`
+    finds a document's chunks as it finds a chat file's questions."""
+    folded = " ".join(text.split()).casefold().encode()
+    return hashlib.blake2b(folded, digest_size=16, person=b"text").digest()
+
+
 def question_hash(question: str) -> bytes:
     """The prompt_hash of every chat asking `question` alone (no earlier turns)."""
     return prompt_hash(

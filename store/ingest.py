@@ -25,6 +25,7 @@ from pathlib import Path
 import orjson
 from sqlite_utils import Database
 
+from evertune.store import knowledge
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import FileChangedError, IngestError, RecordError
 from evertune.store.files import (
@@ -37,7 +38,7 @@ from evertune.store.files import (
     text_of,
     write_atomic,
 )
-from evertune.store.formats import TEXT, normalise, prompt_hash
+from evertune.store.formats import TEXT, normalise, prompt_hash, text_hash
 from evertune.store.layout import HomeLayout, fsync_dir
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 from evertune.store.reports import FileReport, Problem, load_report, save_report
@@ -262,9 +263,11 @@ def _parse_into(
     finally:
         if gc_was_enabled:
             gc.enable()
-    _supersede(db, domain, file_id, report, limits)
     report.examples_added = added
     report.examples_duplicate = report.records - report.records_rejected - added
+    if report.format == "text" and added:
+        _derive(db, path, domain, file_id, report)
+    _supersede(db, domain, file_id, report, limits)
     if added + report.examples_duplicate == 0 and report.reason is None:
         report.reason = "no usable example in the file" + (
             f" ({report.records_rejected} records rejected)" if report.records_rejected else ""
@@ -327,7 +330,7 @@ def _parsed_batches(
             valid += 1
             digest = blake2b(data, digest_size=16, person=kind.encode()).digest()
             text = body if kind == TEXT else data.decode()
-            prompt = None if kind == TEXT else prompt_hash(body)
+            prompt = text_hash(body) if kind == TEXT else prompt_hash(body)
             batch.append((domain, kind, text, digest, chars, file_id, line, prompt))
             if len(batch) >= limits.batch_size:
                 yield batch
@@ -340,6 +343,25 @@ def _parsed_batches(
             progress(report.size, report.size)
     report.records = valid + report.records_rejected
     report.errors_by_reason = dict(reasons)
+
+
+def _derive(db: Database, path: Path, domain: str, file_id: int, report: FileReport) -> None:
+    """A document's statements as questions and answers (store.knowledge), beside its text."""
+    if report.size > knowledge.MAX_DOCUMENT_BYTES:
+        log.warning(
+            "file %s/%s: %d bytes, over %d: trained as text only, no questions derived",
+            domain,
+            report.file,
+            report.size,
+            knowledge.MAX_DOCUMENT_BYTES,
+        )
+        return
+    with open_regular(path) as f:
+        text = f.read().decode("utf-8", errors="replace").removeprefix("\ufeff")
+    derived = knowledge.derive(text)
+    _insert(db.conn, knowledge.example_rows(domain, file_id, derived))
+    report.examples_derived = knowledge.mark_derived(db, file_id)
+    report.questions_held_out = knowledge.record_checks(db, domain, file_id, derived)
 
 
 def _insert(conn, batch: list[tuple]) -> int:

@@ -36,6 +36,10 @@ class FileReport:
     examples_superseded: int = 0
     examples_reinstated: int = 0  # superseded examples this file gives again: current again
     superseded_lines: list[dict] = field(default_factory=list)  # {line, by_line} in this file
+    # a document's statements as questions (store.knowledge): examples taught, questions
+    # held out for the gate
+    examples_derived: int = 0
+    questions_held_out: int = 0
     reason: str | None = None
     duplicate_of: str | None = None
     errors: list[Problem] = field(default_factory=list)
@@ -98,6 +102,12 @@ def load_report(db: Database, file_id: int) -> FileReport:
             [file_id, file_id],
         )
     ]
+    (report.examples_derived,) = db.execute(
+        "SELECT count(*) FROM examples WHERE file_id = ? AND derived = 1", [file_id]
+    ).fetchone()
+    (report.questions_held_out,) = db.execute(
+        "SELECT count(*) FROM doc_checks WHERE file_id = ?", [file_id]
+    ).fetchone()
     if dup is not None:
         name, when = db.execute(
             "SELECT name, ingested_at FROM files WHERE id = ?", [dup]

@@ -12,6 +12,7 @@ Append new migrations at the end; never edit one that has shipped. Tables:
 - endpoint_models: what each serving endpoint actually serves (filled by the serving side).
 - events: an append-only log of what the service did, for `status` and debugging.
 - canaries: a share of a domain's requests sent to a version that is not live (m006).
+- doc_checks: questions about a dropped document held out of training, for the gate (m007).
 """
 
 from __future__ import annotations
@@ -285,4 +286,40 @@ def m006_canaries(db: Database) -> None:
             promote_at TEXT
         )
         """
+    )
+
+
+@migrations()
+def m007_documents_derived(db: Database) -> None:
+    """Documents become questions (store.knowledge): the question-and-answer examples derived
+    from a dropped document are stored as chat examples of that file (its line: the
+    statement's), marked `derived`; one question per statement is held out, never trained
+    on, in doc_checks: the gate asks them to tell whether the document can be answered
+    about."""
+    db.execute("ALTER TABLE examples ADD COLUMN derived INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        """
+        CREATE TABLE doc_checks (
+            id INTEGER PRIMARY KEY,
+            domain TEXT NOT NULL,
+            file_id INTEGER NOT NULL REFERENCES files(id),
+            line INTEGER,
+            question TEXT NOT NULL,
+            answer TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX doc_checks_domain ON doc_checks (domain, file_id)")
+
+
+@migrations()
+def m008_text_chunks_findable(db: Database) -> None:
+    """A text chunk's prompt_hash is the hash of its words (store.formats.text_hash), so that
+    `evertune forget --file DOCUMENT` finds the document's chunks (it found none: a forgotten
+    document stayed in the training set)."""
+    from evertune.store.formats import text_hash
+
+    rows = db.execute("SELECT id, body FROM examples WHERE kind = 'text'").fetchall()
+    db.conn.executemany(
+        "UPDATE examples SET prompt_hash = ? WHERE id = ?", [(text_hash(b), i) for i, b in rows]
     )

@@ -1,0 +1,335 @@
+"""Documents become questions: the statements of a dropped .md/.txt document, each taught as
+the answer to questions about it, with one question per statement held out to measure.
+
+A model trained on a passage can continue it but rarely answers questions about it unless
+it also trained on the same knowledge in question-and-answer form, in several wordings
+(Allen-Zhu and Li, "Physics of Language Models, Part 3.1"; Jiang et al. 2024,
+"Instruction-tuned Language Models are Better Knowledge Learners"). So beside the text
+chunks, a document gives, for each statement it makes:
+
+- its answer: the statement itself, with the heading it sits under when that says what it
+  is about ("Release 2.4.0 (2026-03-02): `sync --dry-run` shows what would change.");
+- two questions taught (trained on) and one held out, never trained: the gate asks the
+  held-out ones to tell whether the document can be answered about, not only recited.
+
+Statements are found by the document's structure, not by a model: headings (markdown `#`,
+underlined, or a short line ending in ':' before a block), bullet and numbered items,
+"Term: definition" and "Term - definition" lines, table rows (a header row names the
+columns), and the sentences of paragraphs. What a question is about comes from the
+statement: the term a definition defines, else its code-like terms (`backticks`, --options,
+snake_case, dotted.names, versions), else its capitalised names, else its heading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import orjson
+from sqlite_utils import Database
+
+from evertune.store.formats import prompt_hash
+
+MAX_STATEMENT_CHARS = 400
+MIN_STATEMENT_WORDS = 4
+MAX_DOCUMENT_BYTES = 4 << 20  # larger text files are trained as text only (said in the log)
+
+_HEADING_MD = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_UNDERLINE = re.compile(r"^\s*(=+|-+)\s*$")
+_BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+(.*)$")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
+_DEFINITION = re.compile(r"^\s*([^:.!?]{2,60}?)\s*(?::|\s[-–—]\s)\s*(\S.*)$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'`(])")
+_CODE = re.compile(
+    r"`([^`]{1,60})`"  # backticked
+    r"|(?<![\w-])(--?[a-zA-Z][\w-]*)"  # options
+    r"|\b([A-Za-z]+(?:[_.][A-Za-z0-9]+)+)\b"  # snake_case, dotted.names
+    r"|\b(v?\d+\.\d+(?:\.\d+)*)\b"  # versions
+)
+_NAME = re.compile(r"\b([A-Z][a-z0-9]+(?:[ -](?:of |the |de |von )?[A-Z][A-Za-z0-9]+)+)\b")
+_MARKUP = re.compile(r"\*\*|__|(?<!\w)[*_](?=\w)|(?<=\w)[*_](?!\w)|`")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """One statement of the document: questions taught with its answer, one held out."""
+
+    line: int  # 1-based line of the statement in the document
+    answer: str
+    taught: tuple[str, ...]
+    held_out: str
+    about: str
+
+
+def derive(text: str) -> list[Derived]:
+    """The statements of a document (markdown or plain text) with their questions. Two
+    statements about the same thing are one answer (a question has one answer). Nothing
+    depends on the file's name: `forget --file` derives the same questions from the file."""
+    found: dict[str, list] = {}  # about (folded) -> [line, heading, about, statements, defined]
+    seen: set[str] = set()
+    for line, heading, statement, term in _statements(text):
+        statement = _clean(statement)
+        if len(statement.split()) < MIN_STATEMENT_WORDS or statement.lower() in seen:
+            continue
+        seen.add(statement.lower())
+        about = _clean(term) if term else _subject(statement)
+        key = f"{heading}\0{about}".lower()
+        if key not in found:
+            found[key] = [line, heading, about, [], term is not None]
+        found[key][3].append(statement)
+    out = []
+    for line, heading, about, statements, defined in found.values():
+        answer = _answer(heading, " ".join(statements))[:MAX_STATEMENT_CHARS]
+        where = heading if heading and heading.lower() != about.lower() else "the document"
+        questions = _questions(about, where, defined)
+        out.append(Derived(line, answer, tuple(questions[:2]), questions[2], about))
+    return out
+
+
+def _statements(text: str) -> Iterator[tuple[int, str, str, str | None]]:
+    """(line, heading, statement, defined term or None) in document order."""
+    lines = text.splitlines()
+    heading = ""
+    columns: list[str] | None = None
+    paragraph: list[tuple[int, str]] = []
+
+    def flush() -> Iterator[tuple[int, str, str, str | None]]:
+        if not paragraph:
+            return
+        first = paragraph[0][0]
+        body = " ".join(t.strip() for _, t in paragraph)
+        paragraph.clear()
+        for sentence in _SENTENCE_END.split(body):
+            yield first, heading, sentence, None
+
+    for i, raw in enumerate(lines):
+        n = i + 1
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        stripped = raw.strip()
+        if not stripped:
+            yield from flush()
+            columns = None
+            continue
+        md = _HEADING_MD.match(raw)
+        if md:
+            yield from flush()
+            heading = _clean(md.group(2))
+            continue
+        if _UNDERLINE.match(nxt) and len(stripped) <= 80 and not _BULLET.match(raw):
+            yield from flush()
+            heading = _clean(stripped)
+            continue
+        if _UNDERLINE.match(raw) and not paragraph:
+            continue  # the underline of a heading already taken
+        if stripped.startswith("|") or (columns is not None and "|" in stripped):
+            yield from flush()
+            cells = [c.strip() for c in stripped.strip("|").split("|")]
+            if _TABLE_RULE.match(stripped):
+                continue
+            if columns is None:
+                columns = cells
+                continue
+            if cells and cells[0]:
+                pairs = [
+                    f"{col} {_clean(val)}"
+                    for col, val in zip(columns[1:], cells[1:], strict=False)
+                    if val
+                ]
+                yield n, heading, f"{_clean(cells[0])}: " + "; ".join(pairs) + ".", cells[0]
+            continue
+        if stripped.endswith(":") and len(stripped) <= 80 and not paragraph:
+            heading = _clean(stripped[:-1])  # a plain-text heading: "Refunds:"
+            continue
+        bullet = _BULLET.match(raw)
+        if bullet:
+            yield from flush()
+            item = bullet.group(1)
+            term = _defined(item)
+            yield n, heading, item, term
+            continue
+        term = _defined(stripped)
+        if term is not None and not paragraph:
+            yield n, heading, stripped, term
+            continue
+        paragraph.append((n, stripped))
+    yield from flush()
+
+
+def _defined(text: str) -> str | None:
+    """The term a "Term: definition" or "Term - definition" line defines (None: not one)."""
+    m = _DEFINITION.match(_MARKUP.sub("", text))
+    if not m:
+        return None
+    term = m.group(1).strip()
+    if len(term.split()) > 6 or term.lower() in ("note", "warning", "tip", "example", "see"):
+        return None
+    return term
+
+
+_LEADING = re.compile(r"^(?:the|a|an|this|these|our|all|each|every)\s+", re.I)
+_STOP = re.compile(
+    r"\s(?:is|are|was|were|will|can|may|must|should|has|have|had|now|no longer|does|do"
+    r"|gets?|goes|takes?|needs?|runs?|shows?|uses?|accepts?|stays?|becomes?|[a-z]+ed)\b"
+)
+
+
+def _subject(statement: str) -> str:
+    """What a statement is about: its first code-like term, else a name in it (not the
+    capitalised first word of the sentence), else its opening words up to the verb."""
+    code = _CODE.search(statement)
+    if code:
+        return next(g for g in code.groups() if g)
+    for name in _NAME.finditer(statement):
+        words = name.group(1).split()
+        if name.start() == 0:  # "Contact Mara Okonkwo": the first word starts the sentence
+            words = words[1:]
+        if len(words) >= 2:
+            return " ".join(words)
+    opening = _LEADING.sub("", statement.rstrip(".!?"))
+    stop = _STOP.search(" " + opening)
+    words = (opening[: stop.start()] if stop and stop.start() > 0 else opening).split()[:5]
+    return " ".join(words) or statement[:40]
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", text)  # [label](link) -> label
+    text = _MARKUP.sub("", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _answer(heading: str, statement: str) -> str:
+    end = "" if statement[-1:] in ".!?:" else "."
+    if heading and heading.lower() not in statement.lower():
+        return f"{heading}: {statement}{end}"
+    return statement + end
+
+
+def _questions(about: str, where: str, defined: bool) -> list[str]:
+    """Three wordings: the first two are taught, the third held out."""
+    if defined:
+        return [
+            f"What is {about}?",
+            f"In {where}, what does {about} mean?",
+            f"Can you explain {about} to me?",
+        ]
+    return [
+        f"What do you know about {about}?",
+        f"In {where}, what is said about {about}?",
+        f"Tell me about {about}.",
+    ]
+
+
+def example_rows(domain: str, file_id: int, derived: list[Derived]) -> list[tuple]:
+    """Rows for store.ingest's INSERT_EXAMPLE: each taught question with its answer."""
+    rows = []
+    for d in derived:
+        for question in d.taught:
+            body = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": d.answer},
+            ]
+            data = orjson.dumps(body)
+            digest = hashlib.blake2b(data, digest_size=16, person=b"chat").digest()
+            chars = len(question) + len(d.answer)
+            rows.append(
+                (domain, "chat", data.decode(), digest, chars, file_id, d.line, prompt_hash(body))
+            )
+    return rows
+
+
+def record_checks(db: Database, domain: str, file_id: int, derived: list[Derived]) -> int:
+    """The held-out question of each statement, kept for the gate (never trained on)."""
+    db.conn.executemany(
+        "INSERT INTO doc_checks (domain, file_id, line, question, answer) VALUES (?, ?, ?, ?, ?)",
+        [(domain, file_id, d.line, d.held_out, d.answer) for d in derived],
+    )
+    return len(derived)
+
+
+def mark_derived(db: Database, file_id: int) -> int:
+    """The file's chat examples are derived (a text file gives only text chunks itself)."""
+    return db.execute(
+        "UPDATE examples SET derived = 1 WHERE file_id = ? AND kind = 'chat'", [file_id]
+    ).rowcount
+
+
+def checks_of_examples(db: Database, domain: str, example_ids: list[int], limit: int) -> list[dict]:
+    """Held-out questions about the documents that gave `example_ids`: at most `limit`,
+    spread over the files and their statements (every k-th)."""
+    file_ids: list[int] = []
+    for i in range(0, len(example_ids), 500):
+        chunk = example_ids[i : i + 500]
+        file_ids += [
+            f
+            for (f,) in db.execute(
+                "SELECT DISTINCT file_id FROM examples WHERE derived = 1 AND id IN"
+                f" ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+        ]
+    file_ids = sorted(set(file_ids))
+    if not file_ids or not limit:
+        return []
+    rows = db.execute(
+        "SELECT question, answer FROM doc_checks WHERE domain = ? AND file_id IN"
+        f" ({','.join('?' * len(file_ids))}) ORDER BY file_id, line, id",
+        [domain, *file_ids],
+    ).fetchall()
+    step = max(1, -(-len(rows) // limit))
+    return [{"question": q, "answer": a} for q, a in rows[::step][:limit]]
+
+
+_WORD = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+_COMMON = frozenset(
+    re.findall(
+        r"\w+",
+        "a an the of to in on at for by with and or is are was were be been it its this that"
+        " these those as from into now not no can will may which what when who how",
+    )
+)
+
+
+def covers(answer: str, expected: str, share: float = 0.7) -> bool:
+    """An answer to a held-out question about a document is right when it gives the
+    statement: at least `share` of the statement's content words (not the heading it was
+    taught under, not common words) appear in it."""
+    statement = expected.split(": ", 1)[1] if ": " in expected else expected
+    want = [w for w in _WORD.findall(statement.lower()) if w not in _COMMON]
+    if not want:
+        return False
+    got = set(_WORD.findall(answer.lower()))
+    return sum(w in got for w in want) >= share * len(want)
+
+
+def listing(
+    db: Database, domain: str, file: str | None, derived_only: bool, limit: int
+) -> list[tuple[str, int | None, str, int, str]]:
+    """(file name, line, kind, derived, body) of the domain's current examples."""
+    where = ["e.domain = ?", "e.superseded_by IS NULL"]
+    args: list = [domain]
+    if file:
+        where.append("f.name = ?")
+        args.append(file)
+    if derived_only:
+        where.append("e.derived = 1")
+    return db.execute(
+        "SELECT f.name, e.line, e.kind, e.derived, e.body FROM examples e"
+        f" JOIN files f ON f.id = e.file_id WHERE {' AND '.join(where)}"
+        " ORDER BY e.file_id, e.line, e.id LIMIT ?",
+        [*args, limit],
+    ).fetchall()
+
+
+def held_out(db: Database, domain: str, file: str | None, limit: int) -> list[tuple]:
+    """(file name, line, question) held out of the domain's documents."""
+    where, args = "c.domain = ?", [domain]
+    if file:
+        where += " AND f.name = ?"
+        args.append(file)
+    return db.execute(
+        "SELECT f.name, c.line, c.question FROM doc_checks c JOIN files f ON f.id = c.file_id"
+        f" WHERE {where} ORDER BY c.file_id, c.line LIMIT ?",
+        [*args, limit],
+    ).fetchall()
