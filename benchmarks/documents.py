@@ -28,8 +28,10 @@ Printed per document: questions answered base -> served (of 10), paraphrases (of
 general questions (of 20), the gate's drift and easy answers, any document or held-out
 figures the version's metrics hold (keys containing "doc" or "heldout"), drop-to-serving
 and its breakdown (detected + ingested, run queued, run started, train, evaluate, the run's
-other overhead, publish), examples stored for the domain (`evertune status --json`, and per
-kind from the database), promoted or refused and why. Then a summary over the documents and
+other overhead, publish), examples stored for the domain (`evertune status --json`, per kind
+from the database, and how many `evertune examples DOMAIN --derived` lists as derived from
+the document, with the questions held out of them for the gate), promoted or refused and
+why. Then a summary over the documents and
 the CPU kind. --out DIR: documents.txt (the report) and documents.json (every answer and
 verdict for the base model and the stable name, timings, metrics, meta.json; the temp home
 and models paths written as <home> and <models>).
@@ -65,7 +67,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, as when run as a script
 import continual as C  # puts tests/ on sys.path (helpers)
 from faults import status_json
-from helpers import Daemon, ask, free_port, served, ts
+from helpers import Daemon, ask, evertune, free_port, served, ts
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "documents"
@@ -217,6 +219,23 @@ def examples_by_kind(home: Path, domain: str) -> dict[str, Any]:
         return {"error": str(exc)}
     finally:
         db.close()
+
+
+def derived_examples(home: Path, domain: str) -> dict[str, Any]:
+    """What `evertune examples DOMAIN --derived` says: how many question-and-answer examples
+    were derived from the domain's documents, how many questions were held out of them for
+    the gate, and the first lines it printed (None: it said nothing of them, e.g. the
+    command does not exist in this version)."""
+    p = evertune(home, "examples", domain, "--derived", "--limit", "1000000")
+    held = re.search(r"held out for the gate.*?: (\d+) questions", p.stdout)
+    listed = p.returncode == 0 or "no current examples" in p.stdout
+    return {
+        "exit": p.returncode,
+        "derived": sum("(derived)" in line for line in p.stdout.splitlines()) if listed else None,
+        "held_out": int(held.group(1)) if held else (0 if listed else None),
+        "head": p.stdout.splitlines()[:12],
+        "error": None if listed else p.stderr.strip()[-300:],
+    }
 
 
 def vname(version: dict | None) -> str | None:
@@ -402,6 +421,7 @@ def run(args: argparse.Namespace, docs: list[dict[str, Any]], models: Path) -> d
                 {"error": summary.get("error", "not in status --json")},
             )
             entry["examples_by_kind"] = examples_by_kind(home, d["domain"])
+            entry["examples_cli"] = derived_examples(home, d["domain"])
             out["documents"].append(entry)
             print(doc_text(entry), flush=True)
         return out
@@ -446,6 +466,13 @@ def doc_text(e: dict[str, Any]) -> str:
         if "examples" in st
         else f"? ({st.get('error')})"
     )
+    cli = e["examples_cli"]
+    derived = (
+        f"derived from the document {cli['derived']}, questions held out for the gate"
+        f" {cli['held_out']}"
+        if cli["derived"] is not None
+        else f"evertune examples: {cli['error'] or 'exit ' + str(cli['exit'])}"
+    )
     trained = e["meta"].get("examples")
     if isinstance(trained, dict):
         trained = ", ".join(f"{k} {v}" for k, v in trained.items())
@@ -466,7 +493,7 @@ def doc_text(e: dict[str, Any]) -> str:
         f" {'-' if new_exact is None else new_exact}",
         "  document / held-out metrics: "
         + (", ".join(f"{k}={v}" for k, v in doc_metrics(m).items()) or "none in the metrics"),
-        f"  examples stored {stored}; trained on: {trained or '-'}",
+        f"  examples stored {stored}; {derived}; the version trained on: {trained or '-'}",
         f"  {'reason' if e['promoted'] else 'REFUSED'}: {e['reason'] or '-'}"
         + (f" [{e['note']}]" if e["note"] else ""),
     ]
