@@ -32,7 +32,7 @@ from sqlite_utils import Database
 
 from evertune.store.formats import prompt_hash
 
-MAX_STATEMENT_CHARS = 400
+MAX_ANSWER_CHARS = 400  # statements about one thing beyond this are a second answer
 MIN_STATEMENT_WORDS = 4
 MAX_DOCUMENT_BYTES = 4 << 20  # larger text files are trained as text only (said in the log)
 
@@ -67,45 +67,75 @@ def derive(text: str) -> list[Derived]:
     """The statements of a document (markdown or plain text) with their questions. Two
     statements about the same thing are one answer (a question has one answer). Nothing
     depends on the file's name: `forget --file` derives the same questions from the file."""
-    found: dict[str, list] = {}  # about (folded) -> [line, heading, about, statements, defined]
+    found: dict[str, list] = {}  # key -> [line, heading, about, statements, defined]
     seen: set[str] = set()
-    for line, heading, statement, term in _statements(text):
-        statement = _clean(statement)
+    for line, heading, raw, term in _statements(text):
+        statement = _clean(raw)
         if len(statement.split()) < MIN_STATEMENT_WORDS or statement.lower() in seen:
             continue
         seen.add(statement.lower())
-        about = _clean(term) if term else _subject(statement)
-        key = f"{heading}\0{about}".lower()
+        if term:
+            about = _clean(_subject(term, opening=False) or term)
+        else:
+            # a statement names what it is about (a code-like term, a name), or a sentence
+            # of a paragraph is about its section: those of one section make one answer
+            # (continued in another once it is long)
+            about = _clean(_subject(raw, opening=term is None) or heading)
+            if not about:
+                continue  # about nothing named, under no heading: taught as text only
+        key, more = f"{heading}\0{about}".lower(), 1
+        while key in found and len(" ".join(found[key][3])) + len(statement) > MAX_ANSWER_CHARS:
+            more += 1
+            key = f"{heading}\0{about}\0{more}".lower()
         if key not in found:
-            found[key] = [line, heading, about, [], term is not None]
+            named = about if more == 1 else f"{about} (part {more})"
+            found[key] = [line, heading, named, [], bool(term)]
         found[key][3].append(statement)
     out = []
     for line, heading, about, statements, defined in found.values():
-        answer = _answer(heading, " ".join(statements))[:MAX_STATEMENT_CHARS]
+        answer = _answer(heading, " ".join(statements))[: MAX_ANSWER_CHARS + 100]
         where = heading if heading and heading.lower() != about.lower() else "the document"
         questions = _questions(about, where, defined)
         out.append(Derived(line, answer, tuple(questions[:2]), questions[2], about))
     return out
 
 
+PROSE = ""  # in place of a defined term: a sentence of a paragraph
+
+
 def _statements(text: str) -> Iterator[tuple[int, str, str, str | None]]:
-    """(line, heading, statement, defined term or None) in document order."""
+    """(line, heading, statement, defined term | PROSE | None) in document order. The
+    heading is the path below the document's title ("4.3.0 (2025-03-18) - Added")."""
     lines = text.splitlines()
-    heading = ""
+    path: list[tuple[int, str]] = []  # (level, heading) from the top
     columns: list[str] | None = None
     paragraph: list[tuple[int, str]] = []
+    item: list = []  # [line, text, is a list item]
+
+    def heading() -> str:
+        names = [h for _, h in path]
+        return " - ".join(names[1:] if len(names) > 1 else names)
+
+    def set_heading(level: int, name: str) -> None:
+        while path and path[-1][0] >= level:
+            path.pop()
+        path.append((level, _clean(name)))
 
     def flush() -> Iterator[tuple[int, str, str, str | None]]:
-        if not paragraph:
-            return
-        first = paragraph[0][0]
-        body = " ".join(t.strip() for _, t in paragraph)
-        paragraph.clear()
-        for sentence in _SENTENCE_END.split(body):
-            yield first, heading, sentence, None
+        if item:
+            line, body = item[0], item[1]
+            item.clear()
+            yield line, heading(), body, _defined(body)
+        if paragraph:
+            first = paragraph[0][0]
+            body = " ".join(t.strip() for _, t in paragraph)
+            paragraph.clear()
+            for sentence in _SENTENCE_END.split(body):
+                yield first, heading(), sentence, PROSE
 
     for i, raw in enumerate(lines):
         n = i + 1
+        prev = lines[i - 1].strip() if i else ""
         nxt = lines[i + 1] if i + 1 < len(lines) else ""
         stripped = raw.strip()
         if not stripped:
@@ -115,13 +145,13 @@ def _statements(text: str) -> Iterator[tuple[int, str, str, str | None]]:
         md = _HEADING_MD.match(raw)
         if md:
             yield from flush()
-            heading = _clean(md.group(2))
+            set_heading(len(md.group(1)), md.group(2))
             continue
         if _UNDERLINE.match(nxt) and len(stripped) <= 80 and not _BULLET.match(raw):
             yield from flush()
-            heading = _clean(stripped)
+            set_heading(1 if nxt.strip().startswith("=") else 2, stripped)
             continue
-        if _UNDERLINE.match(raw) and not paragraph:
+        if _UNDERLINE.match(raw) and not paragraph and not item:
             continue  # the underline of a heading already taken
         if stripped.startswith("|") or (columns is not None and "|" in stripped):
             yield from flush()
@@ -137,33 +167,47 @@ def _statements(text: str) -> Iterator[tuple[int, str, str, str | None]]:
                     for col, val in zip(columns[1:], cells[1:], strict=False)
                     if val
                 ]
-                yield n, heading, f"{_clean(cells[0])}: " + "; ".join(pairs) + ".", cells[0]
+                yield n, heading(), f"{_clean(cells[0])}: " + "; ".join(pairs) + ".", cells[0]
             continue
-        if stripped.endswith(":") and len(stripped) <= 80 and not paragraph:
-            heading = _clean(stripped[:-1])  # a plain-text heading: "Refunds:"
+        alone = not prev and not nxt.strip() and not paragraph and not item
+        if alone and len(stripped) <= 60 and stripped[-1] not in ".,;!?":
+            # a line on its own, not a sentence: a plain-text heading ("2. Booking travel",
+            # "TRAVEL POLICY", "Refunds:"); numbered ones are sections below the title
+            numbered = re.match(r"^(\d{1,3})[.)]\s+(.*)$", stripped)
+            name = numbered.group(2) if numbered else stripped.rstrip(":")
+            yield from flush()
+            set_heading(2 if numbered or path else 1, name)
+            continue
+        if stripped.endswith(":") and len(stripped) <= 80 and not paragraph and not item:
+            yield from flush()
+            set_heading(len(path) + 1 if path else 1, stripped[:-1])  # "Refunds:" over a block
             continue
         bullet = _BULLET.match(raw)
         if bullet:
             yield from flush()
-            item = bullet.group(1)
-            term = _defined(item)
-            yield n, heading, item, term
+            item.extend([n, bullet.group(1).strip()])
+            continue
+        if item and (raw[:1].isspace() or not paragraph):
+            item[1] += " " + stripped  # the item goes on on this line
             continue
         term = _defined(stripped)
         if term is not None and not paragraph:
-            yield n, heading, stripped, term
+            yield n, heading(), stripped, term
             continue
         paragraph.append((n, stripped))
     yield from flush()
 
 
+_NOT_TERMS = ("note", "warning", "tip", "example", "see", "important")
+
+
 def _defined(text: str) -> str | None:
     """The term a "Term: definition" or "Term - definition" line defines (None: not one)."""
-    m = _DEFINITION.match(_MARKUP.sub("", text))
+    m = _DEFINITION.match(text)
     if not m:
         return None
     term = m.group(1).strip()
-    if len(term.split()) > 6 or term.lower() in ("note", "warning", "tip", "example", "see"):
+    if len(term.split()) > 6 or _clean(term).lower() in _NOT_TERMS:
         return None
     return term
 
@@ -175,9 +219,10 @@ _STOP = re.compile(
 )
 
 
-def _subject(statement: str) -> str:
+def _subject(statement: str, opening: bool = True) -> str | None:
     """What a statement is about: its first code-like term, else a name in it (not the
-    capitalised first word of the sentence), else its opening words up to the verb."""
+    capitalised first word of the sentence), else (with `opening`: an item, not a sentence
+    of a paragraph) its opening words up to the verb."""
     code = _CODE.search(statement)
     if code:
         return next(g for g in code.groups() if g)
@@ -187,9 +232,11 @@ def _subject(statement: str) -> str:
             words = words[1:]
         if len(words) >= 2:
             return " ".join(words)
-    opening = _LEADING.sub("", statement.rstrip(".!?"))
-    stop = _STOP.search(" " + opening)
-    words = (opening[: stop.start()] if stop and stop.start() > 0 else opening).split()[:5]
+    if not opening:
+        return None
+    text = _LEADING.sub("", statement.rstrip(".!?"))
+    stop = _STOP.search(" " + text)
+    words = (text[: stop.start()] if stop and stop.start() > 0 else text).split()[:5]
     return " ".join(words) or statement[:40]
 
 

@@ -45,22 +45,26 @@ Refunds are paid within 14 days of the request. Contact Mara Okonkwo in Finance 
 
 def test_a_document_gives_each_statement_with_its_heading_and_three_wordings():
     got = {d.about: d for d in knowledge.derive(NOTES)}
-    dry = got["--dry-run"]
+    dry = got["sync --dry-run"]
     assert dry.line == 5
     assert dry.answer == (
         "2.4.0 (2026-03-02): Added sync --dry-run, which shows what would change without"
         " writing anything."
     )  # markup gone, the heading says which release
     assert dry.taught == (
-        "What do you know about --dry-run?",
-        "In 2.4.0 (2026-03-02), what is said about --dry-run?",
+        "What do you know about sync --dry-run?",
+        "In 2.4.0 (2026-03-02), what is said about sync --dry-run?",
     )
-    assert dry.held_out == "Tell me about --dry-run."
+    assert dry.held_out == "Tell me about sync --dry-run."
     assert got["Workspace"].taught[0] == "What is Workspace?"  # a definition line
     assert got["Remote"].answer.endswith("Remote - a server that holds the shared copy.")
     assert got["Team"].answer.endswith("Team: Price 29 EUR; Seats 10.")  # a table row
-    assert got["importer"].answer.startswith("2.3.1: The importer now accepts CSV")
-    assert "Large archives" in got  # a paragraph's second sentence, its own subject
+    # a paragraph's sentences that name nothing are about their section: one answer
+    assert got["2.3.1"].answer == (
+        "2.3.1: The importer now accepts CSV files with a byte-order mark. Large archives are"
+        " streamed instead of loaded whole, so memory stays under 200 MB."
+    )
+    assert got["Refunds"].answer == "Refunds are paid within 14 days of the request."
     assert got["Mara Okonkwo"].answer == "Refunds: Contact Mara Okonkwo in Finance for exceptions."
     # one answer per question: no statement supersedes another of the same document
     taught = [q for d in got.values() for q in d.taught]
@@ -89,11 +93,11 @@ def test_a_dropped_document_is_stored_with_its_derived_questions_and_listed(tmp_
     listed = evertune(home, "examples", "quillon", "--derived", "--limit", "500")
     assert listed.returncode == 0, listed.stderr
     assert (
-        "notes.md:5 (derived): 'What do you know about --dry-run?' -> '2.4.0 (2026-03-02):"
+        "notes.md:5 (derived): 'What do you know about sync --dry-run?' -> '2.4.0 (2026-03-02):"
         " Added sync --dry-run" in listed.stdout
     )
     assert "held out for the gate (never trained on)" in listed.stdout
-    assert "notes.md:5: 'Tell me about --dry-run.'" in listed.stdout
+    assert "notes.md:5: 'Tell me about sync --dry-run.'" in listed.stdout
     report = json.loads((home / "done/quillon/notes.md.report.json").read_text())
     assert report["examples_derived"] == 2 * derived
     assert report["questions_held_out"] == derived
