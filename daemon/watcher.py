@@ -1,7 +1,8 @@
 """The inbox watcher: one watchdog observer over `inbox/`, plus a scan at start.
 
-Event handlers only record what happened (STYLE.md); a settle thread decides when a file
-is complete and hands `(domain, path)` to `on_ready`. A file is complete when:
+Event handlers only record what happened (ARCHITECTURE.md, "Shutdown and threads"); a
+settle thread decides when a file is complete and hands `(domain, path)` to `on_ready`. A
+file is complete when:
 
 - its writer closed it (inotify close-write), or it was renamed into the folder, or it
   was found by a scan, or it was created with no write seen after, and

@@ -1,4 +1,4 @@
 """evertune.store: the SQLite store (schema, migrations, queries) and ingestion of data files.
 
-Imports neither `evertune.daemon` nor `evertune.adapters` (DESIGN.md, dependency direction).
+Imports neither `evertune.daemon` nor `evertune.adapters` (ARCHITECTURE.md, "Layering").
 """

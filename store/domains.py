@@ -7,7 +7,8 @@ import re
 from evertune.store.errors import InvalidDomainError
 
 # vLLM accepts almost any adapter name, but the served names must stay unambiguous:
-# `<domain>@v0007` is the pinned form, so `@`, `:` and `/` are kept out (DESIGN.md).
+# `<domain>@v0007` is the pinned form, so `@`, `:` and `/` are kept out (ARCHITECTURE.md,
+# "Names served").
 DOMAIN_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 RESERVED = frozenset({"base"})
 

@@ -27,7 +27,8 @@ from evertune.store.errors import RecordError
 CHAT = "chat"
 TEXT = "text"
 
-# Role names seen in real dumps (PLATFORM.md), mapped onto the three roles we train on.
+# Role names seen in real dumps (ARCHITECTURE.md, "Platform facts"), mapped onto the three
+# roles we train on.
 ROLE_NAMES = {
     "system": "system",
     "user": "user",

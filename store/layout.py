@@ -1,4 +1,4 @@
-"""Where things live under the home directory (DESIGN.md, "Home directory")."""
+"""Where things live under the home directory (ARCHITECTURE.md, "Home directory")."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ def domain_names(db: Database) -> list[str]:
 
 
 def domain_summary(db: Database, domain: str) -> dict[str, Any]:
-    """The per-domain block of `status --json` (DESIGN.md keys; add, never rename)."""
+    """The per-domain block of `status --json` (add keys, never rename: ARCHITECTURE.md, "JSON
+    contracts")."""
     files = dict.fromkeys(("ingested", "rejected", "duplicate"), 0)
     for status, n in db.execute(
         "SELECT status, count(*) FROM files WHERE domain = ? GROUP BY status", [domain]

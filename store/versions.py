@@ -53,7 +53,7 @@ class Version:
         return version_name(self.number)
 
     def to_json(self) -> dict[str, Any]:
-        """The `versions --json` shape (DESIGN.md)."""
+        """The `versions --json` shape (ARCHITECTURE.md, "JSON contracts")."""
         return {
             "version": self.name,
             "state": self.state,

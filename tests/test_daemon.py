@@ -200,7 +200,8 @@ def test_sighup_reloads_the_config_and_a_bad_file_is_refused(daemon):
 
 def test_systemd_notify_messages_from_the_real_daemon(tmp_path):
     """READY once it accepts files, STATUS lines, STOPPING on SIGTERM, through a real
-    NOTIFY_SOCKET (PLATFORM.md: systemd is not PID 1 here, the protocol is just a socket)."""
+    NOTIFY_SOCKET (systemd is not PID 1 here, the protocol is just a socket: ARCHITECTURE.md,
+    "Platform facts")."""
     import socket as so
 
     sock_path = tmp_path / "notify.sock"
