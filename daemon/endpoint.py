@@ -35,6 +35,7 @@ class Endpoint:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.base_name: str | None = None  # the base model's served name (from served())
         self.routed: dict[str, str] = {}  # stable name -> version, as clients see it
+        self.listed: dict[str, str] = {}  # every name with its folder, as clients see them
 
     def close(self) -> None:
         self._http.close()
@@ -66,9 +67,10 @@ class Endpoint:
             raise EndpointDown(f"vLLM at {self.url}: GET /v1/models answered {r.status_code}")
         cards = r.json()["data"]
         self.base_name = next((m["id"] for m in cards if not m.get("parent")), self.base_name)
-        # the names its evertune middleware routes (listed to clients, not to the daemon)
+        # the names its evertune middleware routes: listed, but no adapter of their own
         self.routed = {m["id"]: m["routed_to"] for m in cards if m.get("routed_to")}
-        return {m["id"]: m["root"] for m in cards if m.get("parent")}
+        self.listed = {m["id"]: m["root"] for m in cards if m.get("parent")}
+        return {k: v for k, v in self.listed.items() if k not in self.routed}
 
     def routes(self) -> dict | None:
         """Its route table (evertune.daemon.routing) with the requests each target got, or

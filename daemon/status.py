@@ -54,10 +54,9 @@ def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]
     for url in endpoint_urls(config, daemon_running):
         ep = Endpoint(url, _api_key(config), timeout=2.0)
         try:
-            served = ep.served()
-            stable = [n for n in served if "@" not in n and n not in ep.routed]
+            stable = [n for n in ep.served() if "@" not in n]
             routing = "admission" if ep.routed else "inplace" if stable else None
-            out.append({"url": url, "healthy": True, "served": served, "routing": routing})
+            out.append({"url": url, "healthy": True, "served": ep.listed, "routing": routing})
         except Exception as exc:  # down, refused, not vLLM: all mean "not healthy" here
             out.append({"url": url, "healthy": False, "served": {}, "error": str(exc)})
         finally:

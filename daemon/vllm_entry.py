@@ -88,10 +88,10 @@ class AdminGuard:
                 return await self.router.generate(self.app, scope, receive, send)
             finally:
                 pauser.leave()
+        if (method, path) == ("GET", "/v1/models"):  # routed names listed (routed_to)
+            return await self.router.models(self.app, scope, receive, send)
         if admin:
             return await self.app(scope, receive, send)
-        if (method, path) == ("GET", "/v1/models"):
-            return await self.router.models(self.app, scope, receive, send)
         if self._is_client_route(scope):
             return await self.app(scope, receive, send)
         body = json.dumps(
