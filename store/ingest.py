@@ -390,8 +390,9 @@ def _insert(conn, batch: list[tuple]) -> int:
 
 
 # The system prompt of a stored chat (NULL without one).
-_SYSTEM = (
-    "CASE WHEN json_extract({0}.body, '$[0].role') = 'system'"
+_SYSTEM = (  # (a text chunk's body is no JSON: CASE evaluates json_extract only for chats)
+    "CASE WHEN {0}.kind != 'chat' THEN NULL"
+    " WHEN json_extract({0}.body, '$[0].role') = 'system'"
     " THEN json_extract({0}.body, '$[0].content') END"
 )
 # Superseded by the winner w: an example of another file, or of this file under the same

@@ -92,10 +92,18 @@ def derive(text: str) -> list[Derived]:
             found[key] = [line, heading, named, [], bool(term)]
         found[key][3].append(statement)
     out = []
+    asked: set[str] = set()
     for line, heading, about, statements, defined in found.values():
         answer = _answer(heading, " ".join(statements))[: MAX_ANSWER_CHARS + 100]
         where = heading if heading and heading.lower() != about.lower() else "the document"
         questions = _questions(about, where, defined)
+        # the same thing under two headings: each question says which (a question asked
+        # twice with two answers would keep only the later one, store.ingest's supersede)
+        questions = [
+            f"{q[:-1]} ({where}){q[-1]}" if " ".join(q.lower().split()) in asked else q
+            for q in questions
+        ]
+        asked.update(" ".join(q.lower().split()) for q in questions)
         out.append(Derived(line, answer, tuple(questions[:2]), questions[2], about))
     return out
 

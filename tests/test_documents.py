@@ -40,11 +40,17 @@ Remote - a server that holds the shared copy.
 
 Refunds:
 Refunds are paid within 14 days of the request. Contact Mara Okonkwo in Finance for exceptions.
+
+## 2.2.0
+
+- `sync --dry-run` no longer needs a network connection.
 """
 
 
 def test_a_document_gives_each_statement_with_its_heading_and_three_wordings():
-    got = {d.about: d for d in knowledge.derive(NOTES)}
+    got: dict = {}
+    for d in knowledge.derive(NOTES):
+        got.setdefault(d.about, d)  # the first statement about each
     dry = got["sync --dry-run"]
     assert dry.line == 5
     assert dry.answer == (
@@ -66,9 +72,14 @@ def test_a_document_gives_each_statement_with_its_heading_and_three_wordings():
     )
     assert got["Refunds"].answer == "Refunds are paid within 14 days of the request."
     assert got["Mara Okonkwo"].answer == "Refunds: Contact Mara Okonkwo in Finance for exceptions."
-    # one answer per question: no statement supersedes another of the same document
-    taught = [q for d in got.values() for q in d.taught]
+    # one answer per question: no statement supersedes another of the same document, also
+    # where two sections speak of the same thing
+    every = knowledge.derive(NOTES)
+    taught = [q for d in every for q in d.taught]
     assert len(taught) == len(set(taught))
+    later = [d for d in every if d.about == "sync --dry-run"][1]
+    assert later.taught[0] == "What do you know about sync --dry-run (2.2.0)?"
+    assert later.answer == "2.2.0: sync --dry-run no longer needs a network connection."
 
 
 def test_a_held_out_answer_is_right_when_it_gives_the_statement():
@@ -98,6 +109,7 @@ def test_a_dropped_document_is_stored_with_its_derived_questions_and_listed(tmp_
     )
     assert "held out for the gate (never trained on)" in listed.stdout
     assert "notes.md:5: 'Tell me about sync --dry-run.'" in listed.stdout
+    assert "superseded" not in out.stdout  # no derived answer replaced another
     report = json.loads((home / "done/quillon/notes.md.report.json").read_text())
     assert report["examples_derived"] == 2 * derived
     assert report["questions_held_out"] == derived

@@ -226,7 +226,9 @@ def test_md_file_is_stored_as_one_text_example_when_small(db, layout, drop):
     report = ingest(db, layout, path)
 
     assert (report.status, report.format, report.examples_added) == ("ingested", "text", 1)
-    assert examples(db) == [("text", content.strip("\n"), 1, report.file_id)]
+    assert examples(db)[0] == ("text", content.strip("\n"), 1, report.file_id)
+    # and the statements it makes, as questions (store.knowledge; tests/test_documents.py)
+    assert report.examples_derived == len(examples(db)) - 1 == 2
     assert_kept(path, report, layout.done / DOMAIN, content.encode())
 
 
