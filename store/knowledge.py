@@ -388,3 +388,30 @@ def held_out(db: Database, domain: str, file: str | None, limit: int) -> list[tu
         f" WHERE {where} ORDER BY c.file_id, c.line LIMIT ?",
         [*args, limit],
     ).fetchall()
+
+
+def asking_prompt(answer: str) -> list[dict]:
+    """A request for the question a reader would ask that `answer` answers (made by the
+    base model: a wording no template of ours made, never trained on)."""
+    statement = answer.split(": ", 1)[1] if ": " in answer else answer
+    context = answer[: len(answer) - len(statement)].rstrip(": ")
+    where = f" (from the section {context!r})" if context else ""
+    return [
+        {
+            "role": "user",
+            "content": f"Text{where}: {statement}\n\nWrite one question a user could ask"
+            " whose answer is in the text. Reply with the question only.",
+        }
+    ]
+
+
+_ABOUT_ITSELF = re.compile(r"\b(?:this|the) (?:question|text)\b|\banswer to\b", re.I)
+
+
+def written_question(text: str) -> str | None:
+    """The question in a model's reply: its first line ending in '?' (None: no question)."""
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:\d+[.)]|[-*]|question:)\s*", "", line.strip(), flags=re.I)
+        if line.endswith("?") and len(line.split()) >= 3 and not _ABOUT_ITSELF.search(line):
+            return line
+    return None

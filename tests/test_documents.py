@@ -172,3 +172,14 @@ def test_a_trained_document_its_model_cannot_answer_about_is_refused(
     assert v1["state"] == "rejected"
     assert "held-out questions about the documents it learned" in v1["reason"]
     assert v1["metrics"]["doc_total"] == len(knowledge.derive(NOTES))
+
+
+def test_a_question_the_base_model_wrote_is_taken_from_its_reply_and_junk_is_not():
+    assert knowledge.written_question("What is the new kestrip prune command?") == (
+        "What is the new kestrip prune command?"
+    )
+    assert knowledge.written_question("1. What's new in 4.3?\n2. How?") == "What's new in 4.3?"
+    assert knowledge.written_question("What is the answer to this question?") is None
+    assert knowledge.written_question("Sure! Here you go.") is None
+    [ask] = knowledge.asking_prompt("2.4.0 (2026-03-02): Added sync --dry-run.")
+    assert ask["content"].startswith("Text (from the section '2.4.0 (2026-03-02)'): Added sync")
