@@ -227,9 +227,17 @@ def live_paths(home: Path) -> dict[str, str]:
     return dict(query(home, "SELECT domain, path FROM versions WHERE state = 'live'"))
 
 
+def as_served(names: dict[str, str], domain: str) -> str | None:
+    """The folder `domain`'s stable name serves; None when it is absent or answers as the
+    base model (a domain with nothing live is routed to it, evertune.daemon.wanted)."""
+    root = names.get(domain)
+    return None if root is not None and root == names.get("base") else root
+
+
 def serves_live(home: Path, url: str) -> tuple[bool, str]:
-    """The stable name of every domain is its live version's folder (and absent without
-    one), read in a consistent moment (the database unchanged around the vLLM read)."""
+    """The stable name of every domain is its live version's folder (and absent, or the
+    base model, without one), read in a consistent moment (the database unchanged around
+    the vLLM read)."""
     before = live_paths(home)
     names = served(url, or_none=True)
     after = live_paths(home)
@@ -237,7 +245,7 @@ def serves_live(home: Path, url: str) -> tuple[bool, str]:
         return False, "changing"
     wrong = []
     for d in DOMAINS:
-        if names.get(d) != before.get(d):
+        if as_served(names, d) != before.get(d):
             wrong.append(f"{d}: vLLM {names.get(d)} != live {before.get(d)}")
     return not wrong, "; ".join(wrong)
 
@@ -358,7 +366,7 @@ def landed(home: Path, url: str, before: dict[str, int]) -> str:
     version = query(home, "SELECT state FROM versions ORDER BY id DESC LIMIT 1")
     names = served(url)
     live = live_paths(home)
-    ahead = [d for d in DOMAINS if names.get(d) and names.get(d) != live.get(d)]
+    ahead = [d for d in DOMAINS if as_served(names, d) and as_served(names, d) != live.get(d)]
     files = query(home, "SELECT count(*) FROM files")[0][0]
     parts = [
         f"run {run[0][0] if run else '-'}",
@@ -1112,10 +1120,11 @@ def table_text(rows: list[dict[str, Any]]) -> str:
 
 
 def unload_ours(url: str) -> None:
-    """Leave a shared server as it was: no name of the harness's domains loaded."""
+    """Leave a shared server as it was: no name of the harness's domains loaded or routed."""
     from evertune.adapters.remote import admin_headers
 
     with httpx.Client(base_url=url, headers=admin_headers(), timeout=30) as c:
+        c.put("/evertune/routes", json={"routes": {}})  # (404 on a server without it)
         for name in ours(served(url)):
             c.post("/v1/unload_lora_adapter", json={"lora_name": name})
 

@@ -48,6 +48,7 @@ class Outcome:
     reason: str
     metrics: dict[str, Any]
     run_id: int
+    canary: bool = False  # passed the gate, answering a share of requests before it is live
 
 
 def run_cycle(
@@ -312,7 +313,9 @@ def _cycle(
             metrics,
         )
     registry.prune(db, domain, config.registry.keep_last)
-    return Outcome(domain, version.name, promoted and trial is None, reason, metrics, run_id)
+    return Outcome(
+        domain, version.name, promoted and trial is None, reason, metrics, run_id, trial is not None
+    )
 
 
 def _canary_first(db: Database, config: Config, serving: Serving | None, domain: str) -> bool:

@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 FILE_OUTCOMES = frozenset({"ingested", "rejected", "duplicate", "partial"})
-RUN_OUTCOMES = frozenset({"promoted", "refused", "failed", "cancelled", "nothing"})
+RUN_OUTCOMES = frozenset({"promoted", "canary", "refused", "failed", "cancelled", "nothing"})
 PUBLISH_OUTCOMES = frozenset({"ok", "partial", "failed"})
 
 # A LoRA load/unload on a warm vLLM takes milliseconds; a cold one on a busy GPU host seconds.

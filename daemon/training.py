@@ -110,9 +110,16 @@ class TrainingWork:
         else:
             self.schedule.training_succeeded(req.domain)
             train = outcome.metrics.get("train", {})
+            said = (
+                "promoted"
+                if outcome.promoted
+                else "a canary first"
+                if outcome.canary
+                else "refused"
+            )
             m.run_finished(
                 req.domain,
-                "promoted" if outcome.promoted else "refused",
+                "promoted" if outcome.promoted else "canary" if outcome.canary else "refused",
                 time.monotonic() - t0,
                 train.get("tokens_per_s"),
             )
@@ -122,7 +129,7 @@ class TrainingWork:
                 "%s %s: %s (%s)",
                 req.domain,
                 outcome.version,
-                "promoted, now live" if outcome.promoted else "refused",
+                "promoted, now live" if outcome.promoted else said,
                 outcome.reason,
             )
 

