@@ -575,6 +575,39 @@ def change_and_forget(
     return out
 
 
+def timeline(t0: float, f, run, version, meta: dict, serve_at: float | None) -> dict[str, Any]:
+    """Seconds from the drop (`t0`), read from the file, run and version rows and the
+    version's meta.json: detect (ingested), queued, started, live, finished, serving;
+    train_s and evaluate_s (the child's own timing), overhead_s and publish_s."""
+    timing = meta.get("timing") or {}
+
+    def since(text: str | None) -> float | None:
+        at = ts(text)
+        return round(at - t0, 2) if at else None
+
+    started, finished = ts(run and run["started_at"]), ts(meta.get("finished"))
+    promoted_at = ts(version and version["promoted_at"])
+    train_s, evaluate_s = timing.get("train_s"), timing.get("evaluate_s")
+    return {
+        "detect": since(f and f["ingested_at"]),
+        "queued": since(run and run["queued_at"]),
+        "started": since(run and run["started_at"]),
+        "train_s": train_s,
+        "evaluate_s": evaluate_s,
+        # run started -> evaluation over, less the child's own train + evaluate time:
+        # version bookkeeping, the child starting (imports, loading the model), its exit
+        "overhead_s": round(finished - started - train_s - evaluate_s, 2)
+        if started and finished and train_s is not None and evaluate_s is not None
+        else None,
+        # meta.json's `finished` is stamped when the child's result is in, before the
+        # version folder is published: publish = folder + vLLM load + switch + recorded live
+        "publish_s": round(promoted_at - finished, 2) if promoted_at and finished else None,
+        "live": since(version and version["promoted_at"]),
+        "finished": since(run and run["finished_at"]),
+        "serving": round(serve_at - t0, 2) if serve_at else None,
+    }
+
+
 def one_cycle(
     proc: subprocess.Popen,
     home: Path,
@@ -621,34 +654,8 @@ def one_cycle(
     meta: dict[str, Any] = {}
     if version and Path(version["path"], "meta.json").exists():
         meta = json.loads(Path(version["path"], "meta.json").read_text())
-    timing = meta.get("timing") or {}
     metrics = (version or {}).get("metrics") or {}
-
-    def since(text: str | None) -> float | None:
-        at = ts(text)
-        return round(at - t0, 2) if at else None
-
-    started, finished = ts(run and run["started_at"]), ts(meta.get("finished"))
-    promoted_at = ts(version and version["promoted_at"])
-    train_s, evaluate_s = timing.get("train_s"), timing.get("evaluate_s")
-    t = {
-        "detect": since(f and f["ingested_at"]),
-        "queued": since(run and run["queued_at"]),
-        "started": since(run and run["started_at"]),
-        "train_s": train_s,
-        "evaluate_s": evaluate_s,
-        # run started -> evaluation over, less the child's own train + evaluate time:
-        # version bookkeeping, the child starting (imports, loading the model), its exit
-        "overhead_s": round(finished - started - train_s - evaluate_s, 2)
-        if started and finished and train_s is not None and evaluate_s is not None
-        else None,
-        # meta.json's `finished` is stamped when the child's result is in, before the
-        # version folder is published: publish = folder + vLLM load + switch + recorded live
-        "publish_s": round(promoted_at - finished, 2) if promoted_at and finished else None,
-        "live": since(version and version["promoted_at"]),
-        "finished": since(run and run["finished_at"]),
-        "serving": round(serve_at - t0, 2) if serve_at else None,
-    }
+    t = timeline(t0, f, run, version, meta, serve_at)
     promoted = bool(version and version["promoted_at"] and version["state"] in ("live", "retired"))
     reason = (version or {}).get("reason") or (run or {}).get("error") or note or ""
     gate = meta.get("gate") or {}

@@ -67,7 +67,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, as when run as a script
 import continual as C  # puts tests/ on sys.path (helpers)
 from faults import status_json
-from helpers import Daemon, ask, evertune, free_port, served, ts
+from helpers import Daemon, ask, evertune, free_port, served
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "documents"
@@ -288,7 +288,7 @@ def follow(daemon: Daemon, home: Path, url: str, doc: dict[str, Any]) -> dict[st
     if promoted:
         reason = (meta.get("gate") or {}).get("reason") or reason
     return {
-        "t": timeline(t0, f, run, version, meta, serve_at),
+        "t": C.timeline(t0, f, run, version, meta, serve_at),
         "file_status": f and f["status"],
         "run_id": run and run["id"],
         "run_state": run and run["state"],
@@ -299,35 +299,6 @@ def follow(daemon: Daemon, home: Path, url: str, doc: dict[str, Any]) -> dict[st
         "note": note,
         "metrics": (version or {}).get("metrics") or {},
         "meta": meta,
-    }
-
-
-def timeline(t0: float, f, run, version, meta: dict, serve_at: float | None) -> dict[str, Any]:
-    """Seconds from the drop, as continual.one_cycle reads them from the rows and meta.json:
-    detect (ingested), queued, started, live, finished, serving; train_s, evaluate_s,
-    overhead_s (the rest of the run up to its result) and publish_s (result to live)."""
-    timing = meta.get("timing") or {}
-
-    def since(text: str | None) -> float | None:
-        at = ts(text)
-        return round(at - t0, 2) if at else None
-
-    started, finished = ts(run and run["started_at"]), ts(meta.get("finished"))
-    promoted_at = ts(version and version["promoted_at"])
-    train_s, evaluate_s = timing.get("train_s"), timing.get("evaluate_s")
-    return {
-        "detect": since(f and f["ingested_at"]),
-        "queued": since(run and run["queued_at"]),
-        "started": since(run and run["started_at"]),
-        "train_s": train_s,
-        "evaluate_s": evaluate_s,
-        "overhead_s": round(finished - started - train_s - evaluate_s, 2)
-        if started and finished and train_s is not None and evaluate_s is not None
-        else None,
-        "publish_s": round(promoted_at - finished, 2) if promoted_at and finished else None,
-        "live": since(version and version["promoted_at"]),
-        "finished": since(run and run["finished_at"]),
-        "serving": round(serve_at - t0, 2) if serve_at else None,
     }
 
 
