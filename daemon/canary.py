@@ -20,7 +20,6 @@ middleware on every server): elsewhere a canary is refused.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from sqlite_utils import Database
 
@@ -111,7 +110,3 @@ def check(db: Database, serving: Serving, counts: dict[str, dict[str, int]]) -> 
             continue
         out.append(f"{trial.domain} {trial.version.name}: {why if failed else 'promoted'}")
     return out
-
-
-def report(db: Database) -> list[dict[str, Any]]:
-    return [c.to_json() for c in canaries.every(db)]

@@ -144,10 +144,7 @@ class Router:
         if target is None:
             return await app(scope, _replay(first, body, receive), send)
         scope = dict(scope)
-        scope["headers"] = [
-            (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
-            for k, v in scope.get("headers") or []
-        ]
+        scope["headers"] = _with_length(scope.get("headers"), len(body))
         counts = self.counts.setdefault(target, {"requests": 0, "failed": 0})
         counts["requests"] += 1
         renamed = _Renamer(send, target, asked, counts)
@@ -215,10 +212,7 @@ class _Renamer:
         whole = b"".join(self._held)
         start, self._start = self._start, None
         start = dict(start)
-        start["headers"] = [
-            (k, str(len(whole)).encode() if k.lower() == b"content-length" else v)
-            for k, v in start.get("headers") or []
-        ]
+        start["headers"] = _with_length(start.get("headers"), len(whole))
         await self._send(start)
         await self._send({"type": "http.response.body", "body": whole})
 
@@ -241,10 +235,7 @@ class _Collect:
 
     async def replay(self, send: Send, body: bytes) -> None:
         start = dict(self.start or {"type": "http.response.start", "status": 500})
-        start["headers"] = [
-            (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
-            for k, v in start.get("headers") or []
-        ]
+        start["headers"] = _with_length(start.get("headers"), len(body))
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
@@ -280,6 +271,13 @@ def _replay(read: list[dict], body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return again
+
+
+def _with_length(headers, length: int) -> list[tuple[bytes, bytes]]:
+    """ASGI headers with their content-length (if any) set to `length`."""
+    return [
+        (k, str(length).encode() if k.lower() == b"content-length" else v) for k, v in headers or []
+    ]
 
 
 def _error(message: str) -> dict:

@@ -122,13 +122,19 @@ class Serving:
 
     # ---- what should be served --------------------------------------------------------------
 
-    def desired(self, db: Database, routed: bool = False) -> dict[str, versions.Version]:
-        return wanted.names(db, self.cfg.keep_loaded, routed)
-
-    def routes(
-        self, db: Database, base_name: str | None, override: dict[str, str] | None = None
+    def _table(
+        self, db: Database, ep: Endpoint, served: dict[str, str], override=None
     ) -> dict[str, dict]:
-        return wanted.route_table(db, base_name, override)
+        """The route table for `ep` (wanted.route_table), never routing a name or a canary
+        share to a version it does not serve (`served`)."""
+        table = {}
+        for stable, route in wanted.route_table(db, ep.base_name, override).items():
+            if "@" in route["to"] and route["to"] not in served:
+                continue
+            if route.get("canary") not in (None, *served):
+                route = {"to": route["to"]}
+            table[stable] = route
+        return table
 
     def _routed(self, ep: Endpoint) -> dict | None:
         """The endpoint's route table when requests are bound at admission there."""
@@ -174,7 +180,8 @@ class Serving:
                     ep.probe(named)  # refuses a folder vLLM loads but cannot run
                     if before is not None:
                         # the flip: requests admitted from now on get the new version
-                        table = self.routes(db, ep.base_name, {stable: named})
+                        loaded = {**served, named: version.path}
+                        table = self._table(db, ep, loaded, {stable: named})
                         t1 = time.perf_counter()
                         ep.set_routes(table)
                         took = time.perf_counter() - t1
@@ -248,7 +255,7 @@ class Serving:
         changes = []
         served = ep.served()
         routed = self._routed(ep)
-        want = self.desired(db, routed is not None)
+        want = wanted.names(db, self.cfg.keep_loaded, routed is not None)
         # Versioned names first: the stable name is switched once its version is known good.
         for name in sorted(want, key=lambda n: ("@" not in n, n)):
             v = want[name]
@@ -268,13 +275,7 @@ class Serving:
             served[name] = v.path
         if routed is not None:
             self._counts[ep.url] = routed.get("counts") or {}
-            table = {}
-            for stable, route in self.routes(db, ep.base_name).items():
-                if "@" in route["to"] and route["to"] not in served:
-                    continue  # never route to a name it lacks
-                if route.get("canary") not in (None, *served):
-                    route = {"to": route["to"]}  # nor a canary share
-                table[stable] = route
+            table = self._table(db, ep, served)
             if table != routed["routes"]:
                 ep.set_routes(table)
                 changes += [
