@@ -217,6 +217,13 @@ def main(run_dir: Path) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The log is a file: no line per HTTP request to vLLM (the gate's answers: ~100 a run),
+    # no weight-loading bar of carriage returns.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     data = json.loads((run_dir / "spec.json").read_text())

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    if not sys.stderr.isatty():  # the daemon's log: bars would be lines of carriage returns
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     args.models_dir.mkdir(parents=True, exist_ok=True)
     # The daemon's serving side and its first training run may both prepare at start:
     # one does the work, the other waits and finds it done.

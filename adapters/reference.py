@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from evertune.adapters.progress import bar
+
 log = logging.getLogger(__name__)
 
 CACHE_NAME = "reference.jsonl"
@@ -148,7 +150,6 @@ def vllm_generator(
 def _hf_generator(model_dir: Path, batch: int = 32) -> Callable[[list[str]], list[str]]:
     def generate(texts: list[str]) -> list[str]:
         import torch
-        from tqdm import tqdm
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from evertune.adapters.train import bf16_is_fast
@@ -159,7 +160,7 @@ def _hf_generator(model_dir: Path, batch: int = 32) -> Callable[[list[str]], lis
         tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
         out = []
-        for i in tqdm(range(0, len(texts), batch), desc="reference answers", unit="batch"):
+        for i in bar(range(0, len(texts), batch), desc="reference answers", unit="batch"):
             chats = [
                 tok.apply_chat_template(
                     [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from evertune.adapters.errors import TrainingError
+from evertune.adapters.progress import bar
 
 # The daemon's embedded server keeps its admin routes (adapter loads and unloads, ...) for
 # the holder of this key (evertune.daemon.vllm_entry.AdminGuard); the daemon generates it
@@ -51,8 +52,6 @@ class Remote:
         progress: str | None = None,
     ) -> list[tuple[str, str]]:
         """(text, finish_reason) of a greedy completion of each conversation, in order."""
-        from tqdm import tqdm
-
         with httpx.Client(
             base_url=self.url, timeout=self.timeout, headers=admin_headers()
         ) as client:
@@ -81,7 +80,7 @@ class Remote:
             with ThreadPoolExecutor(self.workers) as pool:
                 results = pool.map(one, conversations)
                 if progress:
-                    results = tqdm(results, total=len(conversations), desc=progress)
+                    results = bar(results, total=len(conversations), desc=progress)
                 return list(results)
 
     @contextlib.contextmanager

@@ -888,7 +888,7 @@ def main() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         vlog = logging.getLogger("evertune.vllm")
         vlog.addHandler(handler)
-        vlog.setLevel(logging.INFO)
+        vlog.setLevel(logging.DEBUG)
         vlog.propagate = False
     tee = None
     if args.out:

@@ -4,6 +4,7 @@ takes its whole process group down."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -28,6 +29,9 @@ from evertune.daemon.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 vllm_log = logging.getLogger("evertune.vllm")
+# Lines of vLLM's output kept to explain an exit (logged at ERROR when it exits).
+TAIL_LINES = 40
+_LOUD = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback \(most recent call last\)")
 
 
 def vllm_command(model_path: Path, cfg: ServeConfig, served_name: str) -> list[str]:
@@ -120,6 +124,7 @@ class EmbeddedVLLM:
         self._stopping = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._last_error_line: str | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._thread: threading.Thread | None = None
 
     @property
@@ -174,19 +179,28 @@ class EmbeddedVLLM:
             self.last_error = f"vLLM exited with code {code} after {up_for:.0f} s" + (
                 f"; its last error: {self._last_error_line}" if self._last_error_line else ""
             )
+            if not vllm_log.isEnabledFor(logging.DEBUG):  # (else every line is logged)
+                for line in self._tail:
+                    vllm_log.error("vllm (last lines): %s", line)
             log.error("%s; restarting in %.0f s", self.last_error, backoff)
             if self._stopping.wait(backoff):
                 break
             backoff = min(backoff * 2, 60.0)
 
     def _pump_log(self, proc: subprocess.Popen) -> None:
-        """vLLM's output into the daemon's log, prefixed; remembers its last error line."""
+        """vLLM's output into the daemon's log, prefixed: at DEBUG (its banner, routes,
+        weight loading and an access line per request were ~830 of the ~1,150 lines a first
+        start wrote before `ready to learn`), its errors at WARNING; the last TAIL_LINES are
+        kept for `_supervise` to log when it exits, and its last error line for status."""
         for line in proc.stdout:
             line = line.rstrip()
-            if line and not _own_polling(line):
-                vllm_log.info("vllm: %s", line)
-                if "Error" in line or "error:" in line:
-                    self._last_error_line = line.strip()[-300:]
+            if not line or _own_polling(line):
+                continue
+            self._tail.append(line)
+            loud = _LOUD.search(line) is not None
+            vllm_log.log(logging.WARNING if loud else logging.DEBUG, "vllm: %s", line)
+            if "Error" in line or "error:" in line:
+                self._last_error_line = line.strip()[-300:]
 
     def _run_once(self) -> int | None:
         self.starts += 1
@@ -202,6 +216,7 @@ class EmbeddedVLLM:
             preexec_fn=_die_with_parent,
         )
         self._last_error_line = None
+        self._tail.clear()
         pump = threading.Thread(target=self._pump_log, args=(proc,), name=f"{self.name}-log")
         pump.start()
         probe = Endpoint(self.url, timeout=5.0)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
+
+from helpers import free_port
 
 from evertune.daemon.cli import OneLineFormatter, setup_daemon_logging
-from evertune.daemon.vllm_process import _own_polling
+from evertune.daemon.config_sections import ServeConfig
+from evertune.daemon.vllm_process import EmbeddedVLLM, _own_polling
 
 
 def test_a_file_name_with_a_newline_cannot_forge_a_log_line():
@@ -48,3 +52,36 @@ def test_scheduler_and_http_client_info_lines_are_off(monkeypatch):
         assert logging.getLogger(name).isEnabledFor(logging.WARNING)
     assert logging.getLogger("evertune.daemon.service").isEnabledFor(logging.INFO)
     assert isinstance(root.handlers[0].formatter, OneLineFormatter)
+
+
+def test_vllms_chatter_is_debug_its_errors_warn_and_an_exit_logs_its_last_lines(tmp_path, caplog):
+    """A process printing what vLLM prints (banner, routes, access lines, then a crash):
+    at INFO the daemon's log has only the error and, when it exits, its last lines."""
+    script = tmp_path / "fake-vllm.sh"  # stands in for vLLM's output only
+    script.write_text(
+        "echo '(APIServer pid=1) INFO 12-06 13:53:36 [launcher.py:195] Route: /v1/models'\n"
+        "echo 'INFO:     127.0.0.1:5 - \"POST /v1/chat/completions HTTP/1.1\" 200 OK'\n"
+        "echo '(EngineCore pid=2) WARNING 12-06 13:53:37 [cpu.py:9] Pin memory is not supported'\n"
+        "echo '(EngineCore pid=2) ERROR 12-06 13:53:38 [core.py:1] EngineCore failed to start.'\n"
+        "echo 'RuntimeError: out of memory'\n"
+        "exit 3\n"
+    )
+    cfg = ServeConfig(port=free_port(), start_timeout_seconds=30)
+    proc = EmbeddedVLLM(tmp_path / "model", cfg, stop_timeout=5)
+    proc.command = ["sh", str(script)]
+    caplog.set_level(logging.INFO)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 20
+        while proc.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.stop()
+    assert proc.last_error.startswith("vLLM exited with code 3 after ")
+    assert proc.last_error.endswith("; its last error: RuntimeError: out of memory")
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "evertune.vllm"]
+    error = "vllm: (EngineCore pid=2) ERROR 12-06 13:53:38 [core.py:1] EngineCore failed to start."
+    assert lines[0] == (logging.WARNING, error)  # at once, not only at the exit
+    tail = [m for level, m in lines[1:] if level == logging.ERROR]
+    assert len(tail) == 5 and tail[-1] == "vllm (last lines): RuntimeError: out of memory"
+    assert not [m for level, m in lines if level == logging.INFO]  # no banner, no access line
