@@ -108,6 +108,7 @@ class ServingRunner:
                     on_ready=self._vllm_ready,
                     on_state=lambda up: self.metrics.endpoint_state(self.vllm.url, up),
                     pause_dir=self.layout.pausable,
+                    output_log=self.layout.vllm_log_path,
                 )
                 embedded_url = self.vllm.url
             self._db = open_db(self.layout.db_path)

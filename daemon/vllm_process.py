@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import logging.handlers
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 vllm_log = logging.getLogger("evertune.vllm")
 # Lines of vLLM's output kept to explain an exit (logged at ERROR when it exits).
 TAIL_LINES = 40
+OUTPUT_LOG_BYTES, OUTPUT_LOG_KEEP = 10 << 20, 3  # vLLM's own log: 10 MB, 3 older files
 _LOUD = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback \(most recent call last\)")
 
 
@@ -91,6 +93,7 @@ class EmbeddedVLLM:
         on_state: Callable[[bool], None] | None = None,
         stop_timeout: float = 30.0,
         pause_dir: Path | None = None,
+        output_log: Path | None = None,
     ):
         self.cfg = cfg
         self.name = name
@@ -106,6 +109,7 @@ class EmbeddedVLLM:
             "PYTHONUNBUFFERED": "1",
         }
         self.pause_dir = pause_dir
+        self.output_log = output_log  # vLLM's own output (HomeLayout.vllm_log_path)
         if pause_dir is not None:  # the daemon's background children registered there pause
             self.env[PAUSE_DIR_ENV] = str(pause_dir)  # while clients' requests are in flight
         # vLLM-CPU's automatic binding keeps one core per server for its API process, which
@@ -179,28 +183,44 @@ class EmbeddedVLLM:
             self.last_error = f"vLLM exited with code {code} after {up_for:.0f} s" + (
                 f"; its last error: {self._last_error_line}" if self._last_error_line else ""
             )
-            if not vllm_log.isEnabledFor(logging.DEBUG):  # (else every line is logged)
-                for line in self._tail:
-                    vllm_log.error("vllm (last lines): %s", line)
+            for line in self._tail:
+                vllm_log.error("vllm (last lines): %s", line)
             log.error("%s; restarting in %.0f s", self.last_error, backoff)
             if self._stopping.wait(backoff):
                 break
             backoff = min(backoff * 2, 60.0)
 
     def _pump_log(self, proc: subprocess.Popen) -> None:
-        """vLLM's output into the daemon's log, prefixed: at DEBUG (its banner, routes,
-        weight loading and an access line per request were ~830 of the ~1,150 lines a first
-        start wrote before `ready to learn`), its errors at WARNING; the last TAIL_LINES are
-        kept for `_supervise` to log when it exits, and its last error line for status."""
-        for line in proc.stdout:
-            line = line.rstrip()
-            if not line or _own_polling(line):
-                continue
-            self._tail.append(line)
-            loud = _LOUD.search(line) is not None
-            vllm_log.log(logging.WARNING if loud else logging.DEBUG, "vllm: %s", line)
-            if "Error" in line or "error:" in line:
-                self._last_error_line = line.strip()[-300:]
+        """vLLM's output, every line, into `output_log` (its banner, routes, weight loading
+        and an access line per request: most of what a first start wrote to the daemon's
+        log), or into the daemon's log at DEBUG without one; its errors into the daemon's
+        log at WARNING; the last TAIL_LINES kept for `_supervise` to log when it exits, and
+        its last error line for status."""
+        out = None
+        if self.output_log is not None:
+            with contextlib.suppress(OSError):
+                self.output_log.parent.mkdir(parents=True, exist_ok=True)
+                out = logging.handlers.RotatingFileHandler(
+                    self.output_log, maxBytes=OUTPUT_LOG_BYTES, backupCount=OUTPUT_LOG_KEEP
+                )
+                out.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if not line or _own_polling(line):
+                    continue
+                self._tail.append(line)
+                if out is not None:
+                    out.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+                if _LOUD.search(line):
+                    vllm_log.warning("vllm: %s", line)
+                elif out is None:
+                    vllm_log.debug("vllm: %s", line)
+                if "Error" in line or "error:" in line:
+                    self._last_error_line = line.strip()[-300:]
+        finally:
+            if out is not None:
+                out.close()
 
     def _run_once(self) -> int | None:
         self.starts += 1

@@ -53,6 +53,12 @@ class HomeLayout:
         client's request is in flight (evertune.daemon.pausing)."""
         return self.home / "pausable"
 
+    @property
+    def vllm_log_path(self) -> Path:
+        """The embedded vLLM server's own output, rotated (evertune.daemon.vllm_process);
+        its errors are repeated in the daemon's log."""
+        return self.home / "logs" / "vllm.log"
+
     def check(self, folder: Path) -> Path:
         """`folder` when it lies inside the home and no part of it below the home is a
         symbolic link (parts that do not exist yet are not links); else UnsafeFolderError.
