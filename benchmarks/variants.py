@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pickle
 import sys
 import tempfile
@@ -39,6 +40,9 @@ def main() -> int:
     ap.add_argument("variants", nargs="*", default=["{}"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from evertune.adapters.base_model import cpu_has_native_bf16
+
+    print(json.dumps({"native_bf16": cpu_has_native_bf16(), "cores": len(os.sched_getaffinity(0))}))
     base = str(args.models / C.BASE_DIR)
     refs = load_or_build(Path(base))
     held = [r for r in refs if r.held_out]
