@@ -165,3 +165,45 @@ def test_measure_counts_a_changed_question_answered_the_old_way_as_stale(tiny_ba
     # Port: the old answer -> stale; Gate: the new one; Dock: both (new given) -> not stale
     assert (out["stale"], out["changed"]) == (1, 3)
     assert out["new_exact"] == pytest.approx(2 / 3)
+
+
+def test_drift_estimate_weighs_the_sample_up_to_the_rest_of_the_pool():
+    from evertune.adapters.gate import drift_estimate
+
+    # known: 1 example (loss 2 against 1); sample 2 of 4 others (4, 9 against 2, 3): the
+    # others' totals are estimated as twice the sample's
+    drift, se = drift_estimate([2.0], [1.0], [4.0, 9.0], [2.0, 3.0], rest=4)
+    assert drift == pytest.approx((2 + 2 * 13) / (1 + 2 * 5) - 1) and 0 < se < float("inf")
+    assert drift_estimate([2.0], [1.0], [4.0, 9.0], [2.0, 3.0], rest=2)[1] == 0.0
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_drift_stops_early_only_far_from_the_tolerance(tiny_base, tmp_path, monkeypatch, near):
+    """A damaged adapter, measured sequentially: with the gate's tolerance (far below its
+    drift) part of the pool tells, and the verdict is the full pass's; with a tolerance at
+    its drift every example is measured and the drift is the full pass's exactly."""
+    from evertune.adapters import evaluate as ev
+    from evertune.adapters import gate
+    from evertune.adapters.reference import load_or_build
+
+    held = [r for r in load_or_build(tiny_base, limit=90) if r.held_out]
+    monkeypatch.setattr(gate, "DRIFT_MIN", 8)  # the tiny pool stands in for the 190 prompts
+    monkeypatch.setattr(gate, "DRIFT_CHUNK", 4)
+    model, tok = ev.load(str(tiny_base), str(adapter(tiny_base, tmp_path / "a", True)))
+    with ev.adapter_off(model):
+        base = measure(model, tok, [], [], held, BASE)
+    full = decide(measure(model, tok, [], [], held), base, base, GateThresholds())
+    tolerance = full.metrics["drift"] if near else GateThresholds().drift_tolerance
+    cand = measure(
+        model, tok, [], [], held, drift_check=gate.DriftCheck(base["general_sums"], tolerance)
+    )
+    verdict = decide(cand, base, base, GateThresholds(drift_tolerance=tolerance))
+    measured, pool = verdict.metrics["drift_measured"]
+    assert pool == len(held)
+    if near:
+        assert measured == pool
+        assert verdict.metrics["drift"] == pytest.approx(full.metrics["drift"], abs=1e-4)
+    else:
+        assert measured < pool
+        assert not verdict.promote and "general drift" in verdict.reason
+        assert verdict.metrics["easy_lost"] == full.metrics["easy_lost"]
