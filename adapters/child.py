@@ -25,15 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from evertune.adapters.errors import TrainingCancelled
-from evertune.adapters.gate import (
-    BASE,
-    BASE_KEYS,
-    LIVE,
-    DriftCheck,
-    GateThresholds,
-    decide,
-    measure,
-)
+from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateThresholds, decide, measure
 from evertune.adapters.reference import Reference
 from evertune.adapters.remote import Remote
 from evertune.adapters.train import TrainSpec, train
@@ -73,8 +65,6 @@ def evaluate(
     from evertune.adapters import evaluate as ev
 
     general = [Reference(**r) for r in ev_spec["general"]]
-    known = {f.name for f in fields(GateThresholds)}
-    gate = GateThresholds(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
     model, tok = ev.load(spec.base_path)
     model = PeftModel.from_pretrained(model, spec.out_dir, adapter_name="candidate").eval()
     new, old = spec.new, ev_spec.get("old", [])
@@ -113,7 +103,6 @@ def evaluate(
         # loss passes (unmerged, LoRA's small matmuls cost ~45% more here on the CPU:
         # 18.3 s against 12.6 s for the general loss, the loss equal to 0.03%).
         merged = model.merge_and_unload(adapter_names=["candidate"])
-        drift = DriftCheck(base["general_sums"], gate.drift_tolerance)
         candidate = measure(
             merged,
             tok,
@@ -124,8 +113,9 @@ def evaluate(
             general_max_len=cut,
             changed=ev_spec.get("changed", ()),
             doc_checks=doc_checks,
-            drift_check=drift,
         )
+    known = {f.name for f in fields(GateThresholds)}
+    gate = GateThresholds(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
     return decide(candidate, live, base, gate).to_dict()
 
 
@@ -146,7 +136,6 @@ def _base_cache(
     )
     what = [
         "first-sentence easy answers verified by a forward pass, else generated",
-        "the general loss of each example (a sequential drift check pairs with it)",
         ev.GREEDY_MARGIN,
         how,
         base_path,

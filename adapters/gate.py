@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -98,24 +97,7 @@ ALL = frozenset({"new", "exact", "old", "general", "easy"})
 # new and old examples; the base model its general loss and easy answers. Measuring no
 # more than that keeps evaluation short (it is part of the time to serve a dropped file).
 LIVE, BASE = frozenset({"new", "old"}), frozenset({"general", "easy"})
-BASE_KEYS = ("general_loss", "general_sums", "easy", "easy_right", "easy_total")  # BASE's
-
-# The candidate's drift is measured sequentially (paired with the base model's loss on each
-# held-out general example): the easy questions' examples first (the easy check needs them),
-# then a random sample of the others, DRIFT_CHUNK more at a time, until the estimate is
-# DRIFT_Z standard errors from the tolerance or every example is measured. A candidate far
-# from the tolerance (the usual case) is told apart on a part of the pool; one near it is
-# measured on all of it.
-DRIFT_CHUNK, DRIFT_MIN, DRIFT_Z = 32, 32, 3.0
-
-
-@dataclass(frozen=True)
-class DriftCheck:
-    """What a sequential drift measurement compares with: the base model's summed loss on
-    each held-out general example (`general_sums` of its metrics) and the tolerance."""
-
-    base_sums: Sequence[float]
-    tolerance: float
+BASE_KEYS = ("general_loss", "easy", "easy_right", "easy_total")  # what BASE measures
 
 
 # answer(conversations, first_sentence) -> greedy answers: the model in this process, or
@@ -134,16 +116,13 @@ def measure(
     general_max_len: int = 1024,
     changed: Sequence[dict] = (),
     doc_checks: Sequence[dict] = (),
-    drift_check: DriftCheck | None = None,
 ) -> dict[str, Any]:
     """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
     metrics not in `parts` are None. Losses are computed on `model`; greedy answers by
     `answer` when given (the same weights served by vLLM), else by `model`. `changed`:
     {"prompt": messages, "old": [answers]} for new examples that replace older answers.
     `doc_checks`: {"question", "answer"} held out of a document's derived examples: the
-    share of them answered (store.knowledge.covers) is `doc_answered`. `drift_check`: the
-    general loss is measured sequentially against the base model (DRIFT_CHUNK); then
-    `general_ids` names the held-out examples measured, `general_sums` their losses."""
+    share of them answered (store.knowledge.covers) is `doc_answered`."""
     from evertune.adapters import evaluate as ev  # torch: only in the training child
 
     if answer is None:
@@ -215,23 +194,14 @@ def measure(
     if "general" in parts or "easy" in parts:
         # cut as training cuts its general replay: the openings, where drift shows first
         with timed("general_loss"):
-            if drift_check is not None and "general" in parts:
-                got, ids, drift, se = _sequential_general(
-                    model, tokenizer, general, general_max_len, drift_check
-                )
-                out["general_ids"], out["drift"], out["drift_se"] = ids, drift, se
-            else:
-                got = ev.scores(model, tokenizer, [r.messages() for r in general], general_max_len)
-                ids = list(range(len(general)))
+            got = ev.scores(model, tokenizer, [r.messages() for r in general], general_max_len)
         if "general" in parts:
             out["general_loss"] = got.mean_loss
-            out["general_sums"] = [round(float(x), 5) for x in got.sums]
     if "easy" in parts:
         # An easy answer is judged on its first sentence: the model reproduces the base
         # model's reference answer up to the end of that sentence and the token after it
         # (so the sentence ends there too), or its answer is generated.
-        at = {i: k for k, i in enumerate(ids)}
-        at = {id(r): at[i] for i, r in enumerate(general) if i in at}
+        at = {id(r): i for i, r in enumerate(general)}
         sure = [got.greedy(at[id(r)], first_sentence_targets(tokenizer, r.answer)) for r in easy]
         qa_easy = [
             ([{"role": "user", "content": r.prompt}], ev.first_sentence_of(r.answer)) for r in easy
@@ -256,65 +226,6 @@ def measure(
     return out
 
 
-def _sequential_general(model, tokenizer, general: list[Reference], cut: int, check: DriftCheck):
-    """(scores, ids, drift, se): the loss on held-out general examples `ids`: every easy
-    question's (the easy check needs them), then the others in a seeded random order,
-    DRIFT_CHUNK at a time (at least DRIFT_MIN of them), until the drift against the
-    base model is DRIFT_Z standard errors from the tolerance (`drift_estimate`)."""
-    import torch
-
-    from evertune.adapters import evaluate as ev
-
-    easy = [i for i, r in enumerate(general) if r.expected]
-    others = [i for i, r in enumerate(general) if not r.expected]
-    random.Random(0).shuffle(others)
-    order = easy + others
-    first = len(easy) + min(DRIFT_MIN, len(others))  # a sample that can estimate a variance
-    parts, done = [], 0
-    while done < len(order):
-        take = order[done : first if done == 0 else done + DRIFT_CHUNK]
-        parts.append(ev.scores(model, tokenizer, [general[i].messages() for i in take], cut))
-        done += len(take)
-        got = [float(x) for p in parts for x in p.sums]
-        base = [check.base_sums[i] for i in order[:done]]
-        k = len(easy)
-        drift, se = drift_estimate(got[:k], base[:k], got[k:], base[k:], len(others))
-        if abs(drift - check.tolerance) >= DRIFT_Z * se:
-            break
-    scores = ev.Scores(
-        torch.cat([p.sums for p in parts]),
-        torch.cat([p.counts for p in parts]),
-        [a for p in parts for a in p.agreed],
-        [t for p in parts for t in p.truncated],
-    )
-    return scores, order[:done], drift, se
-
-
-def drift_estimate(
-    known: Sequence[float],
-    known_base: Sequence[float],
-    sample: Sequence[float],
-    sample_base: Sequence[float],
-    rest: int,
-) -> tuple[float, float]:
-    """(drift, its standard error) from the candidate's and the base model's summed losses
-    (the same tokens for both, so their ratio is that of the mean losses): `known`, a part
-    of the pool measured in full; `sample`, a simple random sample of the `rest` others.
-    The ratio of the estimated totals minus one, and its standard error (the sample's, by
-    the ratio estimator with the finite population correction: 0 once all are measured)."""
-    n = len(sample)
-    weight = rest / n if n else 0.0
-    total = sum(known_base) + weight * sum(sample_base)
-    ratio = (sum(known) + weight * sum(sample)) / total
-    if n == rest:
-        return ratio - 1, 0.0
-    if n < 2:
-        return ratio - 1, math.inf
-    resid = [c - ratio * b for c, b in zip(sample, sample_base, strict=True)]
-    var = sum(r * r for r in resid) / (n - 1)
-    return ratio - 1, rest * math.sqrt((1 - n / rest) * var / n) / total
-
-
 def _key(prompt: Sequence[dict]) -> str:
     return json.dumps(list(prompt), sort_keys=True)
 
@@ -334,11 +245,7 @@ def decide(
     candidate: dict[str, Any], live: dict[str, Any], base: dict[str, Any], config: GateThresholds
 ) -> GateResult:
     m = {"candidate": candidate, "live": live, "base": base}
-    if candidate.get("general_ids") is not None:  # measured sequentially (DriftCheck)
-        drift = candidate["drift"]
-        m["drift_measured"] = [len(candidate["general_ids"]), len(base["general_sums"])]
-    else:
-        drift = candidate["general_loss"] / base["general_loss"] - 1
+    drift = candidate["general_loss"] / base["general_loss"] - 1
     m["drift"] = round(drift, 4)
     problems = []
     if candidate["new_exact"] is not None and candidate["new_exact"] < config.min_learned:

@@ -68,9 +68,6 @@ class TrainSpec:
     rank: int = 16
     alpha: int = 32
     lr: float = 1e-3
-    # LoRA+ (Hayou et al. 2024): the B matrices learn this many times faster than A (1: plain
-    # LoRA). B starts at zero, and with one rate for both it moves slowly at first.
-    loraplus_ratio: float = 1.0
     max_epochs: int = 10
     min_epochs: int = 2
     # An example is learned when every one of its target tokens has a loss below this:
@@ -251,17 +248,7 @@ def train(
     first_examples, first_rows = epoch_rows(0)
     steps_per_epoch = math.ceil(len(first_rows) / spec.rows_per_step)
     total_steps = steps_per_epoch * spec.max_epochs
-    adamw = {"weight_decay": 0.0, "betas": (0.9, 0.99)}
-    if spec.loraplus_ratio != 1.0:
-        from peft.optimizers import create_loraplus_optimizer
-
-        opt = create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=spec.lr, loraplus_lr_ratio=spec.loraplus_ratio, **adamw
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=spec.lr, **adamw)
-    for g in opt.param_groups:  # the schedule scales each group's own rate
-        g["scale"] = g["lr"] / spec.lr if spec.lr else 1.0
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.99))
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to a tenth
         if step < spec.warmup_steps:
@@ -291,7 +278,7 @@ def train(
             own = torch.tensor([r.owners for r in batch])
             sel = tgt != IGNORE
             for g in opt.param_groups:
-                g["lr"] = lr_at(step) * g["scale"]
+                g["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if opening:
                     hidden = _after_opening(body, fixed[0].ids[:opening], ids, pos, own)
