@@ -134,16 +134,20 @@ def test_replay_and_general_examples_are_trained_too(tiny_base, tmp_path):
     assert mixed.trained_tokens > alone.trained_tokens
 
 
-def test_early_stop_once_every_new_example_is_learned(tiny_base, tmp_path):
+def test_training_stops_at_the_first_epoch_where_every_new_example_is_learned(tiny_base, tmp_path):
     # "Learned" means every target token's loss is under `learned_loss`. In the tiny model
     # the end-of-turn token is its pad token, whose tied embedding row is zero and gets no
-    # gradient, so its loss stays at ~12.3 nats: the bar here is above that.
-    result = train(
-        spec(tiny_base, tmp_path / "v1", lr=1e-2, max_epochs=40, min_epochs=3, learned_loss=13.0)
-    )
-    assert result.epochs == 3
-    assert result.learned == len(FACTS)
-    assert result.history[-1]["learned"] == len(FACTS)
+    # gradient, so its loss stays high: the bar here is above it, and above no other token
+    # at the start (no example is learned after the first epoch).
+    kw = {"lr": 1e-2, "max_epochs": 40, "learned_loss": 13.0, "graduate": False}
+    result = train(spec(tiny_base, tmp_path / "v1", min_epochs=1, **kw))
+    learned = [h["learned"] for h in result.history]
+    assert learned[0] < len(FACTS)
+    assert learned[-1] == len(FACTS) and all(n < len(FACTS) for n in learned[:-1])
+    assert result.learned == len(FACTS) and result.epochs == len(learned) < 40
+    # and not before min_epochs
+    longer = train(spec(tiny_base, tmp_path / "v2", min_epochs=len(learned) + 2, **kw))
+    assert longer.epochs == len(learned) + 2
 
 
 def test_examples_learned_with_a_margin_leave_the_later_epochs(tiny_base, tmp_path):

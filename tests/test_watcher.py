@@ -31,6 +31,17 @@ class Collector:
             self.changed.wait_for(lambda: len(self.ready) >= n, timeout)
             return list(self.ready)
 
+    def settled(self, folder: Path, timeout: float = 10.0) -> list[tuple[str, Path]]:
+        """What was handed over once a file written now in `folder` (a domain folder) is:
+        files written before it settle before it, so what is not in the list then was
+        not handed over (no sleeping for a while and hoping that was long enough)."""
+        folder.mkdir(exist_ok=True)
+        path = folder / "sentinel.jsonl"
+        path.write_text("{}\n")
+        with self.changed:
+            assert self.changed.wait_for(lambda: (folder.name, path) in self.ready, timeout)
+            return list(self.ready)
+
 
 @pytest.fixture
 def inbox(tmp_path: Path) -> Path:
@@ -64,8 +75,7 @@ def test_closed_file_is_handed_over_once(inbox, watch):
     (inbox / "legal").mkdir()
     (inbox / "legal" / "a.jsonl").write_text('{"text": "x"}\n')
     assert got.wait_for(1) == [("legal", inbox / "legal" / "a.jsonl")]
-    time.sleep(5 * SETTLE)
-    assert len(got.ready) == 1
+    assert [p.name for _, p in got.settled(inbox / "legal")] == ["a.jsonl", "sentinel.jsonl"]
 
 
 def test_file_still_being_written_is_not_read_half_way(inbox, watch):
@@ -98,10 +108,9 @@ def test_rename_into_the_folder_is_complete_at_once(inbox, watch, tmp_path):
     (inbox / "legal").mkdir()
     staging = inbox / "legal" / ".incoming.jsonl.part"
     staging.write_text('{"text": "x"}\n')
-    time.sleep(3 * SETTLE)
-    assert got.ready == []  # hidden/partial names are never handed over
+    assert [p.name for _, p in got.settled(inbox / "legal")] == ["sentinel.jsonl"]  # not .part
     os.rename(staging, inbox / "legal" / "final.jsonl")
-    assert got.wait_for(1) == [("legal", inbox / "legal" / "final.jsonl")]
+    assert got.wait_for(2)[1] == ("legal", inbox / "legal" / "final.jsonl")
 
 
 def test_hidden_and_temporary_files_are_ignored(inbox, watch):
@@ -111,8 +120,7 @@ def test_hidden_and_temporary_files_are_ignored(inbox, watch):
         (inbox / "legal" / name).write_text("{}\n")
     (inbox / "legal" / "real.jsonl").write_text("{}\n")
     assert got.wait_for(1) == [("legal", inbox / "legal" / "real.jsonl")]
-    time.sleep(5 * SETTLE)
-    assert len(got.ready) == 1
+    assert [p.name for _, p in got.settled(inbox / "legal")] == ["real.jsonl", "sentinel.jsonl"]
 
 
 def test_files_waiting_at_start_are_found_by_the_scan(inbox, watch):
@@ -129,10 +137,10 @@ def test_files_waiting_at_start_are_found_by_the_scan(inbox, watch):
 
 def test_new_domain_folder_is_picked_up_without_restart(inbox, watch):
     got = watch()
-    time.sleep(SETTLE)
+    got.settled(inbox / "legal")  # running: its first scan is over
     (inbox / "brand-new").mkdir()
     (inbox / "brand-new" / "a.jsonl").write_text("{}\n")
-    assert got.wait_for(1) == [("brand-new", inbox / "brand-new" / "a.jsonl")]
+    assert got.wait_for(2)[1] == ("brand-new", inbox / "brand-new" / "a.jsonl")
 
 
 def test_folder_moved_in_with_files_is_scanned(inbox, watch, tmp_path):
@@ -153,8 +161,7 @@ def test_misplaced_files_are_never_handed_over_and_are_listed(inbox, watch):
     (inbox / "base" / "a.jsonl").write_text("{}\n")
     (inbox / "legal" / "nested").mkdir(parents=True)
     (inbox / "legal" / "nested" / "a.jsonl").write_text("{}\n")
-    time.sleep(6 * SETTLE)
-    assert got.ready == []
+    assert got.settled(inbox / "legal") == [("legal", inbox / "legal" / "sentinel.jsonl")]
     reasons = sorted(misplaced(inbox))
     assert len(reasons) == 4
     assert any("directly in inbox/" in r for r in reasons)
@@ -229,13 +236,10 @@ def test_a_domain_folder_unreadable_for_a_while_does_not_stop_the_inbox(
     got = watch()  # both folders watched before anything is written
     (legal / "a.jsonl").write_text("{}\n")
     unreadable(legal, monkeypatch)
-    time.sleep(6 * SETTLE)
-    assert got.ready == []
+    assert got.settled(medical) == [("medical", medical / "sentinel.jsonl")]
     assert got.watcher.problem() is None
-    (medical / "b.jsonl").write_text("{}\n")
-    assert got.wait_for(1) == [("medical", medical / "b.jsonl")]
     legal.chmod(0o755)
-    assert got.wait_for(2) == [("medical", medical / "b.jsonl"), ("legal", legal / "a.jsonl")]
+    assert got.wait_for(2)[1] == ("legal", legal / "a.jsonl")
     said = [r.getMessage() for r in caplog.records if "a.jsonl" in r.getMessage()]
     assert len(said) == 1, said  # logged once, not at every tick
     assert "Permission denied" in said[0] and "retried" in said[0]
@@ -249,11 +253,10 @@ def test_a_folder_unreadable_at_the_scan_is_scanned_again_once_readable(inbox, w
     (legal / "waiting.jsonl").write_text("{}\n")
     unreadable(legal, monkeypatch)
     got = watch()
-    time.sleep(6 * SETTLE)
-    assert got.ready == []
+    assert got.settled(inbox / "medical") == [("medical", inbox / "medical" / "sentinel.jsonl")]
     assert got.watcher.problem() is None
     legal.chmod(0o755)
-    assert got.wait_for(1) == [("legal", legal / "waiting.jsonl")]
+    assert got.wait_for(2)[1] == ("legal", legal / "waiting.jsonl")
 
 
 def test_a_linked_domain_folder_is_named_as_an_error_and_never_followed(
@@ -270,9 +273,8 @@ def test_a_linked_domain_folder_is_named_as_an_error_and_never_followed(
     link.symlink_to(outside, target_is_directory=True)
     tidy(inbox)
     got = watch()
-    time.sleep(6 * SETTLE)
+    assert got.settled(inbox / "medical") == [("medical", inbox / "medical" / "sentinel.jsonl")]
     assert stale.exists()
-    assert got.ready == []
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(f"{link} is a symbolic link (to {outside})" in e for e in errors), errors
     assert any(f"rm {link} && mkdir {link}" in e for e in errors), errors
