@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evertune.adapters.errors import BaseModelError
+from evertune.store.layout import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,7 @@ def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateThresholds, decide
 from evertune.adapters.reference import Reference
 from evertune.adapters.remote import Remote
 from evertune.adapters.train import TrainSpec, train
+from evertune.store.files import write_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
 ANSWER_TOKENS = 48  # as evaluate.greedy_answers_chat
@@ -165,9 +166,7 @@ def warm(spec: TrainSpec, ev_spec: dict[str, Any], cache_dir: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data))
 
 
 def _worded_by_base(remote: Remote | None, checks) -> list[dict]:

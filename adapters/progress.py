@@ -41,6 +41,7 @@ def bar(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: s
         total=total,
         desc=desc,
         unit=unit,
+        disable=False,  # (the daemon sets TQDM_DISABLE for libraries' bars, not for this)
         file=_LogLines(),
         mininterval=LOG_INTERVAL,
         ascii=True,

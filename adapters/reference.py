@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from evertune.adapters.progress import bar
+from evertune.store.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,7 @@ def load_or_build(
         Reference(it["id"], it["category"], it["prompt"], a.strip(), it.get("answer"))
         for it, a in zip(items, answers, strict=True)
     ]
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    tmp.write_text("".join(json.dumps(r.__dict__) + "\n" for r in refs))
-    os.replace(tmp, cache)
+    write_atomic(cache, "".join(json.dumps(r.__dict__) + "\n" for r in refs))
     return refs
 
 

@@ -519,7 +519,6 @@ def run_pass(
         current = [0]
         # Not closed after the pass: Serving.close() closes its endpoints, and `ep` serves on.
         serving = Serving(
-            layout.db_path,
             dataclasses.replace(cfg, routing=mode),
             [ep],
             on_switch=lambda s: switches.append((current[0], s)),

@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 EXIT_CANCELLED = 3  # as evertune.adapters.child
 
 
+def _bars_env() -> dict[str, str]:
+    """The environment of a child writing to the daemon's stderr: where that is not a
+    terminal (the journal, a file), no library's progress bar (the model's conversion draws
+    one with tqdm directly), which would be a line of carriage returns; our own progress
+    (adapters/progress.py) is logged instead."""
+    if sys.stderr.isatty():
+        return dict(os.environ)
+    return {**os.environ, "TQDM_DISABLE": "1"}
+
+
 def prepare_base(
     config: Config,
     layout: HomeLayout,
@@ -57,7 +67,7 @@ def prepare_base(
         cmd.append("--base-only")
     with (
         subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_preexec(config)
+            cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_preexec(config), env=_bars_env()
         ) as child,
         registered(_pause_dir(config), child),
     ):
@@ -101,7 +111,7 @@ def warm_gate(
 
 
 def _warm(config, layout, base, refs, vllm_url, stop) -> bool:
-    run_dir = layout.home / "runs" / "warm"
+    run_dir = layout.runs / "warm"
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "warm": True,

@@ -66,6 +66,7 @@ from evertune.daemon.errors import (
 )
 from evertune.store.db import store_problem
 from evertune.store.errors import InvalidDomainError, StoreError
+from evertune.store.files import write_atomic
 from evertune.store.layout import HomeLayout
 
 
@@ -277,9 +278,7 @@ def init_home(config_path: Path) -> bool:
     created = False
     if not config_path.exists():
         config_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = config_path.with_name(f".{config_path.name}.tmp")
-        tmp.write_text(config_mod.starter_toml(), encoding="utf-8")
-        os.replace(tmp, config_path)
+        write_atomic(config_path, config_mod.starter_toml())
         created = True
     HomeLayout(config_mod.load(config_path).home).create()
     return created

@@ -10,8 +10,7 @@ from typing import Any
 import httpx
 
 from evertune.daemon.errors import EvertuneError
-
-TOKEN_FILE = "control.token"
+from evertune.store.layout import HomeLayout
 
 
 class ControlError(EvertuneError):
@@ -40,7 +39,7 @@ class ControlClient:
     @classmethod
     def from_home(cls, home: Path, url: str, timeout: float = 30.0) -> ControlClient:
         """A client with the token the daemon wrote to `<home>/control.token`."""
-        path = Path(home) / TOKEN_FILE
+        path = HomeLayout(Path(home)).control_token_path
         try:
             token = path.read_text(encoding="utf-8").strip()
         except FileNotFoundError:

@@ -151,7 +151,7 @@ def _cycle(
         run_id,
     )
     staging = registry.staging_dir(layout.adapters, domain, version.number)
-    run_dir = layout.home / "runs" / f"{run_id:06d}"
+    run_dir = layout.run_dir(run_id)
     spec = {
         "train": {
             "base_path": str(base.path),
@@ -178,7 +178,7 @@ def _cycle(
                 db, domain, [i for i, _ in new], g.doc_checks
             ),
             # where the base model's side of the gate is kept (children.warm_gate too)
-            "cache_dir": str(layout.home / "runs"),
+            "cache_dir": str(layout.runs),
         },
     }
     drift = (live.metrics or {}).get("drift") if live else None

@@ -126,7 +126,7 @@ class Service:
             self,
             config.control.host,
             config.control.port,
-            token_path=self.layout.home / "control.token",
+            token_path=self.layout.control_token_path,
             metrics_registry=self.metrics.registry,
         )
         self._started = False

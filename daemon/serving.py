@@ -79,7 +79,6 @@ class Serving:
 
     def __init__(
         self,
-        db_path: Path,
         cfg: ServeConfig,
         endpoints: list[Endpoint],
         *,
@@ -87,7 +86,6 @@ class Serving:
         on_endpoint: Callable[[str, bool, int], None] | None = None,
         on_publish: Callable[[str, str, float | None], None] | None = None,
     ):
-        self.db_path = db_path
         self.cfg = cfg
         self.endpoints = endpoints
         self.on_switch = on_switch
@@ -99,7 +97,7 @@ class Serving:
         self._counts: dict[str, dict] = {}  # url -> requests per target name (its routes)
 
     @classmethod
-    def for_config(cls, db_path: Path, cfg: ServeConfig, embedded_url: str | None, **kw):
+    def for_config(cls, cfg: ServeConfig, embedded_url: str | None, **kw):
         """The endpoints the config names: the embedded server's URL or `serve.urls`."""
         if cfg.mode == "none":
             return None
@@ -108,7 +106,7 @@ class Serving:
             use_admin_key(cfg)  # the embedded server's key is the daemon's own
         urls = [embedded_url] if cfg.mode == "embedded" else list(cfg.urls)
         timeout = cfg.request_timeout_seconds
-        return cls(db_path, cfg, [Endpoint(u, api_key, timeout) for u in urls if u], **kw)
+        return cls(cfg, [Endpoint(u, api_key, timeout) for u in urls if u], **kw)
 
     def close(self) -> None:
         for ep in self.endpoints:
@@ -310,27 +308,8 @@ class Serving:
                     mine[k] += int(got.get(k, 0))
         return out
 
-    def record_all(self, db: Database) -> None:
-        """Record what each endpoint serves now (after an activation)."""
-        with self._lock:
-            for ep in self.endpoints:
-                try:
-                    self._record(db, ep.url, ep.served())
-                except EndpointDown:
-                    self._record(db, ep.url, None)
-
     def _record(self, db: Database, url: str, served: dict[str, str] | None) -> None:
         versions.record_served(db, url, served)
-
-    def health(self) -> list[dict]:
-        """[{url, healthy, served}] as `status --json` shows it."""
-        out = []
-        for ep in self.endpoints:
-            try:
-                out.append({"url": ep.url, "healthy": True, "served": ep.served()})
-            except EndpointDown:
-                out.append({"url": ep.url, "healthy": False, "served": {}})
-        return out
 
 
 # --------------------------------------------------------------------------------------------

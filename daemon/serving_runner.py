@@ -113,7 +113,6 @@ class ServingRunner:
                 embedded_url = self.vllm.url
             self._db = open_db(self.layout.db_path)
             self.serving = Serving.for_config(
-                self.layout.db_path,
                 cfg,
                 embedded_url,
                 on_switch=self.metrics.switch,

@@ -3,7 +3,6 @@ serving endpoints (read-only: works with or without a running daemon)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from evertune.daemon.config import Config
@@ -12,29 +11,26 @@ from evertune.daemon.watcher import misplaced
 from evertune.store import canaries
 from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import domain_problem
+from evertune.store.files import write_atomic
 from evertune.store.layout import HomeLayout, stored_files
 from evertune.store.queries import domain_names, domain_summary
-
-CONTROL_URL_FILE = "control.url"
 
 
 def control_url(layout: HomeLayout) -> str | None:
     """The running daemon's control API URL (it writes the file at start, removes it at stop)."""
     try:
-        return (layout.home / CONTROL_URL_FILE).read_text().strip() or None
+        return layout.control_url_path.read_text().strip() or None
     except OSError:
         return None
 
 
 def publish_control_url(layout: HomeLayout, url: str | None) -> None:
     """Tell the CLI where the control API listens (None: the daemon stopped)."""
-    path = layout.home / CONTROL_URL_FILE
+    path = layout.control_url_path
     if url is None:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(url + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, url + "\n")
 
 
 def endpoint_urls(config: Config, daemon_running: bool) -> list[str]:

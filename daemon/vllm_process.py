@@ -212,7 +212,8 @@ class EmbeddedVLLM:
                 self._tail.append(line)
                 if out is not None:
                     out.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
-                if _LOUD.search(line):
+                if _LOUD.search(line) and not self._stopping.is_set():
+                    # (stopped by us, vLLM logs its engine's end as an error: not one)
                     vllm_log.warning("vllm: %s", line)
                 elif out is None:
                     vllm_log.debug("vllm: %s", line)

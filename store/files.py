@@ -13,6 +13,8 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
+from evertune.store.layout import fsync_dir
+
 
 class NotRegularFile(Exception):
     """The inbox takes regular files only: not a link, a FIFO, a socket, a device or a
@@ -160,11 +162,21 @@ def waiting_copy(folder: Path, src: Path) -> Path | None:
     return None
 
 
-def write_atomic(target: Path, data: bytes) -> None:
-    """`data` in `target` whole or not at all (written beside it, fsynced, renamed)."""
-    tmp = target.with_name(f".{fit_name(target.name, 5)}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+def write_atomic(target: Path, data: bytes | str) -> None:
+    """`data` (text as UTF-8) in `target` whole or not at all, after a crash too: written
+    beside it under a name of this process's own, fsynced, renamed, the rename fsynced.
+    The one way the service writes a file it may read back."""
+    if isinstance(data, str):
+        data = data.encode()
+    pid = str(os.getpid())
+    tmp = target.with_name(f".{fit_name(target.name, len(pid) + 6)}.{pid}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)

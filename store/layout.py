@@ -54,6 +54,25 @@ class HomeLayout:
         return self.home / "pausable"
 
     @property
+    def runs(self) -> Path:
+        """A folder per training run (spec.json, child.log, result.json), `warm/` for the
+        gate's base-model side, and that side's cached metrics (base-metrics-*.json)."""
+        return self.home / "runs"
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.runs / f"{run_id:06d}"
+
+    @property
+    def control_token_path(self) -> Path:
+        """The control API's bearer token (written by the daemon at start)."""
+        return self.home / "control.token"
+
+    @property
+    def control_url_path(self) -> Path:
+        """The running daemon's control URL (written at start, removed at stop)."""
+        return self.home / "control.url"
+
+    @property
     def vllm_log_path(self) -> Path:
         """The embedded vLLM server's own output, rotated (evertune.daemon.vllm_process);
         its errors are repeated in the daemon's log."""

@@ -110,7 +110,7 @@ def test_a_canary_is_refused_where_requests_are_not_bound_at_admission(tmp_path)
     layout = HomeLayout(tmp_path / "home")
     layout.create()
     db = open_db(layout.db_path)
-    serving = Serving(layout.db_path, ServeConfig(routing="inplace"), [])
+    serving = Serving(ServeConfig(routing="inplace"), [])
     try:
         with pytest.raises(EvertuneError, match=r'needs serve\.routing = "admission"'):
             canary.start(db, "shop", "v0002", 10, None, serving)

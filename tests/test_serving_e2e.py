@@ -61,7 +61,7 @@ def home(tmp_path, vllm):
     layout = HomeLayout(tmp_path / "home")
     layout.create()
     db = open_db(layout.db_path)
-    serving = Serving(layout.db_path, vllm.cfg, [_endpoint(vllm)])
+    serving = Serving(vllm.cfg, [_endpoint(vllm)])
     yield layout, db, serving
     # Leave the shared server clean for the next test: nothing of this home stays loaded
     # or routed.
