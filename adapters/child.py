@@ -20,12 +20,12 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from evertune.adapters.contract import ChildSpec, EvalSpec
 from evertune.adapters.errors import TrainingCancelled
-from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateThresholds, decide, measure
+from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, decide, measure
 from evertune.adapters.reference import Reference
 from evertune.adapters.remote import Remote
 from evertune.adapters.train import TrainSpec, train
@@ -42,21 +42,11 @@ def emit(event: str, **data: Any) -> None:
         sys.stdout.flush()
 
 
-def spec_from(data: dict[str, Any]) -> TrainSpec:
-    known = {f.name for f in fields(TrainSpec)}
-    values = {k: v for k, v in data.items() if k in known}
-    if "target_modules" in values:
-        values["target_modules"] = tuple(values["target_modules"])
-    return TrainSpec(**values)
-
-
-def evaluate(
-    spec: TrainSpec, ev_spec: dict[str, Any], cache_dir: Path | None = None
-) -> dict[str, Any]:
+def evaluate(spec: TrainSpec, ev_spec: EvalSpec, cache_dir: Path | None = None) -> dict[str, Any]:
     """Candidate, live (the parent version, or the base for v1) and base, on one model.
 
     Losses are computed here. Greedy answers come from the vLLM server at
-    `ev_spec["vllm_url"]` when there is one (it serves the base model as `base`; the
+    `ev_spec.vllm_url` when there is one (it serves the base model as `base`; the
     candidate is loaded there under a private name): batched, several times faster than
     transformers here, and exactly what clients will get. The base model's general metrics
     depend only on the base weights, the held-out prompts and how answers are made, so they
@@ -65,17 +55,16 @@ def evaluate(
 
     from evertune.adapters import evaluate as ev
 
-    general = [Reference(**r) for r in ev_spec["general"]]
+    general = [Reference(**r) for r in ev_spec.general]
     model, tok = ev.load(spec.base_path)
     model = PeftModel.from_pretrained(model, spec.out_dir, adapter_name="candidate").eval()
-    new, old = spec.new, ev_spec.get("old", [])
+    new, old = spec.new, ev_spec.old
     cut = spec.general_max_len
-    url = ev_spec.get("vllm_url")
-    remote = Remote(url) if url else None
+    remote = Remote(ev_spec.vllm_url) if ev_spec.vllm_url else None
     cache = _base_cache(cache_dir, model, spec.base_path, cut, ev_spec)
     cached = json.loads(cache.read_text()) if cache and cache.exists() else None
     # For version 1 the base model is also the live version.
-    live_path = ev_spec.get("live_adapter", spec.parent_adapter)
+    live_path = ev_spec.live_adapter
     parts = (BASE if live_path else BASE | LIVE) - (BASE if cached else frozenset())
     with ev.adapter_off(model):
         base = measure(model, tok, new, old, general, parts, _answers(remote, "base"), cut)
@@ -98,7 +87,7 @@ def evaluate(
             answer = _answers(remote, served("live", live_path))
             live = measure(model, tok, new, old, general, LIVE, answer, cut)
         model.set_adapter("candidate")
-        doc_checks = _worded_by_base(remote, ev_spec.get("doc_checks", ()))
+        doc_checks = _worded_by_base(remote, ev_spec.doc_checks)
         answer = _answers(remote, served("candidate", spec.out_dir))
         # The candidate is measured last: its adapter is merged into the weights for its
         # loss passes (unmerged, LoRA's small matmuls cost ~45% more here on the CPU:
@@ -112,16 +101,14 @@ def evaluate(
             general,
             answer=answer,
             general_max_len=cut,
-            changed=ev_spec.get("changed", ()),
+            changed=ev_spec.changed,
             doc_checks=doc_checks,
         )
-    known = {f.name for f in fields(GateThresholds)}
-    gate = GateThresholds(**{k: v for k, v in ev_spec.get("gate", {}).items() if k in known})
-    return decide(candidate, live, base, gate).to_dict()
+    return decide(candidate, live, base, ev_spec.thresholds()).to_dict()
 
 
 def _base_cache(
-    cache_dir: Path | None, model, base_path: str, cut: int, ev_spec: dict[str, Any]
+    cache_dir: Path | None, model, base_path: str, cut: int, ev_spec: EvalSpec
 ) -> Path | None:
     """Where the base model's general metrics are kept: they depend only on the base
     weights, the held-out prompts, the cut and how answers are made."""
@@ -130,18 +117,14 @@ def _base_cache(
 
     if cache_dir is None:
         return None
-    how = (
-        "vllm"
-        if ev_spec.get("vllm_url")
-        else f"transformers bf16={bf16_is_fast(ev.device_of(model))}"
-    )
+    how = "vllm" if ev_spec.vllm_url else f"transformers bf16={bf16_is_fast(ev.device_of(model))}"
     what = [
         "first-sentence easy answers verified by a forward pass, else generated",
         ev.GREEDY_MARGIN,
         how,
         base_path,
         cut,
-        ev_spec["general"],
+        ev_spec.general,
     ]
     return (
         cache_dir
@@ -149,7 +132,7 @@ def _base_cache(
     )
 
 
-def warm(spec: TrainSpec, ev_spec: dict[str, Any], cache_dir: Path) -> None:
+def warm(spec: TrainSpec, ev_spec: EvalSpec, cache_dir: Path) -> None:
     """The base model's side of the gate, measured ahead of the first training run (the
     daemon asks once it is ready to learn), so a first file's cycle does not wait for it."""
     from evertune.adapters import evaluate as ev
@@ -158,8 +141,8 @@ def warm(spec: TrainSpec, ev_spec: dict[str, Any], cache_dir: Path) -> None:
     cache = _base_cache(cache_dir, model, spec.base_path, spec.general_max_len, ev_spec)
     if cache.exists():
         return
-    general = [Reference(**r) for r in ev_spec["general"]]
-    url = ev_spec.get("vllm_url")
+    general = [Reference(**r) for r in ev_spec.general]
+    url = ev_spec.vllm_url
     answer = _answers(Remote(url), "base") if url else None
     base = measure(model, tok, [], [], general, BASE, answer, spec.general_max_len)
     _write_json(cache, {k: base[k] for k in BASE_KEYS})
@@ -225,10 +208,10 @@ def main(run_dir: Path) -> int:
     hf_logging.disable_progress_bar()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    data = json.loads((run_dir / "spec.json").read_text())
-    spec = spec_from(data["train"])
-    if data.get("warm"):
-        warm(spec, data["eval"], run_dir.parent)
+    child = ChildSpec.from_dict(json.loads((run_dir / "spec.json").read_text()))
+    spec = child.train
+    if child.warm:
+        warm(spec, child.eval, run_dir.parent)
         return EXIT_OK
     emit("phase", phase="train")
     t0 = time.monotonic()
@@ -242,8 +225,8 @@ def main(run_dir: Path) -> int:
     emit("phase", phase="evaluate")
     t1 = time.monotonic()
     # the base model's metrics are kept beside the runs (a retry's folder is one deeper)
-    cache_dir = Path(data["eval"].get("cache_dir") or run_dir.parent)
-    gate = evaluate(spec, data["eval"], cache_dir=cache_dir)
+    cache_dir = Path(child.eval.cache_dir or run_dir.parent)
+    gate = evaluate(spec, child.eval, cache_dir=cache_dir)
     timing = {"train_s": round(t1 - t0, 2), "evaluate_s": round(time.monotonic() - t1, 2)}
     out = {"train": result.to_dict(), "gate": gate, "timing": timing}
     _write_json(run_dir / "result.json", out)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from evertune.adapters.base_model import cpu_has_native_bf16
+from evertune.adapters.contract import TrainSpec
 from evertune.adapters.data import (
     IGNORE,
     MIN_SHARED_OPENING,
@@ -47,59 +48,10 @@ from evertune.adapters.errors import TrainingCancelled, TrainingError
 
 log = logging.getLogger(__name__)
 
-# vLLM serves LoRA on these projections only, with bias "none" and these ranks
-# (ARCHITECTURE.md, "Platform facts").
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # A new example leaves the later epochs once its worst token's loss is under this share of
 # `learned_loss` (half: p > 0.7 for every token), a margin against sliding back once it is
 # no longer trained.
 GRADUATION_MARGIN = 0.5
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    base_path: str
-    out_dir: str
-    new: list[dict]  # examples: {"kind": "chat", "messages": [...]} or {"kind": "text", ...}
-    replay: list[dict] = field(default_factory=list)  # older examples of the domain
-    general: list[dict] = field(default_factory=list)  # the base model's own answers
-    parent_adapter: str | None = None
-    rank: int = 16
-    alpha: int = 32
-    lr: float = 1e-3
-    max_epochs: int = 10
-    min_epochs: int = 2
-    # An example is learned when every one of its target tokens has a loss below this:
-    # under ln 2 (0.69) each token is the greedy choice, so the answer is reproduced exactly.
-    learned_loss: float = 0.69
-    general_per_epoch: int = 24
-    general_nearest: float = 0.5  # share of those that are the prompts nearest the new ones
-    general_max_len: int = 80  # general examples are cut to this many tokens (no end token)
-    row_len: int = 256  # 2 x 256 tokens a step: measured (benchmarks/learning.py), small
-    rows_per_step: int = 2  # files of facts need enough optimiser steps per epoch
-    max_seq_len: int = 512
-    warmup_steps: int = 2
-    seed: int = 0
-    target_modules: tuple[str, ...] = TARGET_MODULES
-    lora_layers: int = 0  # LoRA on the top N transformer layers only (0: all)
-    precision: str = "auto"  # auto | bf16 | fp32
-    shared_opening: bool = True  # run the examples' common opening once a step (see train)
-    graduate: bool = True  # learned examples leave later epochs (see train)
-
-    def check(self) -> None:
-        if self.rank not in VLLM_RANKS:
-            raise TrainingError(
-                f"LoRA rank {self.rank} cannot be served by vLLM; use one of"
-                f" {', '.join(map(str, VLLM_RANKS))}"
-            )
-        bad = set(self.target_modules) - set(TARGET_MODULES)
-        if bad:
-            raise TrainingError(
-                f"vLLM cannot serve LoRA on {sorted(bad)}; allowed: {', '.join(TARGET_MODULES)}"
-            )
-        if not self.new:
-            raise TrainingError("no new examples to train on")
 
 
 @dataclass

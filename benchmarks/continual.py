@@ -731,6 +731,7 @@ def run_naive(
 ) -> dict[str, Any]:
     from evertune.adapters import evaluate as ev
     from evertune.adapters.child import evaluate as gate_evaluate
+    from evertune.adapters.contract import EvalSpec
     from evertune.adapters.reference import load_or_build
     from evertune.adapters.train import TrainSpec, train
 
@@ -782,7 +783,13 @@ def run_naive(
         # the real gate, as the training child runs it (answers made here: no vLLM)
         verdict = gate_evaluate(
             spec,
-            {"old": held_old, "gate": gate_cfg, "general": [r.__dict__ for r in held]},
+            # against its parent, as the service's gate compares with the live version
+            EvalSpec(
+                old=held_old,
+                gate=gate_cfg,
+                general=[r.__dict__ for r in held],
+                live_adapter=parent,
+            ),
             cache_dir=workdir,  # the base model's side, measured once
         )
         evaluate_s = time.perf_counter() - t

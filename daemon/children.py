@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from evertune.adapters.base_model import BaseModel
+from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
 from evertune.adapters.errors import PreparationCancelled, TrainingCancelled, TrainingError
 from evertune.adapters.reference import Reference
 from evertune.daemon.config import Config
@@ -113,17 +114,17 @@ def warm_gate(
 def _warm(config, layout, base, refs, vllm_url, stop) -> bool:
     run_dir = layout.runs / "warm"
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "warm": True,
-        "train": {
-            "base_path": str(base.path),
-            "out_dir": str(run_dir),
-            "new": [],
-            "general_max_len": config.train.general_max_len,
-        },
-        "eval": {"general": [r.__dict__ for r in refs if r.held_out], "vllm_url": vllm_url},
-    }
-    (run_dir / "spec.json").write_text(json.dumps(spec))
+    spec = ChildSpec(
+        train=TrainSpec(
+            base_path=str(base.path),
+            out_dir=str(run_dir),
+            new=[],
+            general_max_len=config.train.general_max_len,
+        ),
+        eval=EvalSpec(general=[r.__dict__ for r in refs if r.held_out], vllm_url=vllm_url),
+        warm=True,
+    )
+    (run_dir / "spec.json").write_text(json.dumps(spec.to_dict()))
     cmd = [sys.executable, "-m", "evertune.adapters.child", str(run_dir)]
     with (
         (run_dir / "child.log").open("w") as err,
@@ -195,13 +196,13 @@ def run_child(
     db: Database,
     config: Config,
     run_dir: Path,
-    spec: dict,
+    spec: ChildSpec,
     run_id: int,
     progress: Callable[[dict], None] | None,
     stop: threading.Event | None,
 ) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(json.dumps(spec))
+    (run_dir / "spec.json").write_text(json.dumps(spec.to_dict()))
     cmd = [*child_launcher(config.train.launcher), "-m", "evertune.adapters.child", str(run_dir)]
     log_path = run_dir / "child.log"
     with log_path.open("w") as err:

@@ -13,6 +13,7 @@ this side owns the database writes (runs, versions, which examples a version use
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from evertune.adapters import registry
+from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
 from evertune.adapters.errors import NothingToTrain, TrainingCancelled
 from evertune.daemon import canary
 from evertune.daemon.children import prepare_base, run_child, training_lock
@@ -152,40 +154,35 @@ def _cycle(
     )
     staging = registry.staging_dir(layout.adapters, domain, version.number)
     run_dir = layout.run_dir(run_id)
-    spec = {
-        "train": {
-            "base_path": str(base.path),
-            "out_dir": str(staging),
-            "parent_adapter": live.path if live and not from_base else None,
-            "new": [e for _, e in new],
-            "replay": [e for _, e in replay],
-            "general": [{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out],
+    spec = ChildSpec(
+        train=TrainSpec(
+            base_path=str(base.path),
+            out_dir=str(staging),
+            parent_adapter=live.path if live and not from_base else None,
+            new=[e for _, e in new],
+            replay=[e for _, e in replay],
+            general=[{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out],
             **t.spec_fields(),
-        },
-        "eval": {
-            "old": [e for _, e in held],
-            "gate": g.gate_fields(),
-            "general": [r.__dict__ for r in refs if r.held_out],
-            # the gate's greedy answers through the running server (see adapters/remote.py)
-            "vllm_url": reference_url,
-            # what the candidate must beat: the live version, also when a consolidation
-            # trains from the base model (the training's parent is then None)
-            "live_adapter": live.path if live else None,
-            # new answers that replace answers a version learned: the old must be gone
-            "changed": replaced_answers(db, domain, [i for i, _ in new]),
-            # questions about the new documents, held out of training (store.knowledge)
-            "doc_checks": knowledge.checks_of_examples(
-                db, domain, [i for i, _ in new], g.doc_checks
-            ),
-            # where the base model's side of the gate is kept (children.warm_gate too)
-            "cache_dir": str(layout.runs),
-        },
-    }
+        ),
+        eval=EvalSpec(
+            old=[e for _, e in held],
+            gate=g.gate_fields(),
+            general=[r.__dict__ for r in refs if r.held_out],
+            vllm_url=reference_url,  # the gate's answers through the running server
+            # the live version, also when a rebuild trains from the base model
+            live_adapter=live.path if live else None,
+            changed=replaced_answers(db, domain, [i for i, _ in new]),
+            doc_checks=knowledge.checks_of_examples(db, domain, [i for i, _ in new], g.doc_checks),
+            cache_dir=str(layout.runs),  # the base model's side (children.warm_gate too)
+        ),
+    )
     drift = (live.metrics or {}).get("drift") if live else None
     if drift is not None and drift > g.drift_tolerance - t.drifting_margin:
         # near the tolerance: more of the base model's own answers, so this increment
         # pulls the model back toward the base instead of adding to its drift
-        spec["train"]["general_per_epoch"] = max(t.general_per_epoch, t.general_when_drifting)
+        spec = _with_train(
+            spec, general_per_epoch=max(t.general_per_epoch, t.general_when_drifting)
+        )
         log.info(
             "%s %s: the live %s drifted %+.0f%% (tolerance %+.0f%%): %d general examples an epoch",
             domain,
@@ -193,7 +190,7 @@ def _cycle(
             live.name,
             100 * drift,
             100 * g.drift_tolerance,
-            spec["train"]["general_per_epoch"],
+            spec.train.general_per_epoch,
         )
     retried, increment = False, None
     try:
@@ -220,17 +217,20 @@ def _cycle(
                 version.name,
                 increment["reason"],
                 len(replay),
-                len(spec["eval"]["old"]),
-                max(spec["train"]["general_per_epoch"], t.general_when_drifting),
+                len(spec.eval.old),
+                max(spec.train.general_per_epoch, t.general_when_drifting),
             )
             if progress:
                 progress({"event": "phase", "phase": "retrying the increment"})
             retried = True
-            spec["train"]["replay"] = [e for _, e in replay]
-            spec["train"]["general_per_epoch"] = max(
-                spec["train"]["general_per_epoch"], t.general_when_drifting
+            spec = _with_train(
+                spec,
+                replay=[e for _, e in replay],
+                general_per_epoch=max(spec.train.general_per_epoch, t.general_when_drifting),
             )
-            spec["eval"]["old"] = [e for _, e in held]
+            spec = dataclasses.replace(
+                spec, eval=dataclasses.replace(spec.eval, old=[e for _, e in held])
+            )
             result = run_child(db, config, run_dir / "retry", spec, run_id, progress, stop)
     except TrainingCancelled as exc:
         _finish_failed(db, version, run_id, "cancelled", str(exc))
@@ -250,7 +250,11 @@ def _cycle(
             "heldout_old": len(held),
             "new_ids": [new[0][0], new[-1][0]],
         },
-        "train": {k: v for k, v in spec["train"].items() if k not in ("new", "replay", "general")},
+        "train": {
+            k: v
+            for k, v in dataclasses.asdict(spec.train).items()
+            if k not in ("new", "replay", "general")
+        },
         "result": result["train"],
         "gate": gate,
         "consolidated": from_base,  # from the base model on every example
@@ -276,7 +280,7 @@ def _cycle(
             db, version, [i for i, _ in new], [i for i, _ in replay], [i for i, _ in held]
         )
     promoted, reason = gate["promote"], gate["reason"]
-    trial = None
+    trial, outcome = None, "refused"
     if promoted:
         if progress:
             progress({"event": "phase", "phase": "publishing"})
@@ -295,6 +299,7 @@ def _cycle(
                 version = make_live(db, version, serving, reason)
         except (AdapterRefused, RegistryError) as exc:
             promoted, reason = False, f"passed the gate but could not be served: {exc}"
+            outcome = "unservable"
             log.error("%s %s: %s", domain, version.name, reason)
     with write_transaction(db):
         if trial is not None:
@@ -302,7 +307,7 @@ def _cycle(
         elif promoted:
             versions.mark_trained(db, version, [i for i, _ in new])
         else:
-            version = versions.set_state(db, version, "rejected", reason=reason)
+            version = versions.reject(db, version, outcome, reason)
         runs.finish(db, run_id, "succeeded")
         events.record(
             db,
@@ -327,6 +332,10 @@ def _canary_first(db: Database, config: Config, serving: Serving | None, domain:
         and serving.cfg.routing == "admission"
         and versions.live(db, domain) is not None
     )
+
+
+def _with_train(spec: ChildSpec, **changes: Any) -> ChildSpec:
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, **changes))
 
 
 def _retry_sample(replay: list, held: list, every_old: list, seed: int) -> tuple[list, list]:
@@ -369,5 +378,5 @@ def _finish_failed(db: Database, version, run_id: int, state: str, error: str) -
     staging = registry.staging_dir(Path(version.path).parent.parent, version.domain, version.number)
     shutil.rmtree(staging, ignore_errors=True)
     with write_transaction(db):
-        versions.set_state(db, version, "rejected", reason=f"training {state}: {error}")
+        versions.reject(db, version, state, f"training {state}: {error}")
         runs.finish(db, run_id, state, error)

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
 from evertune.adapters.errors import TrainingCancelled
 from evertune.daemon.children import run_child
 from evertune.daemon.config import parse
@@ -186,7 +187,7 @@ def answer_seconds(url: str, n: int) -> list[float]:
     return out
 
 
-def training_spec(tiny_base, out_dir) -> dict:
+def training_spec(tiny_base, out_dir) -> ChildSpec:
     """A training run that goes on until it is cancelled: every step a full forward and
     backward pass on both cores."""
     new = [
@@ -199,19 +200,19 @@ def training_spec(tiny_base, out_dir) -> dict:
         }
         for i in range(16)
     ]
-    return {
-        "train": {
-            "base_path": str(tiny_base),
-            "out_dir": str(out_dir),
-            "new": new,
-            "max_epochs": 100_000,
-            "min_epochs": 100_000,
-            "precision": "fp32",
-            "row_len": 512,
-            "rows_per_step": 4,
-        },
-        "eval": {"general": []},
-    }
+    return ChildSpec(
+        train=TrainSpec(
+            base_path=str(tiny_base),
+            out_dir=str(out_dir),
+            new=new,
+            max_epochs=100_000,
+            min_epochs=100_000,
+            precision="fp32",
+            row_len=512,
+            rows_per_step=4,
+        ),
+        eval=EvalSpec(general=[]),
+    )
 
 
 @pytest.mark.e2e

@@ -236,6 +236,7 @@ def test_a_run_that_fails_in_the_parent_leaves_no_training_child_behind(tmp_path
     """The same class as a failed start: the store locked past the busy timeout while a run
     records a step made the run fail, and its training child went on training on its own
     (a retry then started a second one)."""
+    from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
     from evertune.daemon.children import run_child
     from evertune.store import db as db_mod
     from evertune.store import runs
@@ -259,7 +260,8 @@ def test_a_run_that_fails_in_the_parent_leaves_no_training_child_behind(tmp_path
 
     try:
         with pytest.raises(sqlite3.OperationalError, match="locked"):
-            run_child(db, cfg, home / "run", {}, run_id, lock_the_store, None)
+            spec = ChildSpec(TrainSpec(base_path="", out_dir="", new=[]), EvalSpec(general=[]))
+            run_child(db, cfg, home / "run", spec, run_id, lock_the_store, None)
         pid = int(pid_file.read_text())
         assert wait_for(lambda: not alive(pid), 30, "the child to be stopped", fail=False), (
             "the training child still runs"

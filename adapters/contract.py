@@ -1,0 +1,148 @@
+"""The training child's contract: what the daemon asks of it, written as RUN_DIR/spec.json
+(`ChildSpec`: the training run, `TrainSpec`, and the gate's inputs, `EvalSpec`), read back by
+`evertune.adapters.child`. Both sides go through `ChildSpec.to_dict` / `from_dict`, which
+refuse an unknown or a missing key: a misspelt key is an error, never a setting quietly
+left at its default (a typo in "changed" would have turned off the stale-answer check)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from evertune.adapters.errors import TrainingError
+from evertune.adapters.gate import GateThresholds
+
+
+class SpecError(TrainingError):
+    """spec.json does not match the contract (names the part and the keys)."""
+
+
+# vLLM serves LoRA on these projections only, with bias "none" and these ranks
+# (ARCHITECTURE.md, "Platform facts").
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    base_path: str
+    out_dir: str
+    new: list[dict]  # examples: {"kind": "chat", "messages": [...]} or {"kind": "text", ...}
+    replay: list[dict] = field(default_factory=list)  # older examples of the domain
+    general: list[dict] = field(default_factory=list)  # the base model's own answers
+    parent_adapter: str | None = None
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    max_epochs: int = 10
+    min_epochs: int = 2
+    # An example is learned when every one of its target tokens has a loss below this:
+    # under ln 2 (0.69) each token is the greedy choice, so the answer is reproduced exactly.
+    learned_loss: float = 0.69
+    general_per_epoch: int = 24
+    general_nearest: float = 0.5  # share of those that are the prompts nearest the new ones
+    general_max_len: int = 80  # general examples are cut to this many tokens (no end token)
+    row_len: int = 256  # 2 x 256 tokens a step: measured (benchmarks/learning.py), small
+    rows_per_step: int = 2  # files of facts need enough optimiser steps per epoch
+    max_seq_len: int = 512
+    warmup_steps: int = 2
+    seed: int = 0
+    target_modules: tuple[str, ...] = TARGET_MODULES
+    lora_layers: int = 0  # LoRA on the top N transformer layers only (0: all)
+    precision: str = "auto"  # auto | bf16 | fp32
+    shared_opening: bool = True  # run the examples' common opening once a step (see train)
+    graduate: bool = True  # learned examples leave later epochs (see train)
+
+    def check(self) -> None:
+        if self.rank not in VLLM_RANKS:
+            raise TrainingError(
+                f"LoRA rank {self.rank} cannot be served by vLLM; use one of"
+                f" {', '.join(map(str, VLLM_RANKS))}"
+            )
+        bad = set(self.target_modules) - set(TARGET_MODULES)
+        if bad:
+            raise TrainingError(
+                f"vLLM cannot serve LoRA on {sorted(bad)}; allowed: {', '.join(TARGET_MODULES)}"
+            )
+        if not self.new:
+            raise TrainingError("no new examples to train on")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What the gate measures the candidate with (adapters/gate.py, adapters/child.py)."""
+
+    # held-out general prompts with the base model's answers (Reference fields)
+    general: list[dict]
+    # held-out older examples of the domain: kept or forgotten?
+    old: list[dict] = field(default_factory=list)
+    # GateThresholds' fields; a missing one takes the gate's default
+    gate: dict[str, float] = field(default_factory=dict)
+    # the gate's greedy answers through this server (it serves the base model as `base`);
+    # None: made by the model in the child
+    vllm_url: str | None = None
+    # what the candidate must beat: the live version (None: the base model, for version 1),
+    # also when a rebuild trains from the base model
+    live_adapter: str | None = None
+    # {"prompt", "old"}: new answers that replace answers a version learned
+    changed: list[dict] = field(default_factory=list)
+    # {"question", "answer", ...}: held-out questions about the new documents
+    doc_checks: list[dict] = field(default_factory=list)
+    # where the base model's side of the gate is kept (None: the run folder's parent)
+    cache_dir: str | None = None
+
+    def thresholds(self) -> GateThresholds:
+        return GateThresholds(**self.gate)
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    train: TrainSpec
+    eval: EvalSpec
+    # only measure the base model's side of the gate (daemon/children.py warm_gate)
+    warm: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
+            "warm": self.warm,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChildSpec:
+        top = _checked(cls, data, "spec")
+        train = _checked(TrainSpec, top["train"], "spec train")
+        train["target_modules"] = tuple(train.get("target_modules", TrainSpec.target_modules))
+        ev = _checked(EvalSpec, top["eval"], "spec eval")
+        _checked(GateThresholds, ev.get("gate", {}), "spec eval.gate")
+        return cls(TrainSpec(**train), EvalSpec(**ev), bool(top.get("warm", False)))
+
+
+def _checked(kind: type, data: Any, where: str) -> dict[str, Any]:
+    """`data` as the keyword arguments of dataclass `kind`: a dict with no key it lacks and
+    every field it requires."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected an object, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - set(known))
+    required = {
+        n
+        for n, f in known.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    if unknown or missing:
+        raise SpecError(
+            f"{where}: "
+            + "; ".join(
+                part
+                for part in (
+                    unknown and f"unknown key(s) {', '.join(unknown)}",
+                    missing and f"missing key(s) {', '.join(missing)}",
+                )
+                if part
+            )
+        )
+    return dict(data)
