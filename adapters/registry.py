@@ -109,7 +109,7 @@ def abandon_unfinished(db: Database, adapters_root: Path) -> list[Version]:
     for v in versions.unfinished(db):
         shutil.rmtree(staging_dir(adapters_root, v.domain, v.number), ignore_errors=True)
         what = "training" if v.state == "training" else "publishing"
-        out.append(versions.set_state(db, v, "rejected", reason=f"{what} was interrupted"))
+        out.append(versions.reject(db, v, "interrupted", f"{what} was interrupted"))
         log.warning("%s %s: %s was interrupted; marked rejected", v.domain, v.name, what)
     return out
 

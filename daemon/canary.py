@@ -77,7 +77,7 @@ def finish(db: Database, domain: str, promote: bool, serving: Serving | None, wh
         versions.mark_trained(db, version, versions.new_examples_of(db, version))
     elif trial.version.state == "candidate":  # a candidate rolled back is refused for good;
         # its new examples were never marked trained: the next training takes them again
-        versions.set_state(db, trial.version, "rejected", reason=f"canary rolled back: {why}")
+        versions.reject(db, trial.version, "rolled_back", f"canary rolled back: {why}")
     canaries.end(db, domain)
     kind = "canary_promoted" if promote else "canary_rolled_back"
     level = "info" if promote else "warning"

@@ -217,8 +217,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
             extra += f", {superseded[v.id]} since superseded"
         pin = " pinned" if v.pinned else ""
         pin += " forgotten" if v.forgotten else ""
+        state = f"{v.state} ({v.outcome})" if v.outcome else v.state
         print(
-            f"{v.name}  {v.state:9s}{pin} parent {v.parent or '-':5s}  {v.created_at}"
+            f"{v.name}  {state:9s}{pin} parent {v.parent or '-':5s}  {v.created_at}"
             f"  {v.examples} examples{extra}" + (f"  ({v.reason})" if v.reason else "")
         )
     return EXIT_OK

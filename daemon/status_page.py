@@ -59,6 +59,7 @@ def _domain(db: Database, domain: str) -> dict[str, Any]:
             {
                 "version": v.name,
                 "state": v.state,
+                "outcome": v.outcome,
                 "promoted": v.promoted_at is not None,
                 "forgotten": v.forgotten,
                 "pinned": v.pinned,

@@ -20,7 +20,10 @@ CURRENT = "superseded_by IS NULL"  # no newer answer to its prompt superseded it
 UNTRAINED = f"first_version_id IS NULL AND {CURRENT}"
 _TRIED_BY_REFUSED = (
     "EXISTS (SELECT 1 FROM version_examples ve JOIN versions v ON v.id = ve.version_id"
-    " WHERE ve.example_id = examples.id AND ve.role = 'new' AND v.state = 'rejected')"
+    " WHERE ve.example_id = examples.id AND ve.role = 'new' AND v.state = 'rejected'"
+    # refused by the gate, or rolled back: not a run that failed, was cancelled or cut short
+    # (its examples are still to be trained: a restart's catch-up must count them)
+    " AND v.outcome IN ('refused', 'rolled_back'))"
 )
 FRESH = f"{UNTRAINED} AND NOT {_TRIED_BY_REFUSED}"
 REFUSED = f"{UNTRAINED} AND {_TRIED_BY_REFUSED}"

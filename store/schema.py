@@ -323,3 +323,44 @@ def m008_text_chunks_findable(db: Database) -> None:
     db.conn.executemany(
         "UPDATE examples SET prompt_hash = ? WHERE id = ?", [(text_hash(b), i) for i, b in rows]
     )
+
+
+# Why a version is `rejected` (never served): refused by the gate, its training failed or was
+# cancelled, the daemon was killed while it trained or was published (interrupted), it
+# passed the gate but could not be served (unservable), or its canary was rolled back.
+REJECTED_OUTCOMES = ("refused", "failed", "cancelled", "interrupted", "unservable", "rolled_back")
+
+
+@migrations()
+def m009_version_outcomes(db: Database) -> None:
+    """versions.outcome: which of REJECTED_OUTCOMES a rejected version is (before: only in
+    the wording of its reason), set for every rejected version and for no other, enforced by
+    triggers as the run states are. Existing rows are classified from their reasons, as the
+    code of the time wrote them."""
+    db.execute("ALTER TABLE versions ADD COLUMN outcome TEXT")
+    db.execute(
+        """
+        UPDATE versions SET outcome = CASE
+            WHEN reason LIKE 'training failed:%' THEN 'failed'
+            WHEN reason LIKE 'training cancelled:%' THEN 'cancelled'
+            WHEN reason LIKE '% was interrupted' THEN 'interrupted'
+            WHEN reason LIKE 'passed the gate but could not be served%' THEN 'unservable'
+            WHEN reason LIKE 'canary rolled back%' THEN 'rolled_back'
+            ELSE 'refused' END
+        WHERE state = 'rejected'
+        """
+    )
+    outcomes = ", ".join(f"'{o}'" for o in REJECTED_OUTCOMES)
+    check = (
+        f"(NEW.state = 'rejected' AND (NEW.outcome IS NULL OR NEW.outcome NOT IN ({outcomes})))"
+        " OR (NEW.state != 'rejected' AND NEW.outcome IS NOT NULL)"
+    )
+    message = f"versions.outcome: one of {', '.join(REJECTED_OUTCOMES)} when rejected, else null"
+    for event in ("INSERT", "UPDATE"):
+        db.execute(
+            f"""
+            CREATE TRIGGER versions_outcome_{event.lower()} BEFORE {event} ON versions
+            WHEN {check}
+            BEGIN SELECT RAISE(ABORT, '{message}'); END
+            """
+        )

@@ -47,6 +47,7 @@ class Version:
     promoted_at: str | None
     parent: str | None = None
     forgotten: bool = False  # trained on examples since forgotten: never served again
+    outcome: str | None = None  # rejected: why (store.schema.REJECTED_OUTCOMES)
 
     @property
     def name(self) -> str:
@@ -64,6 +65,7 @@ class Version:
             "path": self.path,
             "pinned": self.pinned,
             "reason": self.reason,
+            "outcome": self.outcome,
             "promoted": self.promoted_at,
             "forgotten": self.forgotten,
         }
@@ -71,7 +73,7 @@ class Version:
 
 _COLUMNS = (
     "v.id, v.domain, v.number, v.state, v.parent_id, v.path, v.pinned, v.examples, v.metrics,"
-    " v.reason, v.created_at, v.promoted_at, v.forgotten, p.number"
+    " v.reason, v.created_at, v.promoted_at, v.forgotten, p.number, v.outcome"
 )
 _FROM = "versions v LEFT JOIN versions p ON p.id = v.parent_id"
 
@@ -85,6 +87,7 @@ def _version(row: tuple) -> Version:
         *row[9:12],
         None if row[13] is None else version_name(row[13]),
         bool(row[12]),
+        row[14],
     )
 
 
@@ -162,12 +165,25 @@ def set_state(
     metrics: dict[str, Any] | None = None,
     examples: int | None = None,
 ) -> Version:
+    if state == "rejected":
+        raise RegistryError("a version is rejected with versions.reject (it needs an outcome)")
+    return _set(db, version, state, None, reason, metrics, examples)
+
+
+def reject(db: Database, version: Version, outcome: str, reason: str) -> Version:
+    """`version` is never served: `outcome` says why (store.schema.REJECTED_OUTCOMES), `reason`
+    in words."""
+    return _set(db, version, "rejected", outcome, reason, None, None)
+
+
+def _set(db, version, state, outcome, reason, metrics, examples) -> Version:
     with write_transaction(db):  # a savepoint when the caller already holds a transaction
         db.execute(
-            "UPDATE versions SET state = ?, reason = coalesce(?, reason),"
+            "UPDATE versions SET state = ?, outcome = ?, reason = coalesce(?, reason),"
             " metrics = coalesce(?, metrics), examples = coalesce(?, examples) WHERE id = ?",
             [
                 state,
+                outcome,
                 reason,
                 json.dumps(metrics) if metrics is not None else None,
                 examples,

@@ -50,7 +50,7 @@ def test_exactly_one_live_version_and_promotion_retires_the_previous(db, layout)
 
 
 def test_a_rejected_candidate_can_never_become_live(db, layout):
-    v = versions.set_state(db, new_version(db, layout), "rejected", reason="drift +300%")
+    v = versions.reject(db, new_version(db, layout), "refused", "drift +300%")
     with pytest.raises(RegistryError, match="rejected: only a candidate or a retired"):
         registry.promote(db, v)
     assert versions.live(db, "legal") is None

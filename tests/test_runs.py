@@ -94,7 +94,7 @@ def test_fresh_examples_leave_out_what_a_refused_candidate_tried(db, layout):
     v = versions.reserve(db, "legal", run_id, None, lambda n: layout.adapters / f"v{n}")
     versions.record_examples(db, v, [1], [], [])
     assert examples.fresh_count(db, "legal") == 3  # the candidate is still being decided
-    versions.set_state(db, v, "rejected", reason="drift")
+    versions.reject(db, v, "refused", "drift")
     assert examples.fresh_count(db, "legal") == 2
     summary = domain_summary(db, "legal")
     assert (summary["examples_new"], summary["examples_refused"]) == (2, 1)
