@@ -79,8 +79,8 @@ class ModelConfig:
     )
     reference_limit: int = key(
         0,
-        "Use only the first N general reference prompts (0: all"
-        " 320). Tests use a few; fewer make the drift check weaker.",
+        "Use only the first N general reference prompts (0: all of them, 452 for the"
+        " bundled set). Tests use a few; fewer make the drift check weaker.",
         min=0,
         max=100_000,
     )

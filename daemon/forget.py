@@ -1,7 +1,7 @@
 """`evertune forget`: examples removed, and every version that learned them no longer served.
 
     hashes = prompts_of_questions(["What is the capital of Velmora?"])   # or of a file
-    result = forget(db, layout, "geo", hashes, serving)    # under the training lock
+    result = forget(db, "geo", hashes, serving)            # under the training lock
     then: run_cycle(..., from_base=True) rebuilds the domain on what remains
 
 What happens (one transaction for the store, serving switched before it is recorded):

@@ -99,7 +99,9 @@ class Schedule:
     # ---- the rules ------------------------------------------------------------------------
 
     def new_examples(self, domain: str) -> None:
-        """Debounce: a check `quiet_seconds` after the last file of a burst."""
+        """Debounce: a check `quiet_seconds` after the last file of a burst. New data also
+        gives a domain whose retries were used up its `max_retries` again."""
+        self.failures.pop(domain, None)
         schedule = self.config.schedule_for(domain)
         if schedule.on_drop and not self._stopped:
             self._at(schedule.quiet_seconds, self.maybe_train, [domain, "drop"], f"drop:{domain}")

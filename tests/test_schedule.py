@@ -136,6 +136,17 @@ def test_retry_doubles_up_to_max_retries_then_waits(tmp_path, cleanup):
     assert sched.training_failed("legal", RuntimeError("boom")) == 60
 
 
+def test_new_data_gives_a_domain_whose_retries_ran_out_its_retries_again(tmp_path, cleanup):
+    sched, _ = make(tmp_path, schedule=ScheduleConfig(retry_seconds=60, max_retries=2))
+    cleanup.append(sched)
+    delays = [sched.training_failed("legal", RuntimeError("boom")) for _ in range(3)]
+    assert delays == [60, 120, None]
+    sched.new_examples("medical")  # another domain's data changes nothing here
+    assert sched.training_failed("legal", RuntimeError("boom")) is None
+    sched.new_examples("legal")
+    assert sched.training_failed("legal", RuntimeError("boom")) == 60
+
+
 def test_retry_delay_is_capped_at_an_hour(tmp_path, cleanup):
     sched, _ = make(tmp_path, schedule=ScheduleConfig(retry_seconds=1000, max_retries=10))
     cleanup.append(sched)

@@ -4,6 +4,7 @@ model, one changed fact, one forget), drawn by a real headless browser: Debian's
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -94,6 +95,23 @@ def test_the_report_is_one_file_that_draws_offline(home, tmp_path):
         assert page.inner_text("#dom-vaults h2") == "vaults: live v0003"
         assert drawn(page) == {"versions": 2, "seconds": 4, "loss": 3, "examples": 1}
         assert "forgotten" in page.text_content("#dom-vaults table")  # in <details>
+        # every title whole inside its plot (long centred ones were cut at both ends)
+        cut = page.evaluate(
+            """() => ["versions", "seconds", "loss", "examples"].filter((k) => {
+                const plot = document.querySelector(`#dom-vaults .${k}`);
+                const box = plot.getBoundingClientRect();
+                const t = plot.querySelector(".gtitle").getBoundingClientRect();
+                return t.width === 0 || t.left < box.left || t.right > box.right;
+            })"""
+        )
+        assert cut == []
+        ticks = page.evaluate(
+            """() => [...document.querySelectorAll("#dom-vaults .examples .xtick text")]
+                .map((t) => t.textContent)"""
+        )
+        assert ticks and all(re.fullmatch(r"[A-Z][a-z]{2} \d{1,2} \d\d:\d\d", t) for t in ticks), (
+            ticks
+        )
     finally:
         b.close()
         pw.stop()
