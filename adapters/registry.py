@@ -34,11 +34,22 @@ def staging_dir(adapters_root: Path, domain: str, number: int) -> Path:
 
 
 def begin(
-    db: Database, adapters_root: Path, domain: str, run_id: int | None, parent_id: int | None
+    db: Database,
+    adapters_root: Path,
+    domain: str,
+    run_id: int | None,
+    parent_id: int | None,
+    from_base: bool | None = None,
 ) -> Version:
-    """Reserve the next number for a training run (state 'training')."""
+    """Reserve the next number for a training run (state 'training'); `from_base`: it
+    trains from the base model's weights (a first version, a rebuild), not its parent's."""
     return versions.reserve(
-        db, domain, run_id, parent_id, lambda n: adapters_root / domain / version_name(n)
+        db,
+        domain,
+        run_id,
+        parent_id,
+        lambda n: adapters_root / domain / version_name(n),
+        from_base,
     )
 
 

@@ -142,7 +142,14 @@ def _cycle(
     if run_id is None:  # not queued by the daemon: `evertune train` with no daemon
         run_id = runs.queue(db, domain, trigger)
     runs.start(db, run_id, live.id if live else None)
-    version = registry.begin(db, layout.adapters, domain, run_id, live.id if live else None)
+    version = registry.begin(
+        db,
+        layout.adapters,
+        domain,
+        run_id,
+        live.id if live else None,  # what it must beat, also for a rebuild
+        from_base=live is None or from_base,  # the weights it starts from
+    )
     runs.set_version(db, run_id, version.id)
     log.info(
         "%s %s: training on %d new + %d replayed examples (run %d)",

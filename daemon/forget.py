@@ -168,8 +168,11 @@ def forget(db: Database, domain: str, hashes: list[bytes], serving: Serving | No
 
 
 def _trained_from_parent(v: versions.Version) -> bool:
-    """An increment starts from its parent's weights; a consolidation starts from the base
-    (its meta.json says so) and learned only what its own examples hold."""
+    """An increment starts from its parent's weights; a rebuild starts from the base and
+    learned only what its own examples hold. The database says which (m010); for a version
+    made before it recorded that, its meta.json, while retention has not deleted it."""
+    if v.from_base is not None:
+        return not v.from_base
     try:
         meta = json.loads((Path(v.path) / "meta.json").read_text())
     except (OSError, ValueError):

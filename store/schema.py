@@ -364,3 +364,23 @@ def m009_version_outcomes(db: Database) -> None:
             BEGIN SELECT RAISE(ABORT, '{message}'); END
             """
         )
+
+
+@migrations()
+def m010_version_lineage(db: Database) -> None:
+    """versions.from_base: 1 when the version was trained from the base model's weights (a
+    first version, a rebuild), 0 when from its parent's (an increment). `forget` decides
+    from it which versions learned what an earlier one did; it read each version's
+    meta.json, which retention deletes. Existing rows: from their meta.json where it is
+    still there, else NULL (unknown: forget assumes an increment)."""
+    import json
+    from pathlib import Path
+
+    db.execute("ALTER TABLE versions ADD COLUMN from_base INTEGER")
+    for vid, path in db.execute("SELECT id, path FROM versions").fetchall():
+        try:
+            meta = json.loads((Path(path) / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        parent = meta.get("train", {}).get("parent_adapter")
+        db.execute("UPDATE versions SET from_base = ? WHERE id = ?", [int(parent is None), vid])

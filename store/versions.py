@@ -48,6 +48,9 @@ class Version:
     parent: str | None = None
     forgotten: bool = False  # trained on examples since forgotten: never served again
     outcome: str | None = None  # rejected: why (store.schema.REJECTED_OUTCOMES)
+    # trained from the base model's weights (None: not recorded, a version before m010
+    # whose folder is gone)
+    from_base: bool | None = None
 
     @property
     def name(self) -> str:
@@ -73,7 +76,7 @@ class Version:
 
 _COLUMNS = (
     "v.id, v.domain, v.number, v.state, v.parent_id, v.path, v.pinned, v.examples, v.metrics,"
-    " v.reason, v.created_at, v.promoted_at, v.forgotten, p.number, v.outcome"
+    " v.reason, v.created_at, v.promoted_at, v.forgotten, p.number, v.outcome, v.from_base"
 )
 _FROM = "versions v LEFT JOIN versions p ON p.id = v.parent_id"
 
@@ -88,6 +91,7 @@ def _version(row: tuple) -> Version:
         None if row[13] is None else version_name(row[13]),
         bool(row[12]),
         row[14],
+        None if row[15] is None else bool(row[15]),
     )
 
 
@@ -140,17 +144,31 @@ def by_path(db: Database) -> dict[str, int]:
 
 
 def reserve(
-    db: Database, domain: str, run_id: int | None, parent_id: int | None, path_of
+    db: Database,
+    domain: str,
+    run_id: int | None,
+    parent_id: int | None,
+    path_of,
+    from_base: bool | None = None,
 ) -> Version:
-    """The domain's next number, state 'training'; `path_of(number)` is its folder."""
+    """The domain's next number, state 'training'; `path_of(number)` is its folder;
+    `from_base`: trained from the base model's weights, not from its parent's."""
     with write_transaction(db):
         (last,) = db.execute(
             "SELECT coalesce(max(number), 0) FROM versions WHERE domain = ?", [domain]
         ).fetchone()
         cur = db.execute(
-            "INSERT INTO versions (domain, number, state, parent_id, run_id, path, created_at)"
-            " VALUES (?, ?, 'training', ?, ?, ?, ?)",
-            [domain, last + 1, parent_id, run_id, str(path_of(last + 1)), utcnow()],
+            "INSERT INTO versions (domain, number, state, parent_id, run_id, path, created_at,"
+            " from_base) VALUES (?, ?, 'training', ?, ?, ?, ?, ?)",
+            [
+                domain,
+                last + 1,
+                parent_id,
+                run_id,
+                str(path_of(last + 1)),
+                utcnow(),
+                None if from_base is None else int(from_base),
+            ],
         )
         version_id = cur.lastrowid
     return get(db, version_id)

@@ -89,3 +89,39 @@ def test_only_a_refused_versions_examples_wait_for_new_data(db, layout, outcome,
     versions.record_examples(db, v, ids, [], [])
     versions.reject(db, v, outcome, "why")
     assert examples.fresh_count(db, "legal") == fresh
+
+
+def test_forget_reads_lineage_from_the_database_after_retention_deleted_the_folders(db, layout):
+    """v1 (from the base) learned Y, v2 (an increment of v1) learned X, v3 (a rebuild from
+    the base, compared with v2) learned Y again; retention deleted v2's and v3's folders.
+    Forgetting X retires v2 only: v3 never held v2's weights. Before, forget read lineage
+    from meta.json and, with the folder gone, assumed v3 was an increment of v2."""
+    from evertune.daemon.forget import forget
+
+    with write_transaction(db):
+        db.execute(
+            "INSERT INTO files (id, domain, name, inbox_path, stored_path, report_path, size,"
+            " sha256, status, received_at, ingested_at) VALUES (1, 'legal', 'a', 'i', 's', 'r', 1,"
+            " 'x', 'ingested', '', '')"
+        )
+        for i, question in ((1, b"x"), (2, b"y")):
+            db.execute(
+                "INSERT INTO examples (id, domain, kind, body, content_hash, chars, file_id,"
+                " line, prompt_hash) VALUES (?, 'legal', 'chat', '[]', ?, 1, 1, ?, ?)",
+                [i, bytes([i]), i, question],
+            )
+    made, parent = [], None
+    for learned, from_base in (([2], True), ([1], False), ([2], True)):
+        v = versions.reserve(
+            db, "legal", None, parent, lambda n: layout.adapters / f"v{n}", from_base
+        )
+        versions.record_examples(db, v, learned, [], [])
+        versions.set_state(db, v, "retired")
+        made.append(v)
+        parent = v.id
+    with write_transaction(db):
+        db.execute("UPDATE versions SET state = 'live' WHERE id = ?", [made[-1].id])
+    assert not any((layout.adapters / f"v{n}").exists() for n in (1, 2, 3))  # no folders
+    out = forget(db, "legal", [b"x"], None)
+    assert out.versions == ["v0002"]
+    assert out.live_before == out.live_now == "v0003"
