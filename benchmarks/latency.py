@@ -1,9 +1,10 @@
-"""One client's answer time on an idle embedded vLLM-CPU server: the base model against a
-trained adapter, the client's 24 tokens (benchmarks/continual.py's --traffic client),
-one request at a time. The floor under the answer times a client sees while the service
-learns: no pausing of training can make an answer faster than this.
+"""One client's answer time on an idle embedded vLLM-CPU server: the base model against
+adapters, the client's 24 tokens (benchmarks/continual.py's --traffic client), one request
+at a time. The floor under the answer times a client sees while the service learns: no
+pausing of training can make an answer faster than this. An adapter's cost depends on its
+rank and the projections it adapts, not on its weights.
 
-    python benchmarks/latency.py --models MODELS_DIR --adapter ADAPTER_DIR [--out DIR]
+    python benchmarks/latency.py --models MODELS_DIR --adapter [NAME=]ADAPTER_DIR ... [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from continual import BASE_DIR, CLIENT_QUESTIONS, CLIENT_TOKENS
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, required=True, help="a prepared models/ folder")
-    ap.add_argument("--adapter", type=Path, required=True, help="a trained version's folder")
+    ap.add_argument(
+        "--adapter", action="append", required=True, help="[NAME=]an adapter folder (repeatable)"
+    )
     ap.add_argument("--requests", type=int, default=10, help="per model and round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--port", type=int, default=8499)
@@ -38,7 +41,11 @@ def main() -> int:
     args = ap.parse_args()
     machine = {"native_bf16": cpu_has_native_bf16(), "cores": len(os.sched_getaffinity(0))}
     print(json.dumps(machine), flush=True)
-    extra = f"--lora-modules adapter={args.adapter.resolve()}"
+    adapters = {}
+    for i, given in enumerate(args.adapter):
+        name, _, path = given.rpartition("=")
+        adapters[name or ("adapter" if i == 0 else f"adapter{i + 1}")] = Path(path).resolve()
+    extra = "--lora-modules " + " ".join(f"{n}={p}" for n, p in adapters.items())
     cfg = ServeConfig(port=args.port, extra_args=extra)
     log = Path(tempfile.mkdtemp()) / "vllm.log"
     server = EmbeddedVLLM(args.models / BASE_DIR, cfg, output_log=log)
@@ -49,7 +56,7 @@ def main() -> int:
             print(f"vLLM did not start: see {log}", file=sys.stderr)
             return 1
         ready_s = round(time.monotonic() - started, 1)
-        rounds: dict[str, list[list[float]]] = {"base": [], "adapter": []}
+        rounds: dict[str, list[list[float]]] = {"base": [], **{n: [] for n in adapters}}
         with httpx.Client(timeout=120) as http:
             for _ in range(args.rounds):
                 for model in rounds:
@@ -75,6 +82,7 @@ def main() -> int:
     result = {
         "machine": machine,
         "tokens": CLIENT_TOKENS,
+        "adapters": {n: _shape(p) for n, p in adapters.items()},
         "vllm_ready_s": ready_s,
         "seconds": rounds,
         "p50_s": {
@@ -83,14 +91,22 @@ def main() -> int:
     }
     print(json.dumps(result), flush=True)
     p = result["p50_s"]
-    print(
-        f"idle, one request at a time, {CLIENT_TOKENS} tokens: base p50 {p['base']:.2f} s,"
-        f" through the adapter p50 {p['adapter']:.2f} s ({p['adapter'] / p['base']:.2f}x)"
-    )
+    print(f"idle, one request at a time, {CLIENT_TOKENS} tokens: base p50 {p['base']:.2f} s")
+    for n in adapters:
+        shape = result["adapters"][n]
+        print(
+            f"  {n} (rank {shape['r']}, {', '.join(shape['target_modules'])}):"
+            f" p50 {p[n]:.2f} s ({p[n] / p['base']:.2f}x)"
+        )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "latency.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _shape(folder: Path) -> dict:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return {"r": config["r"], "target_modules": sorted(config["target_modules"])}
 
 
 if __name__ == "__main__":

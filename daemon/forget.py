@@ -34,6 +34,7 @@ from evertune.store.errors import RecordError
 from evertune.store.files import write_atomic
 from evertune.store.formats import CHAT, normalise, prompt_hash, question_hash, text_hash
 from evertune.store.ingest import IngestLimits
+from evertune.store.layout import HomeLayout
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,18 @@ def forget(db: Database, domain: str, hashes: list[bytes], serving: Serving | No
         out.live_now,
     )
     return out
+
+
+def forget_then_rebuild(
+    db: Database, layout: HomeLayout, domain: str, hashes: list[bytes], serving: Serving | None
+) -> Forgotten:
+    """`forget` under the home's training lock (the daemon's queue and the CLI without a
+    daemon both come here); the caller then rebuilds the domain from the base model
+    (`run_cycle(..., from_base=True)`) when `rebuild` says there is something to rebuild."""
+    from evertune.daemon.children import training_lock
+
+    with training_lock(layout.train_lock_path, None):
+        return forget(db, domain, hashes, serving)
 
 
 def _trained_from_parent(v: versions.Version) -> bool:

@@ -167,13 +167,11 @@ class Local:
         return self._cycle(domain, force, from_base, progress, "manual")
 
     def forget(self, domain: str, hashes: list[bytes], progress: Progress) -> ForgetResult:
-        from evertune.daemon.children import training_lock
-        from evertune.daemon.forget import forget
+        from evertune.daemon.forget import forget_then_rebuild
 
         db = open_db(self.layout.db_path)
         try:
-            with training_lock(self.layout.train_lock_path, None):
-                gone = forget(db, domain, hashes, None)
+            gone = forget_then_rebuild(db, self.layout, domain, hashes, None)
         finally:
             db.close()
         if not gone.rebuild:

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from sqlite_utils import Database
 
 from evertune.adapters.errors import Cancelled, NothingToTrain
-from evertune.daemon.children import training_lock
 from evertune.daemon.config import Config
 from evertune.daemon.cycle import run_cycle
-from evertune.daemon.forget import forget as forget_examples
+from evertune.daemon.forget import forget_then_rebuild
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.runqueue import Request
 from evertune.daemon.schedule import Schedule
@@ -74,9 +73,9 @@ class TrainingWork:
         t0 = time.monotonic()
         try:
             if req.forget is not None:
-                layout = HomeLayout(config.home)
-                with training_lock(layout.train_lock_path, None):
-                    gone = forget_examples(db, req.domain, req.forget, self.serving())
+                gone = forget_then_rebuild(
+                    db, HomeLayout(config.home), req.domain, req.forget, self.serving()
+                )
                 if not gone.rebuild:
                     raise NothingToTrain(gone.no_rebuild_reason())
             outcome = run_cycle(
