@@ -23,7 +23,7 @@ def home(tmp_path, monkeypatch, tiny_base) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from evertune.adapters.train import TARGET_MODULES
+    from evertune.adapters.contract import TARGET_MODULES
 
     home = tmp_path / "home"
     monkeypatch.setenv("EVERTUNE_HOME", str(home))

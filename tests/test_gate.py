@@ -77,7 +77,7 @@ def adapter(tiny_base, out, damaged: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from evertune.adapters.train import TARGET_MODULES
+    from evertune.adapters.contract import TARGET_MODULES
 
     torch.manual_seed(0)
     model = get_peft_model(

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from evertune.adapters.contract import TARGET_MODULES, TrainSpec
 from evertune.adapters.errors import TrainingCancelled, TrainingError
 from evertune.adapters.registry import check_files
-from evertune.adapters.train import TARGET_MODULES, TrainSpec, train
+from evertune.adapters.train import train
 
 
 def chat(q: str, a: str) -> dict:
