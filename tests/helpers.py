@@ -245,3 +245,23 @@ def wait_for(
         return False
     tail = f"\n{daemon.tail()}" if daemon is not None else ""
     raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
+
+
+def stored_examples(db, questions: dict[int, bytes | None], domain: str = "legal") -> None:
+    """Examples `id -> prompt_hash` of one ingested file, stored directly (the tests of the
+    store's queries need rows, not a real ingest)."""
+    from evertune.store.db import write_transaction
+
+    with write_transaction(db):
+        db.execute(
+            "INSERT INTO files (id, domain, name, inbox_path, stored_path, report_path, size,"
+            " sha256, status, received_at, ingested_at) VALUES (1, ?, 'a', 'i', 's', 'r', 1,"
+            " 'x', 'ingested', '', '')",
+            [domain],
+        )
+        for i, question in questions.items():
+            db.execute(
+                "INSERT INTO examples (id, domain, kind, body, content_hash, chars, file_id,"
+                " line, prompt_hash) VALUES (?, ?, 'chat', '[]', ?, 1, 1, ?, ?)",
+                [i, domain, bytes([i]), i, question],
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from helpers import stored_examples
 
 from evertune.store import examples, runs, versions
 from evertune.store.db import write_transaction
@@ -78,18 +79,7 @@ def test_fresh_examples_leave_out_what_a_refused_candidate_tried(db, layout):
     """One definition of "not yet trained on", shared by the scheduler and `status`."""
     from evertune.store.queries import domain_summary
 
-    with write_transaction(db):
-        db.execute(
-            "INSERT INTO files (id, domain, name, inbox_path, stored_path, report_path, size,"
-            " sha256, status, received_at, ingested_at) VALUES (1, 'legal', 'a', 'i', 's', 'r', 1,"
-            " 'x', 'ingested', '', '')"
-        )
-        for i in (1, 2, 3):
-            db.execute(
-                "INSERT INTO examples (id, domain, kind, body, content_hash, chars, file_id, line)"
-                " VALUES (?, 'legal', 'chat', '[]', ?, 1, 1, ?)",
-                [i, bytes([i]), i],
-            )
+    stored_examples(db, {1: None, 2: None, 3: None})
     run_id = runs.queue(db, "legal", "drop")
     v = versions.reserve(db, "legal", run_id, None, lambda n: layout.adapters / f"v{n}")
     versions.record_examples(db, v, [1], [], [])

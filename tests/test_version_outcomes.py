@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from helpers import stored_examples
 from sqlite_utils import Database
 
 from evertune.store import examples, runs, versions
@@ -71,18 +72,7 @@ def test_only_a_refused_versions_examples_wait_for_new_data(db, layout, outcome,
     """The examples of a run the daemon's death cut short count as new again: the catch-up
     at the next start trains them (it counts fresh examples). Before, every rejected
     version's examples waited for new data, a crash's as well as a refusal's."""
-    with write_transaction(db):
-        db.execute(
-            "INSERT INTO files (id, domain, name, inbox_path, stored_path, report_path, size,"
-            " sha256, status, received_at, ingested_at) VALUES (1, 'legal', 'a', 'i', 's', 'r', 1,"
-            " 'x', 'ingested', '', '')"
-        )
-        for i in (1, 2):
-            db.execute(
-                "INSERT INTO examples (id, domain, kind, body, content_hash, chars, file_id, line)"
-                " VALUES (?, 'legal', 'chat', '[]', ?, 1, 1, ?)",
-                [i, bytes([i]), i],
-            )
+    stored_examples(db, {1: None, 2: None})
     run_id = runs.queue(db, "legal", "drop")
     v = versions.reserve(db, "legal", run_id, None, lambda n: layout.adapters / f"v{n}")
     ids = [1, 2]
@@ -98,18 +88,7 @@ def test_forget_reads_lineage_from_the_database_after_retention_deleted_the_fold
     from meta.json and, with the folder gone, assumed v3 was an increment of v2."""
     from evertune.daemon.forget import forget
 
-    with write_transaction(db):
-        db.execute(
-            "INSERT INTO files (id, domain, name, inbox_path, stored_path, report_path, size,"
-            " sha256, status, received_at, ingested_at) VALUES (1, 'legal', 'a', 'i', 's', 'r', 1,"
-            " 'x', 'ingested', '', '')"
-        )
-        for i, question in ((1, b"x"), (2, b"y")):
-            db.execute(
-                "INSERT INTO examples (id, domain, kind, body, content_hash, chars, file_id,"
-                " line, prompt_hash) VALUES (?, 'legal', 'chat', '[]', ?, 1, 1, ?, ?)",
-                [i, bytes([i]), i, question],
-            )
+    stored_examples(db, {1: b"x", 2: b"y"})
     made, parent = [], None
     for learned, from_base in (([2], True), ([1], False), ([2], True)):
         v = versions.reserve(
