@@ -17,7 +17,6 @@ What happens (one transaction for the store, serving switched before it is recor
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -182,15 +181,10 @@ def forget_then_rebuild(
 
 def _trained_from_parent(v: versions.Version) -> bool:
     """An increment starts from its parent's weights; a rebuild starts from the base and
-    learned only what its own examples hold. The database says which (m010); for a version
-    made before it recorded that, its meta.json, while retention has not deleted it."""
-    if v.from_base is not None:
-        return not v.from_base
-    try:
-        meta = json.loads((Path(v.path) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return True  # no folder left to tell: assume the worst
-    return meta.get("train", {}).get("parent_adapter") is not None
+    learned only what its own examples hold. The database says which (m010, which read
+    the meta.json of every older version still on disk); not recorded (its folder was
+    gone by then): assume the worst."""
+    return not v.from_base
 
 
 def _mark_report(path: Path, n: int) -> None:
