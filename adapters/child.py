@@ -208,7 +208,7 @@ def main(run_dir: Path) -> int:
     hf_logging.disable_progress_bar()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    child = ChildSpec.from_dict(json.loads((run_dir / "spec.json").read_text()))
+    child = ChildSpec.load(run_dir)
     spec = child.train
     if child.warm:
         warm(spec, child.eval, run_dir.parent)

@@ -7,11 +7,15 @@ left at its default (a typo in "changed" would have turned off the stale-answer 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from evertune.adapters.errors import TrainingError
 from evertune.adapters.gate import GateThresholds
+
+SPEC_NAME = "spec.json"
 
 
 class SpecError(TrainingError):
@@ -103,6 +107,14 @@ class ChildSpec:
     # only measure the base model's side of the gate (daemon/children.py warm_gate)
     warm: bool = False
 
+    def save(self, run_dir: Path) -> None:
+        """RUN_DIR/spec.json, which the child reads with `load`."""
+        (run_dir / SPEC_NAME).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> ChildSpec:
+        return cls.from_dict(json.loads((run_dir / SPEC_NAME).read_text()))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "train": dataclasses.asdict(self.train),
@@ -126,23 +138,19 @@ def _checked(kind: type, data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected an object, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(kind)}
+    problems = []
     unknown = sorted(set(data) - set(known))
-    required = {
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(unknown)}")
+    missing = sorted(
         n
         for n, f in known.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }
-    missing = sorted(required - set(data))
-    if unknown or missing:
-        raise SpecError(
-            f"{where}: "
-            + "; ".join(
-                part
-                for part in (
-                    unknown and f"unknown key(s) {', '.join(unknown)}",
-                    missing and f"missing key(s) {', '.join(missing)}",
-                )
-                if part
-            )
-        )
+        if n not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        problems.append(f"missing key(s) {', '.join(missing)}")
+    if problems:
+        raise SpecError(f"{where}: {'; '.join(problems)}")
     return dict(data)

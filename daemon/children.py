@@ -124,7 +124,7 @@ def _warm(config, layout, base, refs, vllm_url, stop) -> bool:
         eval=EvalSpec(general=[r.__dict__ for r in refs if r.held_out], vllm_url=vllm_url),
         warm=True,
     )
-    (run_dir / "spec.json").write_text(json.dumps(spec.to_dict()))
+    spec.save(run_dir)
     cmd = [sys.executable, "-m", "evertune.adapters.child", str(run_dir)]
     with (
         (run_dir / "child.log").open("w") as err,
@@ -202,7 +202,7 @@ def run_child(
     stop: threading.Event | None,
 ) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(json.dumps(spec.to_dict()))
+    spec.save(run_dir)
     cmd = [*child_launcher(config.train.launcher), "-m", "evertune.adapters.child", str(run_dir)]
     log_path = run_dir / "child.log"
     with log_path.open("w") as err:
