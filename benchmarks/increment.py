@@ -1,0 +1,144 @@
+"""Why an increment forgets older answers: file 2 of benchmarks/continual_facts.json trained
+from a version that learned file 1, in this process (no daemon, no vLLM), per seed.
+
+    python benchmarks/increment.py --models DIR --seeds 0 1 2 3 4 [--cache DIR] ['{}' ...]
+
+The first version (file 1 from the base model, the daemon's defaults and seed) is trained once
+per seed and kept in --cache. The increment is trained as the daemon trains it (file 2 new,
+older examples replayed, a held-out slice of them for the gate, the daemon's defaults), once
+per variant: each argument is a JSON object of TrainSpec overrides, or of selection overrides
+("holdout": N). Printed per held-out older example, one JSON line each: which fact, which
+phrasing (its record format, answer style, system prompt), the live version's and the
+increment's greedy answers, whether the gate counts it lost (its whole trained answer no longer
+given) and whether the fact itself is still stated (the benchmark's `expected` words).
+A JSON summary line per seed and variant follows. Greedy answers: transformers, in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import continual as C
+
+from evertune.adapters import evaluate as ev
+from evertune.adapters.contract import TrainSpec
+from evertune.adapters.gate import short_qa
+from evertune.adapters.reference import load_or_build
+from evertune.adapters.train import train
+from evertune.daemon.config_sections import GateConfig, TrainConfig
+from evertune.daemon.selection import sample_old
+
+STYLES = ("terse", "sentence", "friendly")  # answers(fact)[0..2]
+
+
+def describe(files: list[list[dict]]) -> list[dict]:
+    """Per example of file 1 in order (as continual.records writes them): fact, phrasing."""
+    out = []
+    for i in range(len(files[0])):
+        system = C.SYSTEMS[i // 2 % 2] if i % 2 else None
+        # records(): messages (answer style 2), prompt/completion (style 1), conversations (3)
+        out.append({"fact": i, "format": "messages", "style": STYLES[1], "system": system})
+        out.append({"fact": i, "format": "prompt", "style": STYLES[0], "system": None})
+        out.append({"fact": i, "format": "conversations", "style": STYLES[2], "system": None})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", type=Path, required=True, help="a prepared models/ folder")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "increment-v1")
+    ap.add_argument("variants", nargs="*", default=["{}"])
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from evertune.adapters.base_model import cpu_has_native_bf16
+
+    print(json.dumps({"native_bf16": cpu_has_native_bf16(), "cores": len(os.sched_getaffinity(0))}))
+    base = str(args.models / C.BASE_DIR)
+    refs = load_or_build(Path(base))
+    general = [{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out]
+    file1, file2 = (C.chat_examples(fs) for fs in C.FILES[:2])
+    about = describe(C.FILES)
+    _, tok = ev.load(base)
+    for seed in args.seeds:
+        fields = TrainConfig(seed=seed).spec_fields()
+        v1 = args.cache / f"seed{seed}"
+        if not (v1 / "adapter_config.json").exists():
+            v1.mkdir(parents=True, exist_ok=True)
+            train(TrainSpec(base_path=base, out_dir=str(v1), new=file1, general=general, **fields))
+        live, _ = ev.load(base, str(v1))
+        for text in args.variants:
+            v = json.loads(text)
+            holdout = v.pop("holdout", GateConfig().old_holdout)
+            old = list(enumerate(file1))
+            # the daemon's seed for the second run of a domain: train.seed + runs so far
+            replay, held = sample_old(old, len(file2), 1.0, 8, holdout, seed + 2)
+            held_qa = short_qa([e for _, e in held])
+            with tempfile.TemporaryDirectory() as out:
+                spec = TrainSpec(
+                    base_path=base,
+                    out_dir=out,
+                    parent_adapter=str(v1),
+                    new=file2,
+                    replay=[e for _, e in replay],
+                    general=general,
+                    **{**fields, **v},
+                )
+                t = time.time()
+                r = train(spec)
+                train_s = time.time() - t
+                cand, _ = ev.load(base, out)
+                prompts = [list(p) for p, _ in held_qa]
+                got_live = ev.greedy_answers_chat(live, tok, prompts)
+                got_cand = ev.greedy_answers_chat(cand, tok, prompts)
+            lost = stated = 0
+            for (i, _), (_, expected), a_live, a_cand in zip(
+                held, held_qa, got_live, got_cand, strict=True
+            ):
+                fact = C.FILES[0][about[i]["fact"]]
+                row = {
+                    "seed": seed,
+                    "example": i,
+                    **about[i],
+                    "expected": expected,
+                    "live": a_live,
+                    "increment": a_cand,
+                    "lost": ev.matches(a_live, expected) and not ev.matches(a_cand, expected),
+                    "fact_stated": C.knows(a_cand, fact["expected"]),
+                    "sibling_replayed": sum(
+                        about[j]["fact"] == about[i]["fact"] for j, _ in replay
+                    ),
+                }
+                lost += row["lost"]
+                stated += row["fact_stated"]
+                print(json.dumps(row), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "seed": seed,
+                        "variant": v,
+                        "holdout": holdout,
+                        "held": len(held),
+                        "replayed": len(replay),
+                        "lost": lost,
+                        "fact_stated": stated,
+                        "train_s": round(train_s, 1),
+                        "epochs": r.epochs,
+                        "history": r.history,
+                    }
+                ),
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
