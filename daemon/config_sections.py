@@ -160,9 +160,9 @@ class TrainConfig:
     consolidate: bool = key(
         True,
         "When an increment (trained from the live version) learned the new data but the"
-        " gate refused it for damage, train it once more from the live version with its"
-        " held-out older examples replayed and more general replay (bounded by the new data;"
-        " `train --from-base` rebuilds on every example).",
+        " gate refused it for damage, repair it once: train on from where it stopped with"
+        " its held-out older examples replayed and more general replay (bounded by the new"
+        " data; `train --from-base` rebuilds on every example).",
     )
     replay_ratio: float = key(
         1.0,

@@ -209,15 +209,21 @@ def _cycle(
             and _damaged_but_learned(result["gate"], g.min_learned)
         ):
             # An increment that learned the new data but damaged the model (drift, older
-            # answers, easy answers) is trained once more, from the live version again,
-            # with the older examples it was checked on replayed too, a fresh held-out
-            # slice, and more of the base model's own answers. Its cost is bounded by the
-            # new data, like the increment's: never every example of the domain (a
-            # rebuild from the base model on everything is `train --from-base`).
+            # answers, easy answers) is repaired: trained on from where it stopped, with
+            # the older examples it was checked on replayed too, a fresh held-out slice and
+            # more of the base model's own answers. Its new examples are learned already
+            # (they leave after an epoch), so the repair is two or three short epochs, not
+            # the increment's six: measured, retrying from the live version made such a
+            # cycle 287-336 s against 118-153 s. Its cost is bounded by the new data, like
+            # the increment's: never every example of the domain (a rebuild from the base
+            # model on everything is `train --from-base`).
             increment = result["gate"]
             replay, held = _retry_sample(replay, held, every_old, t.seed + run_id)
+            refused = run_dir / "increment"  # the refused increment's adapter: the start
+            shutil.rmtree(refused, ignore_errors=True)
+            shutil.move(staging, refused)
             log.info(
-                "%s %s: the increment was refused (%s); training it again with %d replayed"
+                "%s %s: the increment was refused (%s); repairing it with %d replayed"
                 " (the %d held-out older examples among them) and %d general examples an"
                 " epoch",
                 domain,
@@ -228,17 +234,21 @@ def _cycle(
                 max(spec.train.general_per_epoch, t.general_when_drifting),
             )
             if progress:
-                progress({"event": "phase", "phase": "retrying the increment"})
+                progress({"event": "phase", "phase": "repairing the increment"})
             retried = True
             spec = _with_train(
                 spec,
+                parent_adapter=str(refused),
                 replay=[e for _, e in replay],
                 general_per_epoch=max(spec.train.general_per_epoch, t.general_when_drifting),
             )
             spec = dataclasses.replace(
                 spec, eval=dataclasses.replace(spec.eval, old=[e for _, e in held])
             )
-            result = run_child(db, config, run_dir / "retry", spec, run_id, progress, stop)
+            try:
+                result = run_child(db, config, run_dir / "retry", spec, run_id, progress, stop)
+            finally:
+                shutil.rmtree(refused, ignore_errors=True)
     except TrainingCancelled as exc:
         _finish_failed(db, version, run_id, "cancelled", str(exc))
         raise
@@ -266,7 +276,7 @@ def _cycle(
         "gate": gate,
         "consolidated": from_base,  # from the base model on every example
         "rebuilt": from_base,  # asked for: `train --from-base` or `forget`
-        "retried": retried,  # the increment was refused for damage and trained again
+        "retried": retried,  # the increment was refused for damage and repaired
         "increment_gate": increment,  # the refused increment's verdict, when retried
         "timing": result.get("timing"),
         "created": version.created_at,
@@ -346,7 +356,7 @@ def _with_train(spec: ChildSpec, **changes: Any) -> ChildSpec:
 
 
 def _retry_sample(replay: list, held: list, every_old: list, seed: int) -> tuple[list, list]:
-    """(replay, held-out) for a retried increment: the held-out slice joins the replay, and
+    """(replay, held-out) for a repaired increment: the held-out slice joins the replay, and
     as many older examples that neither trained on are held out instead (none where the
     replay already covers every older example)."""
     used = {i for i, _ in replay} | {i for i, _ in held}

@@ -143,7 +143,7 @@ def test_killed_training_leaves_no_visible_version(home, tmp_path, tiny_base, ca
     assert not [p for p in (home / "adapters" / "vaults").iterdir() if p.name.startswith(".")]
 
 
-def test_an_increment_refused_for_damage_is_trained_again_from_the_live_version(
+def test_an_increment_refused_for_damage_is_repaired_from_where_it_stopped(
     home, tmp_path, tiny_base, capsys
 ):
     drop_facts(tmp_path, FACTS[:6], "a.jsonl")
@@ -157,11 +157,14 @@ def test_an_increment_refused_for_damage_is_trained_again_from_the_live_version(
     )
     drop_facts(tmp_path, FACTS[6:], "b.jsonl")
     main(["train", "vaults"])
-    [v1, v2] = versions(capsys)
+    [_, v2] = versions(capsys)
     meta = json.loads((Path(v2["path"]) / "meta.json").read_text())
     assert meta["retried"] is True and meta["consolidated"] is False
     assert not meta["increment_gate"]["promote"] and "drift" in meta["increment_gate"]["reason"]
-    assert meta["train"]["parent_adapter"] == v1["path"]  # again from the live version
+    # repaired: trained on from the refused increment (kept in the run's folder meanwhile)
+    run_dir = Path(meta["train"]["parent_adapter"])
+    assert run_dir.name == "increment" and run_dir.parent.parent == home / "runs"
+    assert not run_dir.exists()  # removed once the repair is done
     assert meta["parent"] == "v0001"
     assert meta["train"]["general_per_epoch"] == 48  # train.general_when_drifting
     db = open_db(home / "evertune.db", readonly=True)
