@@ -9,13 +9,18 @@ daemon training real LoRA versions of it. Each trial drops random files into the
 (valid records, duplicates of earlier ones, invalid lines) and SIGKILLs the daemon at a
 random moment of one phase, in turn:
 
-  ingest     0-1 s after a file of 20-40k records lands (60 new, the rest repeats and
-             invalid lines: its transaction is open for about a second)
-  train      0-2 s after a training run is recorded running
-  publish    0-0.2 s after the new version is recorded as a candidate (folder published,
-             the vLLM loads and the switch of the stable name under way)
-  reconcile  0-1.5 s after the stable name was unloaded from vLLM behind the daemon's back
-             and a stale version name loaded (the next reconcile, every second, repairs it)
+  ingest     0-0.3 s after the daemon's status names the file its store writer is ingesting
+             (20-40k records: 60 new, the rest repeats and invalid lines; one transaction)
+  train      0-0.5 s after a training run is recorded running
+  publish    at once when the new version leaves 'training' (polled every 5 ms: a
+             'candidate' while vLLM loads it and the stable name is switched)
+  reconcile  0-0.05 s after the stable name was unloaded from vLLM behind the daemon's back
+             and a stale version name loaded: while vLLM and the database disagree (the
+             next reconcile pass, every second, would repair it; the restart must)
+
+Where each kill landed is read before the restart (`phases_at_kill`: the file not stored,
+the version 'training' or 'candidate', vLLM serving other than the database) and counted
+in the table's "inside" column.
 
 Then the daemon is started again, and after it: within 10 s of it being up the database's
 live version of every domain is what vLLM serves; once it is idle (every file moved, no
@@ -421,10 +426,20 @@ def trial(
     last_version = query(home, "SELECT coalesce(max(id), 0) FROM versions")[0][0]
     domain = DOMAINS[k % len(DOMAINS)]
     name = f"t{k:03d}-{phase}.jsonl"
+    # Each kill waits for its phase's own marker, then a short random moment inside it.
     if phase == "ingest":
+        # the daemon's status names the file its store writer is ingesting
         drop_file(home, exp, rng, domain, name, rng.randint(20_000, 40_000), new=60)
-        time.sleep(rng.uniform(0.0, 1.0))
+        wait_for(
+            lambda: name in str(control_status(home).get("ingesting")),
+            60,
+            daemon=daemon,
+            every=0.02,
+            fail=False,
+        )
+        time.sleep(rng.uniform(0.0, 0.3))
     elif phase == "train":
+        # the run started: its version is 'training' until the gate has spoken
         drop_file(home, exp, rng, domain, name, rng.randint(20, 80))
         wait_for(
             lambda: query(
@@ -435,8 +450,9 @@ def trial(
             every=0.02,
             fail=False,
         )
-        time.sleep(rng.uniform(0.0, 2.0))
+        time.sleep(rng.uniform(0.0, 0.5))
     elif phase == "publish":
+        # the gate passed: the version is a 'candidate' while vLLM loads and switches it
         drop_file(home, exp, rng, domain, name, rng.randint(20, 80))
         wait_for(
             lambda: query(
@@ -446,10 +462,9 @@ def trial(
             )[0][0],
             180,
             daemon=daemon,
-            every=0.02,
+            every=0.005,
             fail=False,
         )
-        time.sleep(rng.uniform(0.0, 0.2))
     else:  # reconcile: vLLM loses the stable name behind the daemon's back
         from evertune.adapters.remote import admin_headers
 
@@ -460,17 +475,50 @@ def trial(
                 c.post("/v1/load_lora_adapter", json={"lora_name": f"{d}@v9999", "lora_path": path})
         if rng.random() < 0.5:  # and sometimes new data too
             drop_file(home, exp, rng, domain, name, rng.randint(20, 80))
-        time.sleep(rng.uniform(0.0, 1.5))
+        # serve.reconcile_seconds is 1 here: killed before the next pass has repaired it
+        time.sleep(rng.uniform(0.0, 0.05))
     gone = daemon.proc.poll() is not None
-    daemon.kill()  # first: the state it leaves is what the check below reads
+    daemon.kill()  # first: the state it leaves is what the checks below read
     where = "daemon already gone" if gone else landed(home, url, before)
     return {
         "trial": k,
         "phase": phase,
         "up_s": round(up_s, 1),
         "landed": where,
+        # what was under way when the kill landed (the phase aimed at should be among them)
+        "landed_in": [] if gone else phases_at_kill(home, url, name, last_version),
         "violations": violations,
     }
+
+
+def phases_at_kill(home: Path, url: str, name: str, last_version: int) -> list[str]:
+    """What was under way when the daemon was killed, read from what it left (before the
+    restart): the trial's file not stored yet (ingest: the store writes it at the end, in
+    one transaction), its version 'training' (train, the gate included) or 'candidate'
+    (publish), vLLM serving other than the database's live versions (reconcile)."""
+    out = []
+    dropped = any((home / "inbox" / d / name).exists() for d in DOMAINS)
+    if dropped and not query(home, "SELECT 1 FROM files WHERE name = ?", [name]):
+        out.append("ingest")
+    state = query(home, "SELECT state FROM versions WHERE id > ? ORDER BY id DESC", [last_version])
+    if state and state[0][0] == "training":
+        out.append("train")
+    if state and state[0][0] == "candidate":
+        out.append("publish")
+    if not serves_live(home, url)[0]:
+        out.append("reconcile")
+    return out
+
+
+def control_status(home: Path) -> dict:
+    """The running daemon's status through its control API ({} when it does not answer)."""
+    try:
+        url = (home / "control.url").read_text().strip()
+        token = (home / "control.token").read_text().strip()
+        r = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        return r.json() if r.status_code == 200 else {}
+    except (httpx.HTTPError, OSError, ValueError):
+        return {}
 
 
 # ---- the hostile conditions ----------------------------------------------------------------
@@ -1070,9 +1118,12 @@ def _run_trials(trials, rng, home, model, vllm_url, out, phases, skipped) -> dic
         r["idle_s"] = round(idle_s, 1)
         results.append(r)
         what = "killed at" if phase in PHASES else "fault"
+        inside = ""
+        if "landed_in" in r:
+            inside = f" (under way: {','.join(r['landed_in']) or 'nothing'})"
         out(
             f"trial {k + 1:>3d}/{trials} {phase:13s} {r['seconds']:6.1f} s  {what}: "
-            f"{r.get('landed')}  -> {'ok' if not r['violations'] else 'VIOLATIONS'}"
+            f"{r.get('landed')}{inside}  -> {'ok' if not r['violations'] else 'VIOLATIONS'}"
         )
         for n in r.get("notes", []):
             out(f"      reported: {n}")
@@ -1098,6 +1149,8 @@ def table(results: list[dict], phases, skipped: dict[str, str]) -> list[dict[str
             {
                 "condition": p if p not in PHASES else f"kill mid-{p}",
                 "trials": len(rs),
+                # kills that landed while their phase was under way (phases_at_kill)
+                "inside": sum(p in r.get("landed_in", ()) for r in rs) if p in PHASES else None,
                 "lost": sum(r.get("lost", 0) for r in rs),
                 "silent": None if p in PHASES else sum(len(r.get("silent", [])) for r in rs),
                 "violations": sum(len(r["violations"]) for r in rs),
@@ -1108,12 +1161,16 @@ def table(results: list[dict], phases, skipped: dict[str, str]) -> list[dict[str
 
 
 def table_text(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'condition':22s} {'trials':>6s} {'lost':>6s} {'silent':>6s} {'violations':>10s}"]
+    lines = [
+        f"{'condition':22s} {'trials':>6s} {'inside':>6s} {'lost':>6s} {'silent':>6s}"
+        f" {'violations':>10s}"
+    ]
     for row in rows:
         silent = "-" if row["silent"] is None else str(row["silent"])
+        inside = "-" if row.get("inside") is None else str(row["inside"])
         lines.append(
-            f"{row['condition']:22s} {row['trials']:>6d} {row['lost']:>6d} {silent:>6s}"
-            f" {row['violations']:>10d}"
+            f"{row['condition']:22s} {row['trials']:>6d} {inside:>6s} {row['lost']:>6d}"
+            f" {silent:>6s} {row['violations']:>10d}"
             + (f"  not run: {row['not_run']}" if "not_run" in row else "")
         )
     return "\n".join(lines)

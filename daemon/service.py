@@ -259,6 +259,8 @@ class Service:
         parts = [self.serving.failed or self._state]
         if cur is not None:
             parts.append(f"training {cur.domain}")
+        if (job := self.writer.doing()) is not None:
+            parts.append(f"{job['job']} ({job['seconds']:.0f} s)")
         if self.serving.vllm is not None:
             parts.append("vLLM up" if self.serving.vllm.ready.is_set() else "vLLM starting")
         return "; ".join(parts)
@@ -273,6 +275,7 @@ class Service:
         report["daemon"] |= {"control_url": self.control.url, "state": self._status_line()}
         note_health(report, self.health())
         report["training"] = self.runs.report()
+        report["ingesting"] = self.writer.doing()  # None, or {"job", "seconds"}
         if self.serving.vllm is not None:
             report["daemon"]["vllm"] = self.serving.vllm.report()
         return report

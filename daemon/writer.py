@@ -43,6 +43,7 @@ class StoreWriter:
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self.busy_since: float | None = None  # time.monotonic() the running job started
+        self.busy_with: str | None = None  # the running job's name ("ingesting <path>")
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the store opened
 
     def start(self) -> None:
@@ -66,6 +67,13 @@ class StoreWriter:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def doing(self) -> dict[str, Any] | None:
+        """The job running now, for `status`: {"job": its name, "seconds": so far}."""
+        what, since = self.busy_with, self.busy_since
+        if what is None or since is None:
+            return None
+        return {"job": what, "seconds": round(time.monotonic() - since, 1)}
 
     def problem(self, stuck_after: float) -> str | None:
         """Why the writer is not working: its thread died, or one job has run longer than
@@ -123,12 +131,12 @@ class StoreWriter:
                     log.error("%s: refused: %s", what, gone)
                     future.set_exception(StoreGone(gone))
                     continue
-                self.busy_since = time.monotonic()
+                self.busy_with, self.busy_since = what, time.monotonic()
                 try:
                     future.set_result(job(self._db))
                 except BaseException as exc:
                     future.set_exception(exc)
                 finally:
-                    self.busy_since = None
+                    self.busy_since = self.busy_with = None
         finally:
             self._db.close()

@@ -322,11 +322,15 @@ def test_health_names_a_wedged_writer_and_a_stopped_watcher(tmp_path):
     writer = StoreWriter(tmp_path / "evertune.db")
     writer.start()
     release = threading.Event()
-    writer.submit(lambda db: release.wait(10))
+    assert writer.doing() is None
+    writer.submit(lambda db: release.wait(10), "ingesting inbox/a/big.jsonl")
     wait_for(lambda: writer.problem(stuck_after=0.3), 5, "the writer to look stuck")
     assert "on one job for" in writer.problem(stuck_after=0.3)
+    doing = writer.doing()  # what the daemon's status shows
+    assert doing["job"] == "ingesting inbox/a/big.jsonl" and doing["seconds"] >= 0.3
     release.set()
     wait_for(lambda: writer.problem(stuck_after=0.3) is None, 5, "the writer to recover")
+    assert writer.doing() is None
     writer.stop()
     writer.join(5)
     assert writer.problem(stuck_after=0.3) == "the store writer thread has stopped"

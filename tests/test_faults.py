@@ -1,10 +1,11 @@
 """Fault injection (marker e2e), the quick variant of benchmarks/faults.py: the real daemon
-SIGKILLed once in each phase (mid-ingest, mid-training, mid-publish, mid-reconcile) on one
-home, restarted after each kill, and checked once idle: every dropped file kept, every
-valid record stored exactly once, no half version visible, vLLM serving what the database
-says within 10 s of the restart. Then one trial each of the two quickest hostile
-conditions (store deleted, domain folder unreadable: 19-35 s a trial). The benchmark runs
-all of its conditions, the full disk and the bad reload too, several times each."""
+SIGKILLed once in each phase (mid-ingest, mid-training, mid-publish, mid-reconcile; each
+kill waits for its phase's marker, and the test checks where it landed) on one home,
+restarted after each kill, and checked once idle: every dropped file kept, every valid
+record stored exactly once, no half version visible, vLLM serving what the database says
+within 10 s of the restart. Then one trial each of the two quickest hostile conditions
+(store deleted, domain folder unreadable: 19-35 s a trial). The benchmark runs all of its
+conditions, the full disk and the bad reload too, several times each."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ def test_a_daemon_killed_in_every_phase_loses_and_duplicates_nothing(tmp_path, t
     report = "\n".join(lines)
     assert summary["violations"] == 0, report
     assert [r["phase"] for r in summary["trials"]] == list(faults.PHASES)
+    # each kill landed while the phase it aimed at was under way (not before, not after)
+    for r in summary["trials"]:
+        assert r["phase"] in r["landed_in"], (
+            f"trial {r['trial']} aimed at {r['phase']}, landed at {r['landed']}"
+            f" (under way: {r['landed_in']})\n{report}"
+        )
     # The trials did what they claim: files stored, and both domains trained and served
     # after their kills (the gate promotes whatever learned).
     assert summary["examples"] >= 100, report
