@@ -6,11 +6,22 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass
 
 from sqlite_utils import Database
 
 from evertune.adapters.errors import NothingToTrain
 from evertune.store import examples
+
+
+@dataclass
+class Picked:
+    """What a run trains on and checks, as (example id, example dict) lists."""
+
+    new: list
+    replay: list
+    held: list  # older examples held out of training, for the gate
+    every_old: list  # every older example not held out (the repair's pool)
 
 
 def select_examples(
@@ -59,6 +70,16 @@ def replaced_answers(db: Database, domain: str, new_ids: list[int]) -> list[dict
         if old and msgs[-1]["role"] == "assistant":  # as gate.short_qa asks it
             out.append({"prompt": msgs[:-1], "old": old})
     return out
+
+
+def repair_sample(replay: list, held: list, every_old: list, seed: int) -> tuple[list, list]:
+    """(replay, held-out) for a repaired increment: the held-out slice joins the replay, and
+    as many older examples that neither trained on are held out instead (none where the
+    replay already covers every older example)."""
+    used = {i for i, _ in replay} | {i for i, _ in held}
+    rest = [p for p in every_old if p[0] not in used]
+    random.Random(seed).shuffle(rest)
+    return replay + held, rest[: len(held)]
 
 
 def sample_old(

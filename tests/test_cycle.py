@@ -183,8 +183,7 @@ def test_an_increment_refused_for_damage_is_repaired_from_where_it_stopped(
 def test_a_cycle_trains_on_as_much_at_any_domain_size():
     """The examples a cycle trains and checks depend on the new data, not on how many older
     examples the domain holds (30 new against 300 or 30,000 older), the retry included."""
-    from evertune.daemon.cycle import _retry_sample
-    from evertune.daemon.selection import sample_old
+    from evertune.daemon.selection import repair_sample, sample_old
 
     new = 30
     sizes = {}
@@ -193,7 +192,7 @@ def test_a_cycle_trains_on_as_much_at_any_domain_size():
         replay, held = sample_old(old, new, 1.0, 8, 16, seed=0)
         held_ids = {i for i, _ in held}
         rest = [p for p in old if p[0] not in held_ids]
-        again, held2 = _retry_sample(replay, held, rest, seed=1)
+        again, held2 = repair_sample(replay, held, rest, seed=1)
         sizes[n_old] = (len(replay), len(held), len(again), len(held2))
         assert not {i for i, _ in held2} & {i for i, _ in again}
     assert sizes[300] == sizes[30_000] == (30, 16, 46, 16)
