@@ -42,6 +42,8 @@ from evertune.store.layout import HomeLayout
 
 log = logging.getLogger(__name__)
 
+REPAIRED_FROM = "increment"  # runs/NNNNNN/increment/: a refused increment while it is repaired
+
 
 @dataclass
 class Outcome:
@@ -104,6 +106,8 @@ def close_interrupted(db: Database, layout: HomeLayout) -> None:
     interrupted."""
     registry.abandon_unfinished(db, layout.adapters)
     runs.fail_interrupted(db)
+    for refused in layout.runs.glob(f"*/{REPAIRED_FROM}"):  # a repair cut short
+        shutil.rmtree(refused, ignore_errors=True)
 
 
 @dataclass
@@ -300,7 +304,7 @@ def _repair_spec(
     the base model on everything is `train --from-base`)."""
     t = c.config.train
     replay, held = repair_sample(picked.replay, picked.held, picked.every_old, t.seed + c.run_id)
-    refused = c.layout.run_dir(c.run_id) / "increment"  # the refused adapter: the start
+    refused = c.layout.run_dir(c.run_id) / REPAIRED_FROM  # the refused adapter: the start
     shutil.rmtree(refused, ignore_errors=True)
     shutil.move(c.staging(), refused)
     general = max(spec.train.general_per_epoch, t.general_when_drifting)
