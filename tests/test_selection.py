@@ -1,6 +1,7 @@
 """What a training run replays and holds out of a domain's older examples: a file teaches a
 fact in several phrasings, with different answer styles, and the selection treats the
-phrasings of one fact together (daemon/selection.py)."""
+phrasings of one fact together (daemon/selection.py); and what the repair of a refused
+increment leaves behind (daemon/cycle.py)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,17 @@ def test_sample_old_holds_out_a_quarter_at_most_and_replays_the_rest_by_fact():
     replay, held = sample_old(items, 30, 1.0, 8, 16, seed=3)
     assert len(held) == len(items) // 4
     assert {i for i, _ in replay} | {i for i, _ in held} == {i for i, _ in items}
+
+
+def test_a_repair_cut_short_leaves_no_refused_adapter_behind(layout, db):
+    """A refused increment waits in runs/NNNNNN/increment/ while it is repaired; a crash
+    there leaves it, and the next cycle (under the training lock) removes it."""
+    from evertune.daemon.cycle import REPAIRED_FROM, close_interrupted
+
+    run = layout.run_dir(7)
+    (run / REPAIRED_FROM).mkdir(parents=True)
+    (run / REPAIRED_FROM / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (run / "child.log").write_text("kept\n")
+    close_interrupted(db, layout)
+    assert not (run / REPAIRED_FROM).exists()
+    assert (run / "child.log").read_text() == "kept\n"  # the run's own record stays
