@@ -297,11 +297,12 @@ def _repair_spec(
     """An increment that learned the new data but damaged the model (drift, older answers,
     easy answers) is repaired: trained on from where it stopped, with the older examples it
     was checked on replayed too, a fresh held-out slice and more of the base model's own
-    answers. Its new examples are learned already (they leave after an epoch), so the
-    repair is two or three short epochs, not the increment's six: measured, retrying from
-    the live version made such a cycle 287-336 s against 118-153 s. Its cost is bounded by
-    the new data, like the increment's: never every example of the domain (a rebuild from
-    the base model on everything is `train --from-base`)."""
+    answers. Its new examples start learned, so it stops sooner than a retrain from the
+    live version: measured (benchmarks/results/continual-2026-12-07-seeds0-4-repair), 4
+    epochs and 83-113 s of training, those cycles 250-310 s, against 287-336 s retrained
+    from the live version. Its cost is bounded by the new data, like the increment's:
+    never every example of the domain (a rebuild from the base model on everything is
+    `train --from-base`)."""
     t = c.config.train
     replay, held = repair_sample(picked.replay, picked.held, picked.every_old, t.seed + c.run_id)
     refused = c.layout.run_dir(c.run_id) / REPAIRED_FROM  # the refused adapter: the start
