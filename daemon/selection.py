@@ -141,8 +141,11 @@ def spread(examples: list, k: int) -> list:
 _STARTERS = frozenset(
     re.findall(
         r"\S+",
-        "a an the it its it's this that these those there they he she his her we you i yes no"
-        " in on at of for to by from with and or but so as is was are were",
+        "a an the it its it's this that that's these those there there's here here's they"
+        " they're he she his her we we're our you you're your i i'm i've my me yes no sure"
+        " well also however each every one some many most all any in on at of for to by"
+        " from with and or but so as if when then is was are were be been has have had do"
+        " does did can could will would should may might",
     )
 )
 _TERM = re.compile(r"[A-Za-z0-9][\w'-]*")
