@@ -228,6 +228,22 @@ def ours(names: dict[str, str]) -> dict[str, str]:
     return {n: p for n, p in names.items() if n.split("@")[0] in DOMAINS}
 
 
+def stray_names(home: Path, url: str) -> list[tuple[str, str]]:
+    """(name, folder) of each versioned name of ours that vLLM serves and the database has
+    no published version for at that folder (the stable names: `serves_live`)."""
+    rows = query(home, "SELECT domain, number, state, path FROM versions")
+    paths = {(d, number): (state, p) for d, number, state, p in rows}
+    out = []
+    for name, root in ours(served(url)).items():
+        if "@" not in name:
+            continue
+        d, _, v = name.partition("@")
+        state, path = paths.get((d, int(v.lstrip("v") or 0)), (None, None))
+        if state not in ("live", "retired") or root != path:
+            out.append((name, root))
+    return out
+
+
 def live_paths(home: Path) -> dict[str, str]:
     return dict(query(home, "SELECT domain, path FROM versions WHERE state = 'live'"))
 
@@ -346,15 +362,8 @@ def check(home: Path, url: str, exp: Expected) -> list[str]:
                 bad.append(f"{d}: staging folder {entry.name} left behind")
             elif entry.name not in known:
                 bad.append(f"{d}: folder {entry.name} has no version")
-    names = served(url)
-    paths = {(d, number): (state, p) for d, number, state, p, _ in versions}
-    for name, root in ours(names).items():
-        if "@" not in name:
-            continue  # the stable names: serves_live below
-        d, _, v = name.partition("@")
-        state, path = paths.get((d, int(v.lstrip("v") or 0)), (None, None))
-        if state not in ("live", "retired") or root != path:
-            bad.append(f"vLLM serves {name} from {root}: not a published version")
+    for name, root in stray_names(home, url):
+        bad.append(f"vLLM serves {name} from {root}: not a published version")
     ok, why = serves_live(home, url)
     if not ok:
         bad.append(f"vLLM does not serve the live versions: {why}")
@@ -495,7 +504,9 @@ def phases_at_kill(home: Path, url: str, name: str, last_version: int) -> list[s
     """What was under way when the daemon was killed, read from what it left (before the
     restart): the trial's file not stored yet (ingest: the store writes it at the end, in
     one transaction), its version 'training' (train, the gate included) or 'candidate'
-    (publish), vLLM serving other than the database's live versions (reconcile)."""
+    (publish), vLLM serving other than the database wants (reconcile: a stable name on
+    the wrong folder, or a version name with no published version: with routing at
+    admission the stable names are routes, and the sabotage leaves only a stray name)."""
     out = []
     dropped = any((home / "inbox" / d / name).exists() for d in DOMAINS)
     if dropped and not query(home, "SELECT 1 FROM files WHERE name = ?", [name]):
@@ -505,7 +516,7 @@ def phases_at_kill(home: Path, url: str, name: str, last_version: int) -> list[s
         out.append("train")
     if state and state[0][0] == "candidate":
         out.append("publish")
-    if not serves_live(home, url)[0]:
+    if not serves_live(home, url)[0] or stray_names(home, url):
         out.append("reconcile")
     return out
 
