@@ -9,8 +9,9 @@ daemon training real LoRA versions of it. Each trial drops random files into the
 (valid records, duplicates of earlier ones, invalid lines) and SIGKILLs the daemon at a
 random moment of one phase, in turn:
 
-  ingest     0-0.3 s after the daemon's status names the file its store writer is ingesting
-             (20-40k records: 60 new, the rest repeats and invalid lines; one transaction)
+  ingest     0-0.05 s after the daemon's status names the file its store writer is
+             ingesting (40-80k records: 60 new, the rest repeats and invalid lines; one
+             transaction; with 20-40k and 0-0.3 s, 1 of 4 ingests finished before the kill)
   train      0-0.5 s after a training run is recorded running
   publish    at once when the new version leaves 'training' (polled every 5 ms: a
              'candidate' while vLLM loads it and the stable name is switched)
@@ -438,7 +439,7 @@ def trial(
     # Each kill waits for its phase's own marker, then a short random moment inside it.
     if phase == "ingest":
         # the daemon's status names the file its store writer is ingesting
-        drop_file(home, exp, rng, domain, name, rng.randint(20_000, 40_000), new=60)
+        drop_file(home, exp, rng, domain, name, rng.randint(40_000, 80_000), new=60)
         wait_for(
             lambda: name in str(control_status(home).get("ingesting")),
             60,
@@ -446,7 +447,7 @@ def trial(
             every=0.02,
             fail=False,
         )
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.05))
     elif phase == "train":
         # the run started: its version is 'training' until the gate has spoken
         drop_file(home, exp, rng, domain, name, rng.randint(20, 80))
