@@ -15,6 +15,16 @@ from helpers import free_port
 from evertune.store.db import open_db
 from evertune.store.layout import HomeLayout
 
+# A test using one of these needs a model (marker `model`, set below): the README's quick
+# subset (`-m "not slow and not e2e and not model"`) leaves them out.
+MODEL_FIXTURES = frozenset({"tiny_base", "vllm", "smollm2_models"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
 
 @pytest.fixture
 def layout(tmp_path: Path) -> HomeLayout:
