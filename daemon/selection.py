@@ -160,7 +160,8 @@ def facts(examples: list) -> list[int]:
     of its own, shared only by the same answer. A term in more than MAX_TERM_EXAMPLES
     examples (a product name in every answer) links nothing. Two facts that share a name
     are joined (measured on the 200 facts of benchmarks/continual_facts.json: 206 groups,
-    20 of them joining more than one fact): coarser, never wrong about a file's phrasings."""
+    20 of them joining more than one fact; a phrasing that names nothing its siblings do
+    stays apart)."""
     terms = [_key_terms(_answer_of(e)) for _, e in examples]
     count: dict[str, int] = {}
     for ts in terms:
