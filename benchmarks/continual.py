@@ -876,6 +876,20 @@ def row_text(c: dict[str, Any], n_easy: int) -> str:
     )
 
 
+def in_process(models: Path) -> tuple[str, list, list[dict]]:
+    """For the in-process benchmarks (variants.py, increment.py): prints the machine's kind
+    as a JSON line, returns the base model's folder, its reference set and the general
+    examples training mixes in (the reference prompts not held out for the gate)."""
+    from evertune.adapters.base_model import cpu_has_native_bf16
+    from evertune.adapters.reference import load_or_build
+
+    print(json.dumps({"native_bf16": cpu_has_native_bf16(), "cores": len(os.sched_getaffinity(0))}))
+    base = str(models / BASE_DIR)
+    refs = load_or_build(Path(base))
+    general = [{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out]
+    return base, refs, general
+
+
 def machine() -> dict[str, Any]:
     import torch
 

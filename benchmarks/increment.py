@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,6 @@ import continual as C
 from evertune.adapters import evaluate as ev
 from evertune.adapters.contract import TrainSpec
 from evertune.adapters.gate import short_qa
-from evertune.adapters.reference import load_or_build
 from evertune.adapters.train import train
 from evertune.daemon.config_sections import GateConfig, TrainConfig
 from evertune.daemon.selection import sample_old
@@ -59,12 +57,7 @@ def main() -> int:
     ap.add_argument("variants", nargs="*", default=["{}"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from evertune.adapters.base_model import cpu_has_native_bf16
-
-    print(json.dumps({"native_bf16": cpu_has_native_bf16(), "cores": len(os.sched_getaffinity(0))}))
-    base = str(args.models / C.BASE_DIR)
-    refs = load_or_build(Path(base))
-    general = [{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out]
+    base, _, general = C.in_process(args.models)
     file1, file2 = (C.chat_examples(fs) for fs in C.FILES[:2])
     about = describe(C.FILES)
     _, tok = ev.load(base)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import pickle
 import sys
 import tempfile
@@ -28,7 +27,6 @@ import continual as C
 
 from evertune.adapters import evaluate as ev
 from evertune.adapters.gate import BASE, measure
-from evertune.adapters.reference import load_or_build
 from evertune.adapters.train import TrainSpec, train
 
 
@@ -40,13 +38,8 @@ def main() -> int:
     ap.add_argument("variants", nargs="*", default=["{}"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from evertune.adapters.base_model import cpu_has_native_bf16
-
-    print(json.dumps({"native_bf16": cpu_has_native_bf16(), "cores": len(os.sched_getaffinity(0))}))
-    base = str(args.models / C.BASE_DIR)
-    refs = load_or_build(Path(base))
+    base, refs, general = C.in_process(args.models)
     held = [r for r in refs if r.held_out]
-    general = [{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out]
     facts = C.FILES[args.file - 1]
     new = C.chat_examples(facts)
     if args.cache.exists():
