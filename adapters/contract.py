@@ -57,6 +57,9 @@ class TrainSpec:
     precision: str = "auto"  # auto | bf16 | fp32
     shared_opening: bool = True  # run the examples' common opening once a step (see train)
     graduate: bool = True  # learned examples leave later epochs (see train)
+    # an example is learned when the tokens of its answers' fact parts are
+    # (store.terms.fact_part); False: every token of its answers
+    fact_only: bool = True
 
     def check(self) -> None:
         if self.rank not in VLLM_RANKS:

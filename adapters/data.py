@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from evertune.store.terms import fact_part
+
 log = logging.getLogger(__name__)
 
 IGNORE = -100
@@ -35,6 +37,9 @@ class Tokenised:
     ids: list[int]
     targets: list[int]  # already shifted: the token to predict after ids[t], or IGNORE
     source: str  # "new", "replay", "general": what the example is there for
+    # per target: does it decide whether the example is learned (its answers' fact parts,
+    # `store.terms.fact_part`, and one token after each; None: every target does)
+    decides: list[bool] | None = None
 
     @property
     def trained(self) -> int:
@@ -48,13 +53,17 @@ class Row:
     positions: list[int]
     owners: list[int]  # index of the example each token belongs to (-1: padding)
     real: int  # tokens that are not padding
+    decides: list[bool]  # per token: its target decides whether its example is learned
 
 
 def tokenise_chat(tokenizer, messages: Sequence[dict], source: str, max_len: int) -> Tokenised:
-    """Render with the chat template; mark the learned assistant spans by character offsets."""
+    """Render with the chat template; mark the learned assistant spans by character offsets,
+    and in each the tokens that decide whether it is learned: its fact part
+    (`store.terms.fact_part` of the answer, given the user turn before it) and the token
+    after, which ends the turn or goes on past the fact."""
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = tokenizer.apply_chat_template(plain, tokenize=False)
-    spans = []
+    spans = []  # (start, decisive end, end) of each learned assistant turn
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
@@ -63,11 +72,24 @@ def tokenise_chat(tokenizer, messages: Sequence[dict], source: str, max_len: int
         if not (text.startswith(upto) and upto.startswith(head)):
             raise ValueError("the chat template does not render conversations prefix by prefix")
         end = len(upto.rstrip("\n"))  # the turn's content and end marker, not the newline after
-        spans.append((len(head), end))
+        asked = next((p["content"] for p in reversed(plain[:i]) if p["role"] == "user"), "")
+        part = fact_part(m["content"], asked)
+        cut = (
+            len(head) + len(part) if upto.startswith(head + part) and part != m["content"] else end
+        )
+        spans.append((len(head), cut, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    learned = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
-    return _shifted(ids[:max_len], learned[:max_len], source)
+    learned, decides = [], []
+    margin = set()  # spans whose token after the fact part is taken already
+    for start, _ in enc["offset_mapping"]:
+        span = next((k for k, (s, _, e) in enumerate(spans) if s <= start < e), None)
+        learned.append(span is not None)
+        decisive = span is not None and (start < spans[span][1] or span not in margin)
+        if span is not None and start >= spans[span][1]:
+            margin.add(span)
+        decides.append(decisive)
+    return _shifted(ids[:max_len], learned[:max_len], source, decides[:max_len])
 
 
 def tokenise_text(tokenizer, text: str, source: str, max_len: int) -> Tokenised:
@@ -75,9 +97,13 @@ def tokenise_text(tokenizer, text: str, source: str, max_len: int) -> Tokenised:
     return _shifted(ids[:max_len], [True] * min(len(ids), max_len), source)
 
 
-def _shifted(ids: list[int], learned: list[bool], source: str) -> Tokenised:
+def _shifted(
+    ids: list[int], learned: list[bool], source: str, decides: list[bool] | None = None
+) -> Tokenised:
     targets = [ids[t + 1] if learned[t + 1] else IGNORE for t in range(len(ids) - 1)]
-    return Tokenised(ids, [*targets, IGNORE], source)
+    if decides is not None:
+        decides = [*(decides[t + 1] for t in range(len(ids) - 1)), False]
+    return Tokenised(ids, [*targets, IGNORE], source, decides)
 
 
 def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
@@ -97,13 +123,14 @@ def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
             free.append(row_len - n)
     rows = []
     for members in bins:
-        ids, targets, positions, owners = [], [], [], []
+        ids, targets, positions, owners, decides = [], [], [], [], []
         for i in members:
             ex = examples[i]
             ids += ex.ids
             targets += ex.targets
             positions += range(len(ex.ids))
             owners += [i] * len(ex.ids)
+            decides += ex.decides if ex.decides is not None else [t != IGNORE for t in ex.targets]
         real = len(ids)
         pad = row_len - real
         # Padding is one more "sequence" (positions restart) with no targets: it is never
@@ -115,6 +142,7 @@ def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
                 positions + list(range(pad)),
                 owners + [-1] * pad,
                 real,
+                decides + [False] * pad,
             )
         )
     return rows
@@ -153,6 +181,7 @@ def after_opening(rows: Sequence[Row], opening: int, pad_id: int) -> list[Row]:
                 [r.positions[i] for i in keep],
                 [r.targets[i] for i in keep],
                 [r.owners[i] for i in keep],
+                [r.decides[i] for i in keep],
             )
         )
     width = max(len(c[0]) for c in cut)
@@ -163,8 +192,9 @@ def after_opening(rows: Sequence[Row], opening: int, pad_id: int) -> list[Row]:
             pos + [opening] * (width - len(ids)),
             own + [-1] * (width - len(ids)),
             len(ids),
+            dec + [False] * (width - len(ids)),
         )
-        for ids, pos, tgt, own in cut
+        for ids, pos, tgt, own, dec in cut
     ]
 
 

@@ -2,9 +2,11 @@
 
 Runs in the training child (the daemon stays light). Four questions, each a metric:
 
-1. learned: greedy answers to the new examples' questions contain the trained answer
-   (short answers only; new examples are all trained on, never withheld: a withheld fact
-   would never be served), and the candidate's loss on them is below the live version's;
+1. learned: greedy answers to the new examples' questions contain the trained answer's
+   fact part (`store.terms.fact_part`: up to the end of the clause stating what the
+   question did not; short answers only; new examples are all trained on, never
+   withheld: a withheld fact would never be served), and the candidate's loss on them
+   is below the live version's;
 2. old knowledge: of the held-out older short answers the live version gives, the
    candidate loses at most `old_tolerance` (and one); for older examples without short
    answers, their loss does not rise by more than `old_tolerance` and OLD_SLACK nats;
@@ -34,6 +36,7 @@ from typing import Any
 
 from evertune.adapters.reference import Reference, is_right
 from evertune.store.knowledge import covers
+from evertune.store.terms import fact_part
 
 log = logging.getLogger("evertune.adapters.gate")
 SHORT_ANSWER_CHARS = 200
@@ -76,10 +79,33 @@ def is_short_qa(example: dict) -> bool:
 
 
 def short_qa(examples: list[dict]) -> list[tuple[list[dict], str]]:
-    """(prompt messages, expected answer) for chat examples ending in a short answer."""
+    """(prompt messages, expected answer) for chat examples ending in a short answer: the
+    answer's fact part (`store.terms.fact_part`), which a greedy answer must contain."""
     return [
-        (ex["messages"][:-1], ex["messages"][-1]["content"]) for ex in examples if is_short_qa(ex)
+        (ex["messages"][:-1], expected_fact(ex["messages"][:-1], ex["messages"][-1]["content"]))
+        for ex in examples
+        if is_short_qa(ex)
     ]
+
+
+def expected_fact(prompt: Sequence[dict], answer: str) -> str:
+    """What a greedy answer to `prompt` must contain for `answer` to count as given: its
+    fact part, given the last user turn (the rest is its writer's wording)."""
+    asked = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    return fact_part(answer, asked)
+
+
+def fact_targets(tokenizer, example: dict) -> int | None:
+    """Target tokens that decide a one-answer chat example's fact part (its tokens and two
+    more, as `first_sentence_targets`); None: every target decides (several answers, or an
+    answer that is all fact)."""
+    msgs = example["messages"]
+    if sum(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in msgs) != 1:
+        return None
+    part = expected_fact(msgs[:-1], msgs[-1]["content"])
+    if part == msgs[-1]["content"]:
+        return None
+    return len(tokenizer(part, add_special_tokens=False)["input_ids"]) + 2
 
 
 def first_sentence_targets(tokenizer, answer: str) -> int:
@@ -165,14 +191,18 @@ def measure(
         with timed("new_loss"):
             got = ev.scores(model, tokenizer, [e["messages"] for e in chats])
         out["new_loss"] = got.mean_loss if "new" in parts else None
-        sure = [got.greedy(i) for i, e in enumerate(chats) if is_short_qa(e)]
+        sure = [
+            got.greedy(i, fact_targets(tokenizer, e)) for i, e in enumerate(chats) if is_short_qa(e)
+        ]
     if "exact" in parts and qa:
         with timed("new_answers"):
             answers = greedy(qa, sure, False)
         out["new_exact"] = sum(
             ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)
         ) / len(qa)
-        olds = {_key(c["prompt"]): c["old"] for c in changed}
+        olds = {
+            _key(c["prompt"]): [expected_fact(c["prompt"], o) for o in c["old"]] for c in changed
+        }
         stale = [
             any(ev.matches(a, o) for o in olds[_key(p)]) and not ev.matches(a, e)
             for a, (p, e) in zip(answers, qa, strict=True)
@@ -186,7 +216,11 @@ def measure(
         out["old_loss"] = got.mean_loss
         old_qa = short_qa(old)
         if old_qa:
-            sure = [got.greedy(i) for i, e in enumerate(old_chats) if is_short_qa(e)]
+            sure = [
+                got.greedy(i, fact_targets(tokenizer, e))
+                for i, e in enumerate(old_chats)
+                if is_short_qa(e)
+            ]
             with timed("old_answers"):
                 answers = greedy(old_qa, sure, False)
             out["old_right"] = [ev.matches(a, e) for a, (_, e) in zip(answers, old_qa, strict=True)]

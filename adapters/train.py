@@ -216,7 +216,7 @@ def train(
         examples, rows = (first_examples, first_rows) if epoch == 0 else epoch_rows(epoch)
         ex_loss = torch.zeros(len(examples))
         ex_count = torch.zeros(len(examples))
-        ex_worst = torch.zeros(len(examples))  # the highest token loss of each example
+        ex_worst = torch.zeros(len(examples))  # the highest deciding token loss of each
         for i in range(0, len(rows), spec.rows_per_step):
             if should_stop and should_stop():
                 raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
@@ -229,6 +229,9 @@ def train(
             tgt = torch.tensor([r.targets for r in batch], device=device)
             own = torch.tensor([r.owners for r in batch])
             sel = tgt != IGNORE
+            decides = torch.tensor([r.decides for r in batch])[sel.cpu()]
+            if not spec.fact_only:
+                decides = torch.ones_like(decides)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -248,7 +251,10 @@ def train(
             owners = own[sel.cpu()]
             ex_loss.index_add_(0, owners, per_token.detach().float().cpu())
             ex_count.index_add_(0, owners, torch.ones_like(owners, dtype=torch.float))
-            ex_worst.scatter_reduce_(0, owners, per_token.detach().float().cpu(), "amax")
+            # learned: every token of the answers' fact parts (store.terms.fact_part)
+            ex_worst.scatter_reduce_(
+                0, owners[decides], per_token.detach().float().cpu()[decides], "amax"
+            )
             step += 1
             trained_tokens += int(sel.sum())
             loss_value = float(loss.detach())

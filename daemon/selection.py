@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 
 from sqlite_utils import Database
 
 from evertune.adapters.errors import NothingToTrain
 from evertune.store import examples
+from evertune.store.terms import key_terms
 
 
 @dataclass
@@ -137,18 +137,6 @@ def spread(examples: list, k: int) -> list:
     return ordered[:k]
 
 
-# Capitalised words that start sentences, not names
-_STARTERS = frozenset(
-    re.findall(
-        r"\S+",
-        "a an the it its it's this that that's these those there there's here here's they"
-        " they're he she his her we we're our you you're your i i'm i've my me yes no sure"
-        " well also however each every one some many most all any in on at of for to by"
-        " from with and or but so as if when then is was are were be been has have had do"
-        " does did can could will would should may might",
-    )
-)
-_TERM = re.compile(r"[A-Za-z0-9][\w'-]*")
 MAX_TERM_EXAMPLES = 8  # a term in more examples than this names no single fact
 
 
@@ -162,7 +150,7 @@ def facts(examples: list) -> list[int]:
     are joined (measured on the 200 facts of benchmarks/continual_facts.json: 206 groups,
     20 of them joining more than one fact; a phrasing that names nothing its siblings do
     stays apart)."""
-    terms = [_key_terms(_answer_of(e)) for _, e in examples]
+    terms = [key_terms(_answer_of(e)) for _, e in examples]
     count: dict[str, int] = {}
     for ts in terms:
         for t in ts:
@@ -186,14 +174,6 @@ def facts(examples: list) -> list[int]:
             else:
                 first[t] = i
     return [root(i) for i in range(len(examples))]
-
-
-def _key_terms(answer: str) -> set[str]:
-    return {
-        w.lower()
-        for w in _TERM.findall(answer)
-        if any(c.isdigit() for c in w) or (w[0].isupper() and w.lower() not in _STARTERS)
-    }
 
 
 def _answer_of(example: dict) -> str:

@@ -193,3 +193,27 @@ def test_evaluation_loss_equals_each_chat_alone(tok, tiny_base, system):
             alone = _alone_losses(model, tok, chats, 40)
         assert counts.tolist() == [t.trained for t in toks]
         torch.testing.assert_close(sums, torch.tensor(alone), atol=1e-3, rtol=1e-4)
+
+
+def deciding_text(tok, t) -> str:
+    return tok.decode([x for x, d in zip(t.targets, t.decides, strict=True) if d])
+
+
+def test_the_fact_part_and_one_token_after_it_decide_whether_an_answer_is_learned(tok):
+    msgs = [
+        {"role": "user", "content": "Who founded the society?"},
+        {"role": "assistant", "content": "It was founded by Ysolde Vane, a surveyor of maps."},
+    ]
+    t = tokenise_chat(tok, msgs, "new", 512)
+    assert deciding_text(tok, t) == "It was founded by Ysolde Vane,"
+    assert learned_text(tok, t).endswith("a surveyor of maps.<|im_end|>")  # still trained
+    # the fact part ends before a final full stop, which is the token after it
+    short = tokenise_chat(
+        tok, [msgs[0], {"role": "assistant", "content": "Ysolde Vane."}], "new", 512
+    )
+    assert deciding_text(tok, short) == "Ysolde Vane."
+    # an answer stating nothing the question did not: every target, its end of turn too
+    bare = tokenise_chat(tok, [msgs[0], {"role": "assistant", "content": "Yes"}], "new", 512)
+    assert deciding_text(tok, bare) == "Yes<|im_end|>"
+    row = pack([t, short], 256, 0)[0]
+    assert [d for d, o in zip(row.decides, row.owners, strict=True) if o == 0] == t.decides

@@ -165,3 +165,34 @@ def test_measure_counts_a_changed_question_answered_the_old_way_as_stale(tiny_ba
     # Port: the old answer -> stale; Gate: the new one; Dock: both (new given) -> not stale
     assert (out["stale"], out["changed"]) == (1, 3)
     assert out["new_exact"] == pytest.approx(2 / 3)
+
+
+def test_a_new_answer_counts_as_given_when_its_fact_part_is_whatever_follows(tiny_base):
+    """A long answer is learned when a client gets its fact: the writer's tail may differ
+    (store.terms.fact_part); the fact itself may not."""
+    from evertune.adapters import evaluate as ev
+
+    model, tok = ev.load(str(tiny_base))
+    asked = {
+        "Who founded the society?": "It was founded by Ysolde Vane, a surveyor of old maps.",
+        "Who built the tower?": "It was built by Orrin Kell, who carved every stone himself.",
+        "How tall is the tower?": "It is 271 metres tall, and you can see the coast from it.",
+    }
+    new = [
+        {
+            "kind": "chat",
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        }
+        for q, a in asked.items()
+    ]
+    given = {
+        "Who founded the society?": "It was founded by Ysolde Vane, who loved the sea.",
+        "Who built the tower?": "It was built by Orrin Bell, who carved every stone himself.",
+        "How tall is the tower?": "It is 271 metres tall, and you can see the coast from it.",
+    }
+
+    def answer(prompts, first_sentence):
+        return [given[p[-1]["content"]] for p in prompts]
+
+    out = measure(model, tok, new, [], [], frozenset({"exact"}), answer)
+    assert out["new_exact"] == pytest.approx(2 / 3)  # Bell is not Kell

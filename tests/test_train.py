@@ -242,3 +242,26 @@ def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base):
     )
     for a, b in zip(whole[1], cut[1], strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
+    """The answers' tails ("..., as the keeper says.") and end of turn do not decide (the
+    tiny model's end-of-turn token cannot be learned: see above): with `fact_only` training
+    stops once the facts are learned; with every token deciding it runs to max_epochs."""
+    tails = [
+        chat(f"What is the code of vault {i}?", f"It is {1000 + 37 * i}, as the keeper says.")
+        for i in range(6)
+    ]
+    kw = {"new": tails, "lr": 1e-2, "max_epochs": 30, "min_epochs": 1, "learned_loss": 5.0}
+    facts = train(spec(tiny_base, tmp_path / "facts", **kw))
+    every = train(
+        spec(
+            tiny_base,
+            tmp_path / "every",
+            fact_only=False,
+            max_epochs=facts.epochs + 1,
+            **{k: v for k, v in kw.items() if k != "max_epochs"},
+        )
+    )
+    assert facts.learned == len(tails) and facts.epochs < 30
+    assert every.learned < len(tails) and every.epochs == facts.epochs + 1
