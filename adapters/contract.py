@@ -60,6 +60,7 @@ class TrainSpec:
     # an example is learned when the tokens of its answers' fact parts are
     # (store.terms.fact_part); False: every token of its answers
     fact_only: bool = True
+    tail_copies: int = 4  # most copies of a still-trained example once few are left (train)
 
     def check(self) -> None:
         if self.rank not in VLLM_RANKS:
