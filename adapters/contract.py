@@ -57,9 +57,10 @@ class TrainSpec:
     precision: str = "auto"  # auto | bf16 | fp32
     shared_opening: bool = True  # run the examples' common opening once a step (see train)
     graduate: bool = True  # learned examples leave later epochs (see train)
-    # an example is learned when the tokens of its answers' fact parts are
-    # (store.terms.fact_part); False: every token of its answers
-    fact_only: bool = True
+    # an example is learned when these tokens of its answers are: "fact" (their fact parts,
+    # store.terms.fact_part), "terms" (the fact parts' new words, store.terms.fact_words)
+    # or "answer" (every token)
+    learned_on: str = "fact"
     tail_copies: int = 4  # most copies of a still-trained example once few are left (train)
 
     def check(self) -> None:

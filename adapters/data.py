@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evertune.store.terms import fact_part
+from evertune.store.terms import fact_part, fact_words
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ class Row:
     decides: list[bool]  # per token: its target decides whether its example is learned
 
 
-def tokenise_chat(tokenizer, messages: Sequence[dict], source: str, max_len: int) -> Tokenised:
+def tokenise_chat(
+    tokenizer, messages: Sequence[dict], source: str, max_len: int, decide: str = "fact"
+) -> Tokenised:
     """Render with the chat template; mark the learned assistant spans by character offsets,
     and in each the tokens that decide whether it is learned: its fact part
     (`store.terms.fact_part` of the answer, given the user turn before it) and the token
@@ -64,6 +66,7 @@ def tokenise_chat(tokenizer, messages: Sequence[dict], source: str, max_len: int
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = tokenizer.apply_chat_template(plain, tokenize=False)
     spans = []  # (start, decisive end, end) of each learned assistant turn
+    words = []  # character spans of the facts' words (decide="terms")
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
@@ -78,14 +81,19 @@ def tokenise_chat(tokenizer, messages: Sequence[dict], source: str, max_len: int
             len(head) + len(part) if upto.startswith(head + part) and part != m["content"] else end
         )
         spans.append((len(head), cut, end))
+        words += [(len(head) + a, len(head) + b) for a, b in fact_words(m["content"], asked)]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     learned, decides = [], []
     margin = set()  # spans whose token after the fact part is taken already
-    for start, _ in enc["offset_mapping"]:
+    for start, stop in enc["offset_mapping"]:
         span = next((k for k, (s, _, e) in enumerate(spans) if s <= start < e), None)
         learned.append(span is not None)
         decisive = span is not None and (start < spans[span][1] or span not in margin)
+        if decide == "terms":
+            decisive = span is not None and any(a < stop and start < b for a, b in words)
+        elif decide == "answer":
+            decisive = span is not None
         if span is not None and start >= spans[span][1]:
             margin.add(span)
         decides.append(decisive)

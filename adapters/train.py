@@ -141,7 +141,7 @@ def train(
         limit = min(spec.max_seq_len, spec.general_max_len if source == "general" else 1 << 30)
         if ex.get("kind", "chat") == "text":
             return tokenise_text(tokenizer, ex["text"], source, limit)
-        return tokenise_chat(tokenizer, ex["messages"], source, limit)
+        return tokenise_chat(tokenizer, ex["messages"], source, limit, spec.learned_on)
 
     new = [t for t in (tok(e, "new") for e in spec.new) if t.trained]
     if not new:
@@ -233,8 +233,6 @@ def train(
             own = torch.tensor([r.owners for r in batch])
             sel = tgt != IGNORE
             decides = torch.tensor([r.decides for r in batch])[sel.cpu()]
-            if not spec.fact_only:
-                decides = torch.ones_like(decides)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
