@@ -58,8 +58,9 @@ class TrainSpec:
     shared_opening: bool = True  # run the examples' common opening once a step (see train)
     graduate: bool = True  # learned examples leave later epochs (see train)
     # an example is learned when these tokens of its answers are: "fact" (their fact parts,
-    # store.terms.fact_part), "terms" (the fact parts' new words, store.terms.fact_words)
-    # or "answer" (every token)
+    # store.terms.fact_part, and the token after each) or "answer" (every token). Measured
+    # (benchmarks/results/variants-2026-12-07/): a third choice, only the fact parts' new
+    # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
     tail_copies: int = 4  # most copies of a still-trained example once few are left (train)
 
@@ -76,6 +77,8 @@ class TrainSpec:
             )
         if not self.new:
             raise TrainingError("no new examples to train on")
+        if self.learned_on not in ("fact", "answer"):
+            raise TrainingError(f"learned_on is 'fact' or 'answer', not {self.learned_on!r}")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evertune.store.terms import fact_part, fact_words
+from evertune.store.terms import fact_part
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ def tokenise_chat(
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = tokenizer.apply_chat_template(plain, tokenize=False)
     spans = []  # (start, decisive end, end) of each learned assistant turn
-    words = []  # character spans of the facts' words (decide="terms")
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
@@ -81,18 +80,15 @@ def tokenise_chat(
             len(head) + len(part) if upto.startswith(head + part) and part != m["content"] else end
         )
         spans.append((len(head), cut, end))
-        words += [(len(head) + a, len(head) + b) for a, b in fact_words(m["content"], asked)]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     learned, decides = [], []
     margin = set()  # spans whose token after the fact part is taken already
-    for start, stop in enc["offset_mapping"]:
+    for start, _ in enc["offset_mapping"]:
         span = next((k for k, (s, _, e) in enumerate(spans) if s <= start < e), None)
         learned.append(span is not None)
         decisive = span is not None and (start < spans[span][1] or span not in margin)
-        if decide == "terms":
-            decisive = span is not None and any(a < stop and start < b for a, b in words)
-        elif decide == "answer":
+        if decide == "answer":
             decisive = span is not None
         if span is not None and start >= spans[span][1]:
             margin.add(span)

@@ -60,15 +60,3 @@ def fact_part(answer: str, question: str = "") -> str:
         return answer
     end = _CLAUSE_END.search(answer, anchor.end())
     return answer[: end.start()] if end else answer
-
-
-def fact_words(answer: str, question: str = "") -> list[tuple[int, int]]:
-    """Character spans of what the fact part states that the question did not: its names
-    and numbers the question does not name, else its words the question does not have
-    (not function words)."""
-    part = fact_part(answer, question)
-    asked = {w.lower() for w in _TERM.findall(question)}
-    words = list(_TERM.finditer(part))
-    keys = [m for m in words if _is_key(m.group()) and m.group().lower() not in asked]
-    chosen = keys or [m for m in words if m.group().lower() not in asked | _FUNCTION]
-    return [m.span() for m in chosen] or [(0, len(part))]
