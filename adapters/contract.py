@@ -62,7 +62,6 @@ class TrainSpec:
     # (benchmarks/results/variants-2026-12-07/): a third choice, only the fact parts' new
     # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
-    tail_copies: int = 4  # most copies of a still-trained example once few are left (train)
 
     def check(self) -> None:
         if self.rank not in VLLM_RANKS:

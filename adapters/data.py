@@ -110,20 +110,15 @@ def _shifted(
     return Tokenised(ids, [*targets, IGNORE], source, decides)
 
 
-def pack(
-    examples: Sequence[Tokenised], row_len: int, pad_id: int, same: Sequence[int] | None = None
-) -> list[Row]:
-    """First-fit decreasing into rows of row_len tokens (examples are at most row_len).
-    `same`: per example, which example it is a copy of; copies go into different rows (each
-    copy its own update)."""
+def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
+    """First-fit decreasing into rows of row_len tokens (examples are at most row_len)."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
-    of = list(same) if same is not None else list(range(len(examples)))
     bins: list[list[int]] = []
     free: list[int] = []
     for i in order:
         n = len(examples[i].ids)
         for b, room in enumerate(free):
-            if room >= n and all(of[j] != of[i] for j in bins[b]):
+            if room >= n:
                 bins[b].append(i)
                 free[b] -= n
                 break

@@ -185,11 +185,8 @@ def train(
         n = min(k - len(anchors), len(general))
         start = (epoch * n) % max(len(general), 1)
         picked = (general + general)[start : start + n]  # a new slice of the pool each epoch
-        copies = tail_copies(len(new), len(active), spec.tail_copies)
-        examples = [new[i] for i in active] * copies + replay + anchors + picked
-        same = [*list(range(len(active))) * copies, *range(len(active) * copies, len(examples))]
-        width = max(spec.row_len, max(len(e.ids) for e in examples))
-        rows = pack(examples, width, pad_id, same)
+        examples = [new[i] for i in active] + replay + anchors + picked
+        rows = pack(examples, max(spec.row_len, max(len(e.ids) for e in examples)), pad_id)
         rng.shuffle(rows)  # the same order on every rank (same seed)
         if world == 1:
             return examples, rows
@@ -280,11 +277,6 @@ def train(
         # Early stop: every new example learned (in this epoch, or earlier with a margin).
         # Every rank computes the same from the reduced figures, so all stop together.
         n_act = len(active)
-        copies = tail_copies(len(new), n_act, spec.tail_copies)
-        if copies > 1:  # fold each active example's copies into its first place
-            ex_loss[:n_act] = ex_loss[: n_act * copies].view(copies, n_act).sum(0)
-            ex_count[:n_act] = ex_count[: n_act * copies].view(copies, n_act).sum(0)
-            ex_worst[:n_act] = ex_worst[: n_act * copies].view(copies, n_act).amax(0)
         new_loss = float(ex_loss[:n_act].sum() / ex_count[:n_act].sum().clamp(min=1))
         learned = len(new) - n_act + int((ex_worst[:n_act] < spec.learned_loss).sum())
         active = [
@@ -342,19 +334,6 @@ def train(
         history=history,
         world_size=world,
     )
-
-
-def tail_copies(n_new: int, n_active: int, most: int) -> int:
-    """How many times each still-trained new example is in an epoch: once while at least
-    half of them are, then more the fewer are left, at most `most`.
-
-    Why: the last epochs chase the last few answers, each epoch a full pass of the replayed
-    and general examples for a handful of new ones (measured on a first file: 29 of 30
-    learned by epoch 7, three more epochs for the last one). A few more copies of the few
-    cost little and give each more updates per epoch."""
-    if n_active <= 0:
-        return 1
-    return max(1, min(most, n_new // (2 * n_active)))
 
 
 def _after_opening(body, opening: list[int], ids, pos, own):

@@ -217,19 +217,3 @@ def test_the_fact_part_and_one_token_after_it_decide_whether_an_answer_is_learne
     assert deciding_text(tok, bare) == "Yes<|im_end|>"
     row = pack([t, short], 256, 0)[0]
     assert [d for d, o in zip(row.decides, row.owners, strict=True) if o == 0] == t.decides
-
-
-def test_copies_of_one_example_go_into_different_rows(tok):
-    one = tokenise_chat(
-        tok, [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "new", 64
-    )
-    other = tokenise_chat(
-        tok, [{"role": "user", "content": "R?"}, {"role": "assistant", "content": "B."}], "new", 64
-    )
-    # room for all four in one row, but the two copies of each are kept apart
-    rows = pack([one, other, one, other], 256, 0, same=[0, 1, 0, 1])
-    assert len(rows) == 2
-    assert all(
-        sorted({o for o in r.owners if o >= 0}) in ([0, 1], [2, 3], [0, 3], [1, 2]) for r in rows
-    )
-    assert len(pack([one, other, one, other], 256, 0)) == 1

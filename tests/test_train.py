@@ -265,21 +265,3 @@ def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
     )
     assert facts.learned == len(tails) and facts.epochs < 30
     assert every.learned < len(tails) and every.epochs == facts.epochs + 1
-
-
-def test_tail_copies_grow_as_fewer_new_examples_are_left():
-    from evertune.adapters.train import tail_copies
-
-    assert [tail_copies(30, a, 4) for a in (30, 15, 8, 7, 5, 3, 1)] == [1, 1, 1, 2, 3, 4, 4]
-    assert tail_copies(30, 1, 1) == 1  # off
-
-
-def test_few_examples_left_are_trained_in_copies_and_counted_once(tiny_base, tmp_path):
-    """Copies of the last examples are folded back: each new example counted once, learned
-    or not, in every epoch's figures."""
-    kw = {"lr": 1e-2, "max_epochs": 4, "min_epochs": 4, "learned_loss": 26.0}
-    copied = train(spec(tiny_base, tmp_path / "copied", tail_copies=4, **kw))
-    assert copied.learned == len(FACTS)
-    for h in copied.history:
-        assert h["learned"] <= len(FACTS) and h["trained"] <= len(FACTS)
-        assert h["new_loss"] == h["new_loss"]  # not NaN: no copy left out of the sums
