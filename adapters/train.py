@@ -14,7 +14,10 @@ Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training 
   of the model's FLOPs, and most tokens (system prompt, questions) carry no loss;
 - naive training on a few facts ruins general answers; the base model's own answers to
   general prompts are mixed into every epoch (self-distillation), and training stops as
-  soon as every new example is learned instead of running a fixed number of epochs.
+  soon as every new example is learned instead of running a fixed number of epochs;
+- an example is learned when the tokens of its answer's fact part are (the answer up to
+  the end of the clause stating what its question did not: store/terms.py): every token
+  is trained, but a writer's tail after the fact need not come back verbatim.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ older examples replayed, a held-out slice of them for the gate, the daemon's def
 per variant: each argument is a JSON object of TrainSpec overrides, or of selection overrides
 ("holdout": N). Printed per held-out older example, one JSON line each: which fact, which
 phrasing (its record format, answer style, system prompt), the live version's and the
-increment's greedy answers, whether the gate counts it lost (its whole trained answer no longer
-given) and whether the fact itself is still stated (the benchmark's `expected` words).
+increment's greedy answers, whether the gate counts it lost (its trained answer's fact part
+no longer given) and whether the fact itself is still stated (the benchmark's `expected` words).
 A JSON summary line per seed and variant follows. Greedy answers: transformers, in-process.
 """
 

@@ -104,8 +104,9 @@ class TrainConfig:
     min_epochs: int = key(2, "Fewest passes before stopping early.", min=1, max=1000)
     learned_loss: float = key(
         0.69,
-        "Stop once every token of every new example has a loss below this (ln 2: each is"
-        " the greedy choice, so the answers are reproduced exactly).",
+        "Stop once every token of every new answer's fact part (up to the end of the clause"
+        " stating what its question did not, and the token after) has a loss below this"
+        " (ln 2: each is the greedy choice, so the facts are reproduced exactly).",
         min=0.0,
         max=100.0,
     )
@@ -154,7 +155,8 @@ class TrainConfig:
     )
     graduate: bool = key(
         True,
-        "A new example learned with a margin (every token under half of learned_loss) leaves"
+        "A new example learned with a margin (every fact-part token under half of"
+        " learned_loss) leaves"
         " the later epochs (the replayed and general examples stay).",
     )
     consolidate: bool = key(
