@@ -29,3 +29,16 @@ class PreparationCancelled(Cancelled):
 
 class NothingToTrain(AdapterError):
     """The domain has no example that no version was trained on yet."""
+
+
+class VllmError(TrainingError):
+    """A vLLM server failed a request (adapters/remote.py): in the training child it fails
+    the run; the daemon's endpoint client (daemon/endpoint.py) reports it as its own."""
+
+
+class VllmDown(VllmError):
+    """The server did not answer (connection refused, reset or timed out)."""
+
+
+class VllmRefused(VllmError):
+    """The server answered with an error (the message carries its status and its reason)."""

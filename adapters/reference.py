@@ -134,12 +134,13 @@ def vllm_generator(
     def generate(texts: list[str]) -> list[str]:
         from evertune.adapters.remote import Remote
 
-        done = Remote(url, workers).complete(
-            model,
-            [[{"role": "user", "content": t}] for t in texts],
-            MAX_NEW_TOKENS,
-            progress="reference answers (vLLM)",
-        )
+        with Remote(url, workers) as remote:
+            done = remote.complete(
+                model,
+                [[{"role": "user", "content": t}] for t in texts],
+                MAX_NEW_TOKENS,
+                progress="reference answers (vLLM)",
+            )
         return [_last_sentence(text) if why == "length" else text for text, why in done]
 
     return generate

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import httpx
 
-from evertune.adapters.remote import ADMIN_KEY_ENV, admin_headers
+from evertune.adapters.errors import VllmDown, VllmRefused
+from evertune.adapters.remote import ADMIN_KEY_ENV, Remote, error_message
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
 from evertune.daemon.routing import ROUTES_PATH
@@ -28,35 +28,30 @@ def versioned_name(domain: str, version: str) -> str:
 
 
 class Endpoint:
+    """One server as the daemon's serving sees it: what it serves and routes, and the
+    runtime LoRA calls of adapters/remote.py `Remote` (the one vLLM client), its errors
+    reported as the daemon's (`EndpointDown`, `AdapterRefused`)."""
+
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0):
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        headers |= admin_headers()  # the embedded server's admin routes (AdminGuard)
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._remote = Remote(self.url, workers=4, timeout=timeout, api_key=api_key)
         self.base_name: str | None = None  # the base model's served name (from served())
         self.routed: dict[str, str] = {}  # stable name -> version, as clients see it
         self.listed: dict[str, str] = {}  # every name with its folder, as clients see them
 
     def close(self) -> None:
-        self._http.close()
+        self._remote.close()
 
     def _call(self, method: str, path: str, **kw) -> httpx.Response:
         try:
-            try:
-                return self._http.request(method, path, **kw)
-            except httpx.RemoteProtocolError:
-                # A kept-alive connection the server closed as we reused it (uvicorn closes
-                # idle ones after 5 s): nothing was processed; a GET is safe to send again.
-                if method != "GET":
-                    raise
-                return self._http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise EndpointDown(f"vLLM at {self.url} did not answer {path}: {exc!r}") from exc
+            return self._remote.request(method, path, **kw)
+        except VllmDown as exc:
+            raise EndpointDown(str(exc)) from exc
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
-            return self._http.get("/v1/models", timeout=timeout).status_code == 200
-        except httpx.TransportError:
+            return self._remote.request("GET", "/v1/models", timeout=timeout).status_code == 200
+        except VllmDown:
             return False
 
     def served(self) -> dict[str, str]:
@@ -90,58 +85,34 @@ class Endpoint:
         r = self._call("PUT", ROUTES_PATH, json={"routes": routes})
         if r.status_code != 200:
             raise AdapterRefused(
-                f"vLLM at {self.url} refused the route table: {r.status_code} {_error_message(r)}"
+                f"vLLM at {self.url} refused the route table: {r.status_code} {error_message(r)}"
             )
 
     def load(self, name: str, path: str, *, inplace: bool = False) -> float:
         """Load (or with `inplace`, switch) `name` to the adapter in `path`; seconds taken."""
-        body = {"lora_name": name, "lora_path": path}
-        if inplace:
-            body["load_inplace"] = True
-        t0 = time.perf_counter()
-        r = self._call("POST", "/v1/load_lora_adapter", json=body)
-        took = time.perf_counter() - t0
-        if r.status_code != 200:
-            raise AdapterRefused(
-                f"vLLM at {self.url} refused to load {name!r} from {path}:"
-                f" {r.status_code} {_error_message(r)}"
-            )
-        return took
+        try:
+            return self._remote.load(name, path, inplace=inplace)
+        except VllmDown as exc:
+            raise EndpointDown(str(exc)) from exc
+        except VllmRefused as exc:
+            raise AdapterRefused(str(exc)) from exc
 
     def unload(self, name: str) -> None:
-        r = self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
-        if r.status_code not in (200, 404):
-            raise ServingError(
-                f"vLLM at {self.url} refused to unload {name!r}:"
-                f" {r.status_code} {_error_message(r)}"
-            )
+        try:
+            self._remote.unload(name)
+        except VllmDown as exc:
+            raise EndpointDown(str(exc)) from exc
+        except VllmRefused as exc:
+            raise ServingError(str(exc)) from exc
 
     def probe(self, name: str) -> None:
         """One greedy token from `name`: it is listed and it answers."""
-        r = self._call(
-            "POST",
-            "/v1/chat/completions",
-            json={"model": name, "messages": PROBE, "max_tokens": 1, "temperature": 0},
-        )
-        if r.status_code != 200:
-            raise AdapterRefused(
-                f"vLLM at {self.url}: {name!r} loaded but does not answer:"
-                f" {r.status_code} {_error_message(r)}"
-            )
-
-
-def _error_message(r: httpx.Response) -> str:
-    """vLLM's error JSON is nested under "error" in some versions and flat in others."""
-    try:
-        body = r.json()
-    except ValueError:
-        return r.text.strip()[:500]
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            return str(inner.get("message", inner))[:500]
-        return str(inner)[:500]
-    return str(body)[:500]
+        try:
+            self._remote.complete(name, [PROBE], 1)
+        except VllmDown as exc:
+            raise EndpointDown(str(exc)) from exc
+        except VllmRefused as exc:
+            raise AdapterRefused(f"{name!r} loaded but does not answer: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------
