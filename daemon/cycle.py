@@ -320,11 +320,16 @@ def _repair_spec(
         general,
     )
     c.phase("repairing the increment")
+    # Its new examples stay in every epoch (no graduation): they start learned and would
+    # leave after the first, and the repair's replay then un-learned them (measured in
+    # benchmarks/results/continual-2026-12-07-fact-part/, seed 0: 70% of the new answers
+    # left after the repair).
     spec = _with_train(
         spec,
         parent_adapter=str(refused),
         replay=[e for _, e in replay],
         general_per_epoch=general,
+        graduate=False,
     )
     spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, old=[e for _, e in held]))
     return spec, dataclasses.replace(picked, replay=replay, held=held)
