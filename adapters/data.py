@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evertune.store.terms import fact_part
+from evertune.store.terms import fact_after
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def tokenise_chat(
         if not (text.startswith(upto) and upto.startswith(head)):
             raise ValueError("the chat template does not render conversations prefix by prefix")
         end = len(upto.rstrip("\n"))  # the turn's content and end marker, not the newline after
-        asked = next((p["content"] for p in reversed(plain[:i]) if p["role"] == "user"), "")
-        part = fact_part(m["content"], asked)
+        part = m["content"] if decide == "answer" else fact_after(plain[:i], m["content"])
         cut = (
             len(head) + len(part) if upto.startswith(head + part) and part != m["content"] else end
         )
@@ -88,8 +87,6 @@ def tokenise_chat(
         span = next((k for k, (s, _, e) in enumerate(spans) if s <= start < e), None)
         learned.append(span is not None)
         decisive = span is not None and (start < spans[span][1] or span not in margin)
-        if decide == "answer":
-            decisive = span is not None
         if span is not None and start >= spans[span][1]:
             margin.add(span)
         decides.append(decisive)

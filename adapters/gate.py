@@ -36,7 +36,7 @@ from typing import Any
 
 from evertune.adapters.reference import Reference, is_right
 from evertune.store.knowledge import covers
-from evertune.store.terms import fact_part
+from evertune.store.terms import fact_after
 
 log = logging.getLogger("evertune.adapters.gate")
 SHORT_ANSWER_CHARS = 200
@@ -82,17 +82,10 @@ def short_qa(examples: list[dict]) -> list[tuple[list[dict], str]]:
     """(prompt messages, expected answer) for chat examples ending in a short answer: the
     answer's fact part (`store.terms.fact_part`), which a greedy answer must contain."""
     return [
-        (ex["messages"][:-1], expected_fact(ex["messages"][:-1], ex["messages"][-1]["content"]))
+        (ex["messages"][:-1], fact_after(ex["messages"][:-1], ex["messages"][-1]["content"]))
         for ex in examples
         if is_short_qa(ex)
     ]
-
-
-def expected_fact(prompt: Sequence[dict], answer: str) -> str:
-    """What a greedy answer to `prompt` must contain for `answer` to count as given: its
-    fact part, given the last user turn (the rest is its writer's wording)."""
-    asked = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-    return fact_part(answer, asked)
 
 
 def fact_targets(tokenizer, example: dict) -> int | None:
@@ -102,7 +95,7 @@ def fact_targets(tokenizer, example: dict) -> int | None:
     msgs = example["messages"]
     if sum(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in msgs) != 1:
         return None
-    part = expected_fact(msgs[:-1], msgs[-1]["content"])
+    part = fact_after(msgs[:-1], msgs[-1]["content"])
     if part == msgs[-1]["content"]:
         return None
     return len(tokenizer(part, add_special_tokens=False)["input_ids"]) + 2
@@ -200,9 +193,7 @@ def measure(
         out["new_exact"] = sum(
             ev.matches(a, e) for a, (_, e) in zip(answers, qa, strict=True)
         ) / len(qa)
-        olds = {
-            _key(c["prompt"]): [expected_fact(c["prompt"], o) for o in c["old"]] for c in changed
-        }
+        olds = {_key(c["prompt"]): [fact_after(c["prompt"], o) for o in c["old"]] for c in changed}
         stale = [
             any(ev.matches(a, o) for o in olds[_key(p)]) and not ev.matches(a, e)
             for a, (p, e) in zip(answers, qa, strict=True)

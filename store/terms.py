@@ -5,6 +5,7 @@ to count as learned (`fact_part`: adapters/train.py's early stop, adapters/gate.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # Capitalised words that start sentences, not names
 STARTERS = frozenset(
@@ -60,3 +61,10 @@ def fact_part(answer: str, question: str = "") -> str:
         return answer
     end = _CLAUSE_END.search(answer, anchor.end())
     return answer[: end.start()] if end else answer
+
+
+def fact_after(prompt: Sequence[dict], answer: str) -> str:
+    """`fact_part` of an assistant turn given the conversation before it, whose last user
+    turn is the question (what training's early stop and the gate's checks both judge)."""
+    asked = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    return fact_part(answer, asked)

@@ -246,7 +246,7 @@ def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base):
 
 def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
     """The answers' tails ("..., as the keeper says.") and end of turn do not decide (the
-    tiny model's end-of-turn token cannot be learned: see above): with `fact_only` training
+    tiny model's end-of-turn token cannot be learned: see above): with learned_on "fact" training
     stops once the facts are learned; with every token deciding it runs to max_epochs."""
     tails = [
         chat(f"What is the code of vault {i}?", f"It is {1000 + 37 * i}, as the keeper says.")
