@@ -62,6 +62,7 @@ class TrainSpec:
     # (benchmarks/results/variants-2026-12-07/): a third choice, only the fact parts' new
     # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
+    new_passes: int = 3  # the domain's examples this many times an epoch (the general once)
 
     def check(self) -> None:
         if self.rank not in VLLM_RANKS:

@@ -15,6 +15,9 @@ Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training 
 - naive training on a few facts ruins general answers; the base model's own answers to
   general prompts are mixed into every epoch (self-distillation), and training stops as
   soon as every new example is learned instead of running a fixed number of epochs;
+- an epoch passes over the domain's examples (new and replayed) `new_passes` times and
+  over the general replay once: the same steps to learn a file as one pass with more
+  epochs, but never-trained paraphrases answered 81% against 62-70% (five seeds);
 - an example is learned when the tokens of its answer's fact part are (the answer up to
   the end of the clause stating what its question did not: store/terms.py): every token
   is trained, but a writer's tail after the fact need not come back verbatim.
@@ -189,7 +192,10 @@ def train(
         start = (epoch * n) % max(len(general), 1)
         picked = (general + general)[start : start + n]  # a new slice of the pool each epoch
         examples = [new[i] for i in active] + replay + anchors + picked
-        rows = pack(examples, max(spec.row_len, max(len(e.ids) for e in examples)), pad_id)
+        row_len = max(spec.row_len, max(len(e.ids) for e in examples))
+        rows = pack(examples, row_len, pad_id)
+        for _ in range(spec.new_passes - 1):  # the domain's examples again, in their own rows
+            rows += pack([new[i] for i in active] + replay, row_len, pad_id)
         rng.shuffle(rows)  # the same order on every rank (same seed)
         if world == 1:
             return examples, rows

@@ -153,6 +153,14 @@ class TrainConfig:
         min=0,
         max=10_000,
     )
+    new_passes: int = key(
+        3,
+        "Passes over the domain's examples (new and replayed) in each epoch; the general"
+        " replay once. Measured over 5 seeds: 3 passes answered 81% of never-trained"
+        " paraphrases against 62-70% with 1, at about the same time per file.",
+        min=1,
+        max=100,
+    )
     graduate: bool = key(
         True,
         "A new example learned with a margin (every fact-part token under half of"

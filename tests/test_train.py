@@ -135,6 +135,20 @@ def test_replay_and_general_examples_are_trained_too(tiny_base, tmp_path):
     assert mixed.trained_tokens > alone.trained_tokens
 
 
+def test_each_epoch_passes_over_the_domain_examples_new_passes_times_and_the_general_once(
+    tiny_base, tmp_path
+):
+    replay = [chat("Old question?", "Old answer.")]
+    general = [chat(f"General question {i}?", f"General answer {i}.") for i in range(4)]
+    kw = {"max_epochs": 1, "min_epochs": 1, "graduate": False, "replay": replay}
+    domain = train(spec(tiny_base, tmp_path / "d", new_passes=1, **kw))
+    mixed = {"general": general, "general_per_epoch": 2, **kw}
+    once = train(spec(tiny_base, tmp_path / "a", new_passes=1, **mixed))
+    thrice = train(spec(tiny_base, tmp_path / "b", new_passes=3, **mixed))
+    assert thrice.tokens - once.tokens == 2 * domain.tokens  # new and replayed, twice more
+    assert thrice.steps > once.steps
+
+
 def test_training_stops_at_the_first_epoch_where_every_new_example_is_learned(tiny_base, tmp_path):
     # "Learned" means every target token's loss is under `learned_loss`. In the tiny model
     # the end-of-turn token is its pad token, whose tied embedding row is zero and gets no
