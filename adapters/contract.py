@@ -62,7 +62,7 @@ class TrainSpec:
     # (benchmarks/results/variants-2026-12-07/): a third choice, only the fact parts' new
     # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
-    new_passes: int = 3  # the domain's examples this many times an epoch (the general once)
+    new_passes: int = 1  # the domain's examples this many times an epoch (the general once)
 
     def check(self) -> None:
         if self.rank not in VLLM_RANKS:
@@ -79,6 +79,8 @@ class TrainSpec:
             raise TrainingError("no new examples to train on")
         if self.learned_on not in ("fact", "answer"):
             raise TrainingError(f"learned_on is 'fact' or 'answer', not {self.learned_on!r}")
+        if self.new_passes < 1:
+            raise TrainingError(f"new_passes is at least 1, not {self.new_passes}")
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,7 @@ def test_examples_learned_with_a_margin_leave_the_later_epochs(tiny_base, tmp_pa
         ("rank", 12, "cannot be served by vLLM"),
         ("target_modules", ("q_proj", "lm_head"), "cannot serve LoRA on"),
         ("new", [], "no new examples"),
+        ("new_passes", 0, "new_passes is at least 1"),
     ],
 )
 def test_unservable_or_empty_specs_are_refused(tiny_base, tmp_path, field, value, message):
