@@ -195,8 +195,11 @@ def train(
         examples = [new[i] for i in active] + replay + anchors + picked
         row_len = max(spec.row_len, max(len(e.ids) for e in examples))
         rows = pack(examples, row_len, pad_id)
-        for _ in range(spec.new_passes - 1):  # the domain's examples again, in their own rows
-            rows += pack([new[i] for i in active] + replay, row_len, pad_id)
+        # the domain's examples again, in their own rows; a slice of `examples`, so each
+        # row's owners are the same indices as in the first pass
+        domain = examples[: len(active) + len(replay)]
+        for _ in range(spec.new_passes - 1):
+            rows += pack(domain, row_len, pad_id)
         rng.shuffle(rows)  # the same order on every rank (same seed)
         if world == 1:
             return examples, rows
