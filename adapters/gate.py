@@ -36,7 +36,7 @@ from typing import Any
 
 from evertune.adapters.reference import Reference, is_right
 from evertune.store.knowledge import covers
-from evertune.store.terms import fact_after
+from evertune.store.terms import fact_after, key_terms, words
 
 log = logging.getLogger("evertune.adapters.gate")
 SHORT_ANSWER_CHARS = 200
@@ -58,6 +58,8 @@ class GateThresholds:
     # of the held-out questions about the documents this version learned (store.knowledge),
     # the share its answers must cover: below it the document is not "learned"
     min_doc_answered: float = 0.5
+    # easy general answers that may state a name or number only the new examples have
+    max_bleed: int = 0
 
 
 @dataclass
@@ -155,6 +157,7 @@ def measure(
     out["easy"] = None  # per easy question: answered right (the paired test needs which)
     out["stale"] = out["changed"] = None  # changed prompts still answered the old way, of
     out["old_right"] = None  # per held-out older short answer: still reproduced
+    out["bleed"] = None  # easy answers stating a name only the new examples have (bleeding)
     spent: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -234,6 +237,7 @@ def measure(
         with timed("easy_answers"):
             answers = greedy(qa_easy, sure, True) if easy else []
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
+        out["bleed"] = bleeding(new, general, easy, answers)
         out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
     if doc_checks:
@@ -248,6 +252,36 @@ def measure(
         ]
     out["greedy"] = generated
     log.info("measured %s in %s s", sorted(parts), spent)
+    return out
+
+
+def bleeding(
+    new: Sequence[dict], general: Sequence[Reference], easy: Sequence[Reference], answers: list[str]
+) -> list[dict]:
+    """The easy answers that state a name or number of the new examples (store.terms
+    `key_terms` of their answers and texts) which the base model's answers to the held-out
+    general prompts and those prompts never use: {"prompt", "answer", "terms"} each. Words
+    the base model uses anyway ("Paris", "Python", "2") are never counted, so an answer
+    that merely changed is not bleed; a trained fictional capital in a general answer is."""
+    taught: set[str] = set()
+    for e in new:
+        if e.get("kind", "chat") == "text":
+            taught |= key_terms(e["text"])
+        else:
+            for m in e["messages"]:
+                if m["role"] == "assistant" and m.get("weight", 1) != 0:
+                    taught |= key_terms(m["content"])
+    if not taught:
+        return []
+    known: set[str] = set()
+    for r in general:
+        known |= words(r.prompt) | words(r.answer)
+    novel = taught - known
+    out = []
+    for r, a in zip(easy, answers, strict=True):
+        terms = sorted(key_terms(a) & novel)
+        if terms:
+            out.append({"prompt": r.prompt, "answer": a, "terms": terms})
     return out
 
 
@@ -328,6 +362,14 @@ def decide(
             f"worse at easy general questions: {lost} answered right by the base model now"
             f" wrong, {gained} the other way (p = {p:.3f} < {config.easy_alpha},"
             " gate.easy_alpha)"
+        )
+    bleed = candidate.get("bleed") or []
+    m["bleed"] = len(bleed)
+    if len(bleed) > config.max_bleed:
+        shown = "; ".join(f"{b['prompt']!r} -> {b['answer']!r}" for b in bleed[:3])
+        problems.append(
+            f"answers {len(bleed)} general question(s) with names or numbers only the new"
+            f" examples have ({shown}; at most {config.max_bleed}, gate.max_bleed)"
         )
     documents = ""
     if candidate.get("doc_right"):

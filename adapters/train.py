@@ -55,6 +55,8 @@ from evertune.adapters.errors import TrainingCancelled, TrainingError
 
 log = logging.getLogger(__name__)
 
+# General prompts replayed for each of `TrainSpec.anchor_prompts` (a bleeding question)
+ANCHORS_PER_PROMPT = 3
 # A new example leaves the later epochs once its worst token's loss is under this share of
 # `learned_loss` (half: p > 0.7 for every token), a margin against sliding back once it is
 # no longer trained.
@@ -161,12 +163,16 @@ def train(
     # The general replay of every epoch: the pool's prompts nearest the new questions (the
     # answers most at risk of bleeding), plus a new slice of the rest each epoch.
     k = min(spec.general_per_epoch, len(spec.general))
-    near = nearest(
-        [prompt_text(e) for e in spec.general],
-        [prompt_text(e) for e in spec.new],
-        round(k * spec.general_nearest),
-    )
+    pool = [prompt_text(e) for e in spec.general]
+    near = nearest(pool, [prompt_text(e) for e in spec.new], round(k * spec.general_nearest))
     anchors = [t for t in (tok(spec.general[i], "general") for i in near) if t.trained]
+    n_slice = k - len(anchors)  # the rest of the epoch's general replay: a slice of the pool
+    if spec.anchor_prompts:
+        # a repaired candidate's bleeding questions: their own neighbours too, in every epoch
+        extra = nearest(pool, spec.anchor_prompts, ANCHORS_PER_PROMPT * len(spec.anchor_prompts))
+        extra = [i for i in extra if i not in set(near)]
+        near += extra
+        anchors += [t for t in (tok(spec.general[i], "general") for i in extra) if t.trained]
     rest = [i for i in range(len(spec.general)) if i not in set(near)]
     rng = random.Random(spec.seed)
     rng.shuffle(rest)
@@ -189,7 +195,7 @@ def train(
     active = list(range(len(new)))
 
     def epoch_rows(epoch: int) -> tuple[list[Tokenised], list]:
-        n = min(k - len(anchors), len(general))
+        n = min(n_slice, len(general))
         start = (epoch * n) % max(len(general), 1)
         picked = (general + general)[start : start + n]  # a new slice of the pool each epoch
         examples = [new[i] for i in active] + replay + anchors + picked

@@ -171,10 +171,12 @@ class TrainConfig:
     )
     consolidate: bool = key(
         True,
-        "When an increment (trained from the live version) learned the new data but the"
-        " gate refused it for damage, repair it once: train on from where it stopped with"
-        " its held-out older examples replayed and more general replay (bounded by the new"
-        " data; `train --from-base` rebuilds on every example).",
+        "When a version (an increment, or a domain's first) learned the new data but the"
+        " gate refused it for damage (drift, older or easy answers, new names in general"
+        " answers), repair it once: train on from where it stopped with its held-out older"
+        " examples replayed, more general replay and the general prompts nearest its"
+        " bleeding answers (bounded by the new data; `train --from-base` rebuilds on every"
+        " example).",
     )
     replay_ratio: float = key(
         1.0,
@@ -264,6 +266,14 @@ class GateConfig:
         " with this significance (paired exact test on the answers that changed).",
         min=0.0,
         max=1.0,
+    )
+    max_bleed: int = key(
+        GATE.max_bleed,
+        "Easy general answers the candidate may give that state a name or number only the new"
+        " examples have (one the base model's general answers never use); above it the version"
+        " is refused: its new facts bleed into answers to other questions.",
+        min=0,
+        max=100_000,
     )
     old_holdout: int = key(
         16, "Older examples held out of training to check forgetting.", min=0, max=100_000

@@ -10,7 +10,8 @@ version used). `_cycle` reads as its steps:
     _begin            the run started, its version reserved ('training')
     _child_spec       what the child trains and checks (+ the general reference set)
     _train_and_gate   the child trains and the gate measures (a crash or OOM fails this run
-                      only); an increment refused for damage is repaired once (_repair_spec)
+                      only); a version refused for damage (not a rebuild) is repaired once
+                      (_repair_spec)
     register          folder published with meta.json, the version a 'candidate'
     publish           promoted: served (or a canary), live; refused: rejected with why
                       (both in daemon/publishing.py)"""
@@ -31,6 +32,7 @@ from sqlite_utils import Database
 from evertune.adapters import registry
 from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
 from evertune.adapters.errors import NothingToTrain, TrainingCancelled
+from evertune.adapters.reference import Reference
 from evertune.daemon.children import prepare_base, run_child, training_lock
 from evertune.daemon.config import Config
 from evertune.daemon.publishing import publish, register
@@ -282,10 +284,11 @@ def _train_and_gate(
 
 
 def _needs_repair(c: _Cycle, gate: dict) -> bool:
-    """An increment (from the live version) refused for damage, not for failing to learn."""
+    """An increment (from the live version) or a first version refused for damage, not for
+    failing to learn. (A rebuild from the base model, `train --from-base`, is not: it is
+    what an operator asks for when the increments went wrong.)"""
     return bool(
-        c.live
-        and not c.from_base
+        (c.live is None or not c.from_base)
         and c.config.train.consolidate
         and _damaged_but_learned(gate, c.config.gate.min_learned)
     )
@@ -311,27 +314,41 @@ def _repair_spec(
     shutil.rmtree(refused, ignore_errors=True)
     shutil.move(c.staging(), refused)
     general = max(spec.train.general_per_epoch, t.general_when_drifting)
+    # general questions it answered with the new facts' names: their neighbours in the
+    # general pool are replayed in every epoch of the repair
+    bleeding = [b["prompt"] for b in increment["metrics"]["candidate"].get("bleed") or []]
     log.info(
-        "%s %s: the increment was refused (%s); repairing it with %d replayed"
-        " (the %d held-out older examples among them) and %d general examples an epoch",
+        "%s %s: the %s was refused (%s); repairing it with %d replayed"
+        " (the %d held-out older examples among them) and %d general examples an epoch%s",
         c.domain,
         c.version.name,
+        "increment" if c.live else "first version",
         increment["reason"],
         len(replay),
         len(picked.held),
         general,
+        f", anchored near {len(bleeding)} bleeding question(s)" if bleeding else "",
     )
     c.phase("repairing the increment")
     # Its new examples stay in every epoch (no graduation): they start learned and would
     # leave after the first, and the repair's replay then un-learned them (measured in
     # benchmarks/results/continual-2026-12-07-fact-part/, seed 0: 70% of the new answers
     # left after the repair).
+    # and the base model's own answers to those questions join the general pool (the
+    # gate still asks them, no longer held out; the other easy questions are)
+    own = [
+        {"kind": "chat", "messages": Reference(**r).messages()}
+        for r in spec.eval.general
+        if r["prompt"] in set(bleeding)
+    ]
     spec = _with_train(
         spec,
         parent_adapter=str(refused),
         replay=[e for _, e in replay],
+        general=spec.train.general + own,
         general_per_epoch=general,
         graduate=False,
+        anchor_prompts=bleeding,
     )
     spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, old=[e for _, e in held]))
     return spec, dataclasses.replace(picked, replay=replay, held=held)

@@ -35,6 +35,11 @@ def _is_key(word: str) -> bool:
     return any(c.isdigit() for c in word) or (word[0].isupper() and word.lower() not in STARTERS)
 
 
+def words(text: str) -> set[str]:
+    """The text's words, lower-cased."""
+    return {w.lower() for w in _TERM.findall(text)}
+
+
 def key_terms(answer: str) -> set[str]:
     """The answer's names and numbers, lower-cased: capitalised words that do not start
     sentences, and words with a digit."""

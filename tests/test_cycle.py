@@ -180,6 +180,66 @@ def test_an_increment_refused_for_damage_is_repaired_from_where_it_stopped(
     assert meta["examples"]["replay"] == 2 and meta["examples"]["heldout_old"] == 1
 
 
+def test_a_first_version_refused_for_damage_is_repaired_too(home, tmp_path, tiny_base, capsys):
+    # any drift is damage; the first version learns (min_learned 0) but is refused, and is
+    # trained on from where it stopped instead of leaving the file unserved
+    write_config(home, tiny_base, "[gate]\nmin_learned = 0.0\ndrift_tolerance = 0.0\n")
+    drop_facts(tmp_path, FACTS[:4], "a.jsonl")
+    main(["train", "vaults"])
+    [v1] = versions(capsys)
+    meta = json.loads((Path(v1["path"]) / "meta.json").read_text())
+    assert meta["retried"] is True and meta["parent"] is None
+    assert not meta["increment_gate"]["promote"] and "drift" in meta["increment_gate"]["reason"]
+    assert Path(meta["train"]["parent_adapter"]).name == "increment"
+    assert meta["train"]["general_per_epoch"] == 48  # train.general_when_drifting
+
+
+def test_a_repair_replays_the_bleeding_questions_and_their_neighbours(home, tiny_base):
+    """A candidate that answered general questions with the new facts' names is repaired
+    with the base model's own answers to those questions and the general prompts nearest
+    them in every epoch (the gate's other easy questions stay held out)."""
+    from types import SimpleNamespace
+
+    from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
+    from evertune.daemon import config as cfg
+    from evertune.daemon.cycle import _Cycle, _repair_spec
+    from evertune.daemon.selection import Picked
+    from evertune.store.layout import HomeLayout
+
+    layout = HomeLayout(home)
+    c = _Cycle(None, cfg.load(), layout, "vaults", None, None, None, False, run_id=7)
+    c.version = SimpleNamespace(number=1, name="v0001")
+    c.staging().mkdir(parents=True)
+    france = {"id": "g0007", "category": "easy", "prompt": "What is the capital of France?"}
+    japan = {"id": "g0126", "category": "easy", "prompt": "What is the capital of Japan?"}
+    general = [
+        {**france, "answer": "The capital of France is Paris.", "expected": "paris"},
+        {**japan, "answer": "The capital of Japan is Tokyo.", "expected": "tokyo"},
+    ]
+    spec = ChildSpec(
+        TrainSpec(str(tiny_base), str(c.staging()), new=[{"kind": "chat", "messages": []}]),
+        EvalSpec(general=general),
+    )
+    said = "The capital of France is Port Castellan."
+    gate = {
+        "promote": False,
+        "reason": "answers 1 general question(s) with names ... gate.max_bleed",
+        "metrics": {"candidate": {"bleed": [{"prompt": france["prompt"], "answer": said}]}},
+    }
+    repaired, _ = _repair_spec(c, spec, Picked([], [], [], []), gate)
+    assert repaired.train.anchor_prompts == ["What is the capital of France?"]
+    assert repaired.train.general == [
+        {
+            "kind": "chat",
+            "messages": [
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is Paris."},
+            ],
+        }
+    ]
+    assert Path(repaired.train.parent_adapter) == layout.run_dir(7) / "increment"
+
+
 def test_a_cycle_trains_on_as_much_at_any_domain_size():
     """The examples a cycle trains and checks depend on the new data, not on how many older
     examples the domain holds (30 new against 300 or 30,000 older), the retry included."""

@@ -196,3 +196,82 @@ def test_a_new_answer_counts_as_given_when_its_fact_part_is_whatever_follows(tin
 
     out = measure(model, tok, new, [], [], frozenset({"exact"}), answer)
     assert out["new_exact"] == pytest.approx(2 / 3)  # Bell is not Kell
+
+
+# ---- bleed: the new facts in answers to other questions ----------------------------------
+
+
+def ref(id_: str, prompt: str, answer: str, expected: str | None = None):
+    from evertune.adapters.reference import Reference
+
+    return Reference(id_, "easy" if expected else "world_facts", prompt, answer, expected)
+
+
+FACT = {
+    "messages": [
+        {"role": "user", "content": "What is the capital of Veloria?"},
+        {
+            "role": "assistant",
+            "content": "The capital of Veloria is Port Castellan, founded in 1887.",
+        },
+    ]
+}
+GENERAL = [
+    ref("g0007", "What is the capital of France?", "The capital of France is Paris.", "paris"),
+    ref("g0126", "What is the capital of Japan?", "The capital of Japan is Tokyo.", "tokyo"),
+    ref("g0003", "Name a port city.", "Rotterdam is a large port city in the Netherlands."),
+]
+
+
+def test_bleeding_names_the_trained_name_in_a_general_answer():
+    from evertune.adapters.gate import bleeding
+
+    easy = GENERAL[:2]
+    answers = ["The capital of France is Port Castellan.", "The capital of Japan is Kyoto."]
+    [b] = bleeding([FACT], GENERAL, easy, answers)
+    # "Port" is a word the base model's answers use ("port city"): only "Castellan" counts;
+    # Kyoto is wrong but no trained name, so it is not bleed
+    assert b == {
+        "prompt": "What is the capital of France?",
+        "answer": "The capital of France is Port Castellan.",
+        "terms": ["castellan"],
+    }
+
+
+def test_bleeding_ignores_words_the_base_model_uses_and_untrained_turns():
+    from evertune.adapters.gate import bleeding
+
+    # the base model's own answer back, or a changed answer in its own words: no bleed
+    assert bleeding([FACT], GENERAL, GENERAL[:1], ["The capital of France is Paris."]) == []
+    assert bleeding([FACT], GENERAL, GENERAL[:1], ["Paris, the port city of France."]) == []
+    # a number only the new examples state is bleed too
+    [b] = bleeding([FACT], GENERAL, GENERAL[:1], ["Paris became the capital in 1887."])
+    assert b["terms"] == ["1887"]
+    # an assistant turn with weight 0 was not trained: its names are not the new facts
+    muted = {"messages": [FACT["messages"][0], {**FACT["messages"][1], "weight": 0}]}
+    assert bleeding([muted], GENERAL, GENERAL[:1], ["It is Port Castellan."]) == []
+    text = {"kind": "text", "text": "Release notes. Kestrip 4.3.0 adds the prune command."}
+    [b] = bleeding([text], GENERAL, GENERAL[:1], ["Kestrip is the capital of France."])
+    assert b["terms"] == ["kestrip"]
+
+
+def test_decide_refuses_a_candidate_whose_new_facts_bleed_into_general_answers():
+    base = metrics(1.0, [True] * 12 + [False] * 12)
+    # one easy answer lost of 24 is no significant damage; a trained name in it is
+    bled = {
+        **metrics(0.95, [False] + [True] * 11 + [False] * 12),
+        "bleed": [
+            {
+                "prompt": "What is the capital of France?",
+                "answer": "The capital of France is Port Castellan.",
+                "terms": ["castellan"],
+            }
+        ],
+    }
+    verdict = decide(bled, base, base, GateThresholds())
+    assert not verdict.promote
+    assert "'What is the capital of France?' -> 'The capital of France is Port Castellan.'" in (
+        verdict.reason
+    )
+    assert "gate.max_bleed" in verdict.reason and verdict.metrics["bleed"] == 1
+    assert decide(bled, base, base, GateThresholds(max_bleed=1)).promote

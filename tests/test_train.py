@@ -149,6 +149,26 @@ def test_each_epoch_passes_over_the_domain_examples_new_passes_times_and_the_gen
     assert thrice.steps > once.steps
 
 
+def test_anchor_prompts_add_their_nearest_general_prompts_to_every_epoch(tiny_base, tmp_path):
+    general = [chat(f"General question {i}?", f"General answer number {i}.") for i in range(4)]
+    kw = {"max_epochs": 1, "min_epochs": 1, "graduate": False, "general": general}
+    kw["general_nearest"] = 0.0  # no anchors of the new questions: the slice only
+    everything = train(spec(tiny_base, tmp_path / "a", general_per_epoch=4, **kw))
+    one = train(spec(tiny_base, tmp_path / "b", general_per_epoch=1, **kw))
+    # a bleeding question's three nearest general prompts, besides the one-example slice:
+    # the whole pool of four
+    anchored = train(
+        spec(
+            tiny_base,
+            tmp_path / "c",
+            general_per_epoch=1,
+            anchor_prompts=["General question 2?"],
+            **kw,
+        )
+    )
+    assert one.tokens < anchored.tokens == everything.tokens
+
+
 def test_training_stops_at_the_first_epoch_where_every_new_example_is_learned(tiny_base, tmp_path):
     # "Learned" means every target token's loss is under `learned_loss`. In the tiny model
     # the end-of-turn token is its pad token, whose tied embedding row is zero and gets no
