@@ -62,7 +62,7 @@ class TrainSpec:
     # (benchmarks/results/variants-2026-12-07/): a third choice, only the fact parts' new
     # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
-    new_passes: int = 1  # the domain's examples this many times an epoch (the general once)
+    new_passes: int = 3  # the domain's examples this many times an epoch (the general once)
     # prompts whose nearest general prompts are replayed in every epoch besides the new
     # ones': a repaired candidate's bleeding general questions (daemon/cycle.py _repair_spec)
     anchor_prompts: list[str] = field(default_factory=list)

@@ -15,10 +15,11 @@ Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training 
 - naive training on a few facts ruins general answers; the base model's own answers to
   general prompts are mixed into every epoch (self-distillation), and training stops as
   soon as every new example is learned instead of running a fixed number of epochs;
-- an epoch can pass over the domain's examples (new and replayed) `new_passes` times and
-  over the general replay once: the same steps to learn a file as one pass with more
-  epochs, never-trained paraphrases answered 81% against 62-70% (five seeds), but a small
-  file's facts bled into general answers (tests/test_learning_slow.py): default 1;
+- an epoch passes over the domain's examples (new and replayed) `new_passes` times (3)
+  and over the general replay once: the same steps to learn a file as one pass with more
+  epochs, never-trained paraphrases answered 81% against 62-70% (five seeds); a small
+  file's facts bled into a general answer (tests/test_learning_slow.py), which the gate
+  refuses and the cycle repairs (adapters/gate.py, daemon/cycle.py);
 - an example is learned when the tokens of its answer's fact part are (the answer up to
   the end of the clause stating what its question did not: store/terms.py): every token
   is trained, but a writer's tail after the fact need not come back verbatim.

@@ -920,6 +920,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def bleeding(seed: dict[str, Any], cycle: dict[str, Any]) -> list[str]:
+    """The easy questions the stable name answered, after this cycle, with a name or number
+    of the files trained so far that the base model's answers to the easy questions (and
+    the questions) never use: what the gate's bleed check (adapters/gate.py) looks for,
+    counted here on what clients got."""
+    from evertune.store.terms import key_terms, words
+
+    base = seed["ours"]["base"]["answers"]
+    easy = [q for q, _ in easy_questions()]
+    known: set[str] = set()
+    for q in easy:
+        known |= words(q) | words(base.get(q) or "")
+    taught = {
+        t for fs in FILES[: cycle["cycle"]] for f in fs for a in answers(f) for t in key_terms(a)
+    }
+    novel = taught - known
+    got = cycle.get("answers") or {}
+    return [q for q in easy if key_terms(got.get(q) or "") & novel]
+
+
 def summary(seeds: list[dict[str, Any]], mach: dict[str, Any]) -> str:
     ours = [c for s in seeds for c in s["ours"]["cycles"]]
     naive = [c for s in seeds for c in (s.get("naive") or {}).get("cycles", [])]
@@ -944,6 +964,17 @@ def summary(seeds: list[dict[str, Any]], mach: dict[str, Any]) -> str:
         f"  ours: paraphrased questions answered {para}/{para_total}"
         f" ({para / max(para_total, 1):.0%}); exact {sum(c['new_exact'] for c in ours)}"
         f"/{10 * len(ours)}"
+    )
+    bled = [
+        (s["seed"], c["cycle"], q)
+        for s in seeds
+        for c in s["ours"]["cycles"]
+        for q in bleeding(s, c)
+    ]
+    asked = sum(len(easy_questions()) for s in seeds for c in s["ours"]["cycles"])
+    lines.append(
+        f"  ours: easy answers stating a trained name or number (bleed) {len(bled)}/{asked}"
+        + "".join(f"\n    seed {s} cycle {k}: {q!r}" for s, k, q in bled)
     )
     busy = [s["traffic"] for s in seeds if s.get("traffic")]
     if busy:
@@ -1115,7 +1146,20 @@ def main() -> int:
         action="store_true",
         help="after the files: a file changing 5 facts of file 1, then a forget of 2 others",
     )
+    ap.add_argument(
+        "--summarise",
+        type=Path,
+        metavar="JSON",
+        help="print the summary of a finished run's continual.json (this script's summary:"
+        " figures added since that run included) and write it beside it",
+    )
     args = ap.parse_args()
+    if args.summarise:
+        raw = json.loads(args.summarise.read_text())
+        text = summary(raw["seeds"], raw["machine"]).lstrip("\n")
+        print(text)
+        (args.summarise.parent / "summary-again.txt").write_text(text + "\n")
+        return 0
     if not 1 <= args.files <= len(FILES):
         ap.error(f"--files must be 1-{len(FILES)}")
     if args.change_forget and args.files != 1:

@@ -154,12 +154,12 @@ class TrainConfig:
         max=10_000,
     )
     new_passes: int = key(
-        1,
+        3,
         "Passes over the domain's examples (new and replayed) in each epoch; the general"
         " replay once. Measured over 5 seeds, 3 passes answered 81% of never-trained"
-        " paraphrases against 62-70% with 1 (increments take more steps), but on a"
-        " 5-fact file with 16 general examples an epoch a trained fictional capital"
-        " bled into 'the capital of France': not the default.",
+        " paraphrases against 62-70% with 1 (increments take more steps). A trained name"
+        " that bleeds into a general answer (more likely with more passes) is refused by"
+        " the gate (gate.max_bleed) and repaired (train.consolidate).",
         min=1,
         max=100,
     )
