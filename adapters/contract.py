@@ -63,6 +63,9 @@ class TrainSpec:
     # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
     new_passes: int = 3  # the domain's examples this many times an epoch (the general once)
+    # with several passes, an example is judged learned by its tokens at its "last" sighting
+    # of the epoch, or at "every" sighting (the worst of them)
+    learned_when: str = "last"
     # prompts whose nearest general prompts are replayed in every epoch besides the new
     # ones': a repaired candidate's bleeding general questions (daemon/cycle.py _repair_spec)
     anchor_prompts: list[str] = field(default_factory=list)
@@ -82,6 +85,8 @@ class TrainSpec:
             raise TrainingError("no new examples to train on")
         if self.learned_on not in ("fact", "answer"):
             raise TrainingError(f"learned_on is 'fact' or 'answer', not {self.learned_on!r}")
+        if self.learned_when not in ("last", "every"):
+            raise TrainingError(f"learned_when is 'last' or 'every', not {self.learned_when!r}")
         if self.new_passes < 1:
             raise TrainingError(f"new_passes is at least 1, not {self.new_passes}")
 

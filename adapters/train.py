@@ -269,10 +269,16 @@ def train(
             owners = own[sel.cpu()]
             ex_loss.index_add_(0, owners, per_token.detach().float().cpu())
             ex_count.index_add_(0, owners, torch.ones_like(owners, dtype=torch.float))
-            # learned: every token of the answers' fact parts (store.terms.fact_part)
-            ex_worst.scatter_reduce_(
-                0, owners[decides], per_token.detach().float().cpu()[decides], "amax"
-            )
+            # learned: every token of the answers' fact parts (store.terms.fact_part), at
+            # the example's last sighting of the epoch (its earlier passes trained it since)
+            # or at every one (the worst)
+            deciding = per_token.detach().float().cpu()[decides]
+            if spec.learned_when == "last":
+                now = torch.full_like(ex_worst, -1.0)
+                now.scatter_reduce_(0, owners[decides], deciding, "amax")
+                ex_worst = torch.where(now >= 0, now, ex_worst)
+            else:
+                ex_worst.scatter_reduce_(0, owners[decides], deciding, "amax")
             step += 1
             trained_tokens += int(sel.sum())
             loss_value = float(loss.detach())
