@@ -169,6 +169,23 @@ def test_anchor_prompts_add_their_nearest_general_prompts_to_every_epoch(tiny_ba
     assert one.tokens < anchored.tokens == everything.tokens
 
 
+def test_with_several_passes_an_example_is_learned_by_its_last_sighting_of_the_epoch(
+    tiny_base, tmp_path
+):
+    # the same run judged two ways: the last sighting of each example has had two more
+    # updates than its first, so at least as many are learned, in every epoch, and the
+    # run stops no later
+    kw = {"lr": 3e-3, "max_epochs": 40, "min_epochs": 1, "learned_loss": 12.0}
+    kw |= {"graduate": False, "new_passes": 3}  # (measured: 3 epochs against 4)
+    last = train(spec(tiny_base, tmp_path / "a", learned_when="last", **kw))
+    every = train(spec(tiny_base, tmp_path / "b", learned_when="every", **kw))
+    assert last.learned == every.learned == len(FACTS)
+    assert last.epochs < every.epochs
+    assert all(
+        a["learned"] >= b["learned"] for a, b in zip(last.history, every.history, strict=False)
+    )
+
+
 def test_training_stops_at_the_first_epoch_where_every_new_example_is_learned(tiny_base, tmp_path):
     # "Learned" means every target token's loss is under `learned_loss`. In the tiny model
     # the end-of-turn token is its pad token, whose tied embedding row is zero and gets no
@@ -207,6 +224,7 @@ def test_examples_learned_with_a_margin_leave_the_later_epochs(tiny_base, tmp_pa
         ("target_modules", ("q_proj", "lm_head"), "cannot serve LoRA on"),
         ("new", [], "no new examples"),
         ("new_passes", 0, "new_passes is at least 1"),
+        ("learned_when", "first", "learned_when is 'last' or 'every'"),
     ],
 )
 def test_unservable_or_empty_specs_are_refused(tiny_base, tmp_path, field, value, message):
