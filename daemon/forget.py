@@ -100,7 +100,7 @@ def prompts_of_file(path: Path, limits: IngestLimits | None = None) -> list[byte
             f.seek(0)
             text = f.read().decode("utf-8", errors="replace").removeprefix("\ufeff")
             for d in knowledge.derive(text):
-                out += [question_hash(q) for q in d.taught]
+                out += [question_hash(q) for q in [*d.taught, *(f for f, _ in d.facts)]]
     return out
 
 

@@ -82,6 +82,29 @@ def test_a_document_gives_each_statement_with_its_heading_and_three_wordings():
     assert later.answer == "2.2.0: sync --dry-run no longer needs a network connection."
 
 
+def test_each_detail_of_a_sentence_is_asked_for_and_answered_by_the_sentence():
+    facts = dict(q for d in knowledge.derive(NOTES) for q in d.facts)
+    # a number with its unit, a setting: the sentence with the detail asked for, and what
+    # the sentence does not say itself (the title's name, the release) in front of both
+    answer = "Quillon 2.4.0: The cache.max_size key now defaults to 512 MB."
+    assert facts["Quillon 2.4.0: The cache.max_size key now defaults to how many MB?"] == answer
+    assert facts["Quillon 2.4.0: The which setting key now defaults to 512 MB?"] == answer
+    assert facts["Quillon: Refunds are paid within how many days of the request?"] == (
+        "Quillon: Refunds are paid within 14 days of the request."
+    )
+    assert facts["Quillon Glossary: Team: Price what amount; Seats 10?"] == (
+        "Quillon Glossary: Team: Price 29 EUR; Seats 10."
+    )
+    # an item of a release: which version brought it (the section's or the item's own
+    # verb), and when the release came out
+    assert facts["Which version added sync --dry-run?"] == "2.4.0 (2026-03-02): sync --dry-run."
+    assert facts["Which version fixed QUILLON_HOME?"] == "2.4.0 (2026-03-02): QUILLON_HOME."
+    assert facts["When was Quillon 2.4.0 released?"] == "Quillon 2.4.0 was released on 2026-03-02."
+    # "2.x"-like text and the digits 0 and 1 are not asked for; no question twice
+    every = [q for d in knowledge.derive(NOTES) for q in [*d.taught, *(f for f, _ in d.facts)]]
+    assert len(every) == len(set(every))
+
+
 def test_a_held_out_answer_is_right_when_it_gives_the_statement():
     expected = "Refunds: Refunds are paid within 14 days of the request."
     assert knowledge.covers("Refunds are paid within 14 days of the request.", expected)
@@ -96,9 +119,11 @@ def test_a_dropped_document_is_stored_with_its_derived_questions_and_listed(tmp_
     src.write_text(NOTES)
     out = evertune(home, "ingest", str(src), "--domain", "quillon")
     assert out.returncode == 0, out.stderr
-    derived = len(knowledge.derive(NOTES))
+    statements = knowledge.derive(NOTES)
+    derived = len(statements)
+    taught = 2 * derived + sum(len(d.facts) for d in statements)
     assert (
-        f"a document: {2 * derived} question-and-answer examples derived from its statements,"
+        f"a document: {taught} question-and-answer examples derived from its statements,"
         f" {derived} questions held out for the gate" in out.stdout
     )
     listed = evertune(home, "examples", "quillon", "--derived", "--limit", "500")
@@ -111,7 +136,7 @@ def test_a_dropped_document_is_stored_with_its_derived_questions_and_listed(tmp_
     assert "notes.md:5: 'Tell me about sync --dry-run.'" in listed.stdout
     assert "superseded" not in out.stdout  # no derived answer replaced another
     report = json.loads((home / "done/quillon/notes.md.report.json").read_text())
-    assert report["examples_derived"] == 2 * derived
+    assert report["examples_derived"] == taught
     assert report["questions_held_out"] == derived
     # forgetting the whole document takes its held-out questions too
     # forgetting the document (the file given again, under any name) takes everything it
@@ -119,7 +144,7 @@ def test_a_dropped_document_is_stored_with_its_derived_questions_and_listed(tmp_
     src.rename(tmp_path / "renamed.md")
     gone = evertune(home, "forget", "quillon", "--file", str(tmp_path / "renamed.md"))
     assert gone.returncode == 0, gone.stdout + gone.stderr
-    assert f"quillon: {2 * derived + 1} examples forgotten" in gone.stdout
+    assert f"quillon: {taught + 1} examples forgotten" in gone.stdout
     db = open_db(home / "evertune.db", readonly=True)
     try:
         assert db.execute("SELECT count(*) FROM examples").fetchone() == (0,)
