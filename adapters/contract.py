@@ -63,9 +63,12 @@ class TrainSpec:
     # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
     new_passes: int = 3  # the domain's examples this many times an epoch (the general once)
-    # with several passes, an example is judged learned by its tokens at its "last" sighting
-    # of the epoch, or at "every" sighting (the worst of them)
-    learned_when: str = "last"
+    # with several passes, an example is judged learned by its tokens at "every" sighting of
+    # the epoch (the worst of them) or at its "last". Measured: "last" stopped a first file
+    # an epoch sooner (benchmarks/results/variants-2026-12-07-last-sighting/) but over five
+    # seeds in the daemon left 3 of 10 files unserved, paraphrases of second files 15-19 of
+    # 30 (benchmarks/results/continual-2026-12-07-last-sighting/)
+    learned_when: str = "every"
     # prompts whose nearest general prompts are replayed in every epoch besides the new
     # ones': a repaired candidate's bleeding general questions (daemon/cycle.py _repair_spec)
     anchor_prompts: list[str] = field(default_factory=list)
