@@ -147,6 +147,7 @@ min_learned = 0.0
 drift_tolerance = 100.0
 easy_alpha = 0.0
 old_tolerance = 100.0
+max_bleed = 100000
 old_holdout = 4
 [registry]
 keep_last = 100000

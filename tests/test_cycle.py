@@ -21,8 +21,10 @@ FACTS = [
     for i in range(8)
 ]
 
+# (a random tiny model's answers repeat the trained numbers anywhere: no bleed check either)
 LENIENT = (
     "[gate]\nmin_learned = 0.0\ndrift_tolerance = 100.0\neasy_alpha = 0.0\nold_tolerance = 100.0\n"
+    "max_bleed = 100000\n"
 )
 # What a random tiny model cannot pass: it must reproduce every new answer.
 STRICT = "[gate]\nmin_learned = 1.0\n"
