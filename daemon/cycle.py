@@ -329,7 +329,7 @@ def _repair_spec(
         general,
         f", anchored near {len(bleeding)} bleeding question(s)" if bleeding else "",
     )
-    c.phase("repairing the increment")
+    c.phase("repairing the " + ("increment" if c.live else "first version"))
     # Its new examples stay in every epoch (no graduation): they start learned and would
     # leave after the first, and the repair's replay then un-learned them (measured in
     # benchmarks/results/continual-2026-12-07-fact-part/, seed 0: 70% of the new answers

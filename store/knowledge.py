@@ -184,7 +184,7 @@ def _worth_asking(m: re.Match) -> bool:
     if m.lastgroup != "amount":
         return True
     number = re.match(r"[\d,.]+", m.group()).group()
-    return len(number.strip(",.")) >= 1 and not re.fullmatch(r"[01]", number)
+    return not re.fullmatch(r"[01]", number)  # "0" and "1" are rarely what is asked for
 
 
 def _overlaps(m: re.Match, spans: list[re.Match]) -> bool:
