@@ -72,6 +72,9 @@ class TrainSpec:
     # prompts whose nearest general prompts are replayed in every epoch besides the new
     # ones': a repaired candidate's bleeding general questions (daemon/cycle.py _repair_spec)
     anchor_prompts: list[str] = field(default_factory=list)
+    # the attention kernel: "auto" (eager on the CPU for rows up to EAGER_MAX_WIDTH tokens,
+    # else PyTorch's SDPA), "eager" or "sdpa" (adapters/train.py `attention_kernel`)
+    attention: str = "auto"
 
     def check(self) -> None:
         if self.rank not in VLLM_RANKS:
@@ -92,6 +95,8 @@ class TrainSpec:
             raise TrainingError(f"learned_when is 'last' or 'every', not {self.learned_when!r}")
         if self.new_passes < 1:
             raise TrainingError(f"new_passes is at least 1, not {self.new_passes}")
+        if self.attention not in ("auto", "eager", "sdpa"):
+            raise TrainingError(f"attention is 'auto', 'eager' or 'sdpa', not {self.attention!r}")
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,9 @@ def train(
 
     # ---- model: frozen base (bf16 where fast), LoRA parameters in fp32 -------------------
     tokenizer = AutoTokenizer.from_pretrained(spec.base_path)
-    model = AutoModelForCausalLM.from_pretrained(spec.base_path, dtype=compute).to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.base_path, dtype=compute, attn_implementation=attention_kernel(spec, device)
+    ).to(device)
     model.config.use_cache = False
     if spec.parent_adapter:
         # Incremental: version N+1 starts from version N's weights.
@@ -386,6 +388,8 @@ def _after_opening(body, opening: list[int], ids, pos, own):
     causal = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
     mine = (own[:, :, None] == own[:, None, :]) & causal & (own[:, :, None] >= 0)
     mask = torch.cat([torch.ones(b, w, n, dtype=torch.bool, device=dev), mine], dim=2)[:, None]
+    if body.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo().min)
     return body(
         input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=rows, use_cache=True
     ).last_hidden_state
@@ -396,6 +400,23 @@ def _top_layers(config, n: int) -> list[int] | None:
     needs a gradient, so the backward pass stops there and those layers run forward only."""
     total = config.num_hidden_layers
     return None if n <= 0 or n >= total else list(range(total - n, total))
+
+
+# Widest packed row trained with eager attention on the CPU: its memory grows with the square
+# of the width (heads x width^2 scores per row and layer, kept for the backward pass).
+EAGER_MAX_WIDTH = 1024
+
+
+def attention_kernel(spec: TrainSpec, device: torch.device) -> str:
+    """Eager attention (matmul, mask, softmax) on the CPU: packed rows need a mask, and
+    PyTorch's fused CPU kernel with a mask is slow backwards at these widths (measured on
+    SmolLM2, 2 x 256-token rows a step: a quarter of a training step's time in SDPA, the
+    step ~18% faster eager, the same losses to 1e-3: benchmarks/results/variants-2026-12-07
+    -attention/). On GPUs, and for wide rows, SDPA."""
+    if spec.attention != "auto":
+        return spec.attention
+    width = max(spec.row_len, spec.max_seq_len)
+    return "eager" if device.type == "cpu" and width <= EAGER_MAX_WIDTH else "sdpa"
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -225,6 +225,7 @@ def test_examples_learned_with_a_margin_leave_the_later_epochs(tiny_base, tmp_pa
         ("new", [], "no new examples"),
         ("new_passes", 0, "new_passes is at least 1"),
         ("learned_when", "first", "learned_when is 'last' or 'every'"),
+        ("attention", "flash", "attention is 'auto', 'eager' or 'sdpa'"),
     ],
 )
 def test_unservable_or_empty_specs_are_refused(tiny_base, tmp_path, field, value, message):
@@ -232,9 +233,11 @@ def test_unservable_or_empty_specs_are_refused(tiny_base, tmp_path, field, value
         train(spec(tiny_base, tmp_path / "v1", **{field: value}))
 
 
-def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base):
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base, kernel):
     """Training runs the shared opening (the default system prompt) once a step: the losses
-    and the LoRA gradients equal those of the packed rows run whole."""
+    and the LoRA gradients equal those of the packed rows run whole, with either attention
+    kernel (eager adds the mask to the scores; SDPA takes it as booleans)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -244,7 +247,9 @@ def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base):
     tok = AutoTokenizer.from_pretrained(tiny_base)
     torch.manual_seed(0)
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(
+            tiny_base, dtype=torch.float32, attn_implementation=kernel
+        ),
         LoraConfig(
             r=8, lora_alpha=16, target_modules=list(TARGET_MODULES), init_lora_weights=False
         ),
@@ -295,6 +300,17 @@ def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base):
     )
     for a, b in zip(whole[1], cut[1], strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_the_cpu_trains_with_eager_attention_unless_rows_are_wide(tiny_base, tmp_path):
+    from evertune.adapters.train import EAGER_MAX_WIDTH, attention_kernel
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert attention_kernel(spec(tiny_base, tmp_path), cpu) == "eager"
+    assert attention_kernel(spec(tiny_base, tmp_path), gpu) == "sdpa"
+    wide = spec(tiny_base, tmp_path, max_seq_len=EAGER_MAX_WIDTH * 2)
+    assert attention_kernel(wide, cpu) == "sdpa"
+    assert attention_kernel(spec(tiny_base, tmp_path, attention="sdpa"), cpu) == "sdpa"
 
 
 def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
