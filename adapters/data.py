@@ -207,14 +207,18 @@ def prompt_text(example: dict) -> str:
 
 
 def nearest(pool: Sequence[str], queries: Sequence[str], k: int) -> list[int]:
-    """Indices of `k` texts of `pool` most like the queries: each query in turn takes its
-    most similar text not yet taken (cosine of idf-weighted words), so every query gets
-    its neighbours.
+    """Indices of `k` texts of `pool` most like the queries (cosine of idf-weighted words):
+    in rounds, each query takes its most similar text not yet taken, the queries with the
+    closest texts first, so that when `k` is smaller than the queries, those most like a
+    general prompt get theirs.
 
     Why: new facts bleed into questions that look like them (measured: after learning "the
     capital of Veloria is Port Castellan", "What is the capital of Italy?" was answered
-    "Port Castellano"). Replaying the base model's own answers to the general prompts
-    nearest to the new questions anchors exactly the answers most at risk."""
+    "Port Castellano"; after "Veltrine boils at 143 degrees Celsius", water froze "at 143
+    degrees Celsius"). Replaying the base model's own answers to the general prompts
+    nearest to the new questions anchors exactly the answers most at risk. Taken in the
+    queries' order instead, 12 of 30 questions got their neighbours, the first 12 of the
+    file, and the rest (the boiling point among them) none."""
     docs = [Counter(re.findall(r"[a-z0-9]+", t.lower())) for t in pool]
     asked = list(dict.fromkeys(queries))  # each distinct question once
     qdocs = [Counter(re.findall(r"[a-z0-9]+", t.lower())) for t in asked]
@@ -227,14 +231,12 @@ def nearest(pool: Sequence[str], queries: Sequence[str], k: int) -> list[int]:
         return {w: x / norm for w, x in v.items()}
 
     pv, qv = [vector(d) for d in docs], [vector(d) for d in qdocs]
-    ranked = [
-        sorted(range(len(pv)), key=lambda i, q=q: -sum(x * pv[i].get(w, 0.0) for w, x in q.items()))
-        for q in qv
-    ]
+    sims = [[sum(x * p.get(w, 0.0) for w, x in q.items()) for p in pv] for q in qv]
+    ranked = [sorted(range(len(pv)), key=lambda i, s=s: -s[i]) for s in sims]
     picked: dict[int, None] = {}
     for depth in range(len(pv)):
-        for order in ranked:
+        for q in sorted(range(len(qv)), key=lambda q: -sims[q][ranked[q][depth]]):
             if len(picked) >= min(k, len(pv)):
                 return list(picked)
-            picked.setdefault(order[depth])
+            picked.setdefault(ranked[q][depth])
     return list(picked)

@@ -130,6 +130,25 @@ def test_nearest_gives_each_question_its_closest_general_prompts():
     assert sorted(nearest(pool, queries, 99)) == list(range(len(pool)))
 
 
+def test_nearest_serves_the_questions_most_like_a_general_prompt_first():
+    """Fewer picks than questions: the question that looks most like a general prompt gets
+    its neighbour, wherever it comes in the file (the boiling point, not the first three)."""
+    from evertune.adapters.data import nearest
+
+    pool = [
+        "Who painted the Mona Lisa?",
+        "What is the boiling point of water at sea level in Fahrenheit?",
+        "Which ship sank in 1912?",
+        "Write a haiku about autumn.",
+    ]
+    queries = [
+        "Who founded the Brindlemoor Cartography Society?",
+        "Which ship first crossed the Korrin Strait?",
+        "What is the boiling point of Veltrine in degrees Celsius?",
+    ]
+    assert [pool[i] for i in nearest(pool, queries, 1)] == [pool[1]]
+
+
 def test_general_replay_is_cut_without_an_end_of_turn_target(tok):
     long_answer = "word " * 200
     chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": long_answer}]
