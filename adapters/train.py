@@ -409,10 +409,10 @@ EAGER_MAX_WIDTH = 1024
 
 def attention_kernel(spec: TrainSpec, device: torch.device) -> str:
     """Eager attention (matmul, mask, softmax) on the CPU: packed rows need a mask, and
-    PyTorch's fused CPU kernel with a mask is slow backwards at these widths (measured on
-    SmolLM2, 2 x 256-token rows a step: a quarter of a training step's time in SDPA, the
-    step ~18% faster eager, the same losses to 1e-3: benchmarks/results/variants-2026-12-07
-    -attention/). On GPUs, and for wide rows, SDPA."""
+    PyTorch's fused CPU kernel with a mask is slow backwards at these widths (SmolLM2, 2 x
+    256-token rows a step: 10-14% more tokens a second eager, the epochs' losses equal to
+    3 decimals, one epoch more in that run: benchmarks/results/variants-2026-12-07-attention/).
+    On GPUs, and for wide rows, SDPA."""
     if spec.attention != "auto":
         return spec.attention
     width = max(spec.row_len, spec.max_seq_len)
