@@ -348,6 +348,11 @@ def _repair_spec(
         general=spec.train.general + own,
         general_per_epoch=general,
         graduate=False,
+        # one pass over the domain's examples an epoch: they start learned (the passes were
+        # for learning them); the repair is for the general and older answers. Three passes
+        # made a repair dearer than the increment it repaired (120-155 steps against 99-122:
+        # benchmarks/results/continual-2026-12-07-bleed-check/)
+        new_passes=1,
         anchor_prompts=bleeding,
     )
     spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, old=[e for _, e in held]))
