@@ -54,6 +54,9 @@ class Row:
     owners: list[int]  # index of the example each token belongs to (-1: padding)
     real: int  # tokens that are not padding
     decides: list[bool]  # per token: its target decides whether its example is learned
+    # per token, in rows cut by `after_opening`: it attends to the shared opening (its
+    # example was cut; padding too, so that no token attends to nothing)
+    opened: list[bool] | None = None
 
 
 def tokenise_chat(
@@ -168,14 +171,41 @@ def shared_opening(examples: Sequence[Tokenised]) -> int:
     return n
 
 
-def after_opening(rows: Sequence[Row], opening: int, pad_id: int) -> list[Row]:
-    """A step's packed rows with the shared opening cut from each example: what is left of
-    each, in the same rows and order, positions continuing from the opening, the rows
-    padded to the longest. The model runs the opening once and every token attends to it
-    and to the earlier tokens of its own example (`owners`: see adapters/train.py)."""
+def common_opening(examples: Sequence[Tokenised]) -> list[int]:
+    """The opening (token ids) shared by the most examples and learned from by none of them,
+    at least MIN_SHARED_OPENING tokens ([]: none): the chat template's default system
+    prompt, 24 tokens of SmolLM2's ~50-80-token examples. Examples that open otherwise (a
+    system prompt of their own) run whole beside the cut ones (`after_opening`)."""
+    heads = Counter(tuple(t.ids[:MIN_SHARED_OPENING]) for t in examples)
+    if not heads:
+        return []
+    head, _ = heads.most_common(1)[0]
+    members = [t for t in examples if tuple(t.ids[:MIN_SHARED_OPENING]) == head]
+    n = shared_opening(members)
+    return list(members[0].ids[:n]) if n >= MIN_SHARED_OPENING else []
+
+
+def after_opening(rows: Sequence[Row], opening: Sequence[int], pad_id: int) -> list[Row]:
+    """A step's packed rows with the shared opening cut from each example that has it: what
+    is left of each, in the same rows and order, positions continuing from the opening
+    (the others whole, from 0), the rows padded to the longest. The model runs the opening
+    once and the tokens of a cut example attend to it (`opened`) and to the earlier tokens
+    of their own example (`owners`: see adapters/train.py)."""
+    n, opening = len(opening), list(opening)
     cut = []
     for r in rows:
-        keep = [i for i, o in enumerate(r.owners) if o >= 0 and r.positions[i] >= opening]
+        has: dict[int, bool] = {}  # example (owner) -> it opens with `opening`
+        keep, opened = [], []
+        for i, o in enumerate(r.owners):
+            if o < 0:
+                continue
+            if o not in has:
+                start = i - r.positions[i]  # positions restart at 0 for each example
+                has[o] = r.ids[start : start + n] == opening
+            if has[o] and r.positions[i] < n:
+                continue
+            keep.append(i)
+            opened.append(has[o])
         cut.append(
             (
                 [r.ids[i] for i in keep],
@@ -183,6 +213,7 @@ def after_opening(rows: Sequence[Row], opening: int, pad_id: int) -> list[Row]:
                 [r.targets[i] for i in keep],
                 [r.owners[i] for i in keep],
                 [r.decides[i] for i in keep],
+                opened,
             )
         )
     width = max(len(c[0]) for c in cut)
@@ -190,12 +221,13 @@ def after_opening(rows: Sequence[Row], opening: int, pad_id: int) -> list[Row]:
         Row(
             ids + [pad_id] * (width - len(ids)),
             tgt + [IGNORE] * (width - len(ids)),
-            pos + [opening] * (width - len(ids)),
+            pos + [n] * (width - len(ids)),
             own + [-1] * (width - len(ids)),
             len(ids),
             dec + [False] * (width - len(ids)),
+            opened + [True] * (width - len(ids)),
         )
-        for ids, pos, tgt, own, dec in cut
+        for ids, pos, tgt, own, dec, opened in cut
     ]
 
 

@@ -42,13 +42,12 @@ from evertune.adapters.base_model import cpu_has_native_bf16
 from evertune.adapters.contract import TrainSpec
 from evertune.adapters.data import (
     IGNORE,
-    MIN_SHARED_OPENING,
     Tokenised,
     after_opening,
+    common_opening,
     nearest,
     pack,
     prompt_text,
-    shared_opening,
     tokenise_chat,
     tokenise_text,
 )
@@ -181,14 +180,14 @@ def train(
     rng.shuffle(rest)
     general = [t for t in (tok(spec.general[i], "general") for i in rest) if t.trained]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Every example opens with the chat template's default system prompt (24 of SmolLM2's
-    # ~50-80 tokens an example): run it once a step and let each example attend to it,
-    # instead of once per example. The same losses and gradients (tests/test_train.py), on
-    # ~40% fewer tokens. One process only: DDP wants one forward pass per backward.
+    # Most examples open with the chat template's default system prompt (24 of SmolLM2's
+    # ~50-80 tokens an example; the general replay always does): run it once a step and
+    # let each example that has it attend to it, instead of once per example; examples
+    # with a system prompt of their own run whole beside them. The same losses and
+    # gradients (tests/test_train.py), on ~40% fewer tokens where every example has it.
+    # One process only: DDP wants one forward pass per backward.
     together = world == 1 and spec.shared_opening
-    opening = shared_opening([*fixed, *anchors, *general]) if together else 0
-    if opening < MIN_SHARED_OPENING:
-        opening = 0
+    opening = common_opening([*fixed, *anchors, *general]) if together else []
 
     # New examples learned with a margin leave the later epochs; the replayed and general
     # examples stay, so the late epochs, when the last few answers (the long ones) are
@@ -256,7 +255,8 @@ def train(
                 g["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if opening:
-                    hidden = _after_opening(body, fixed[0].ids[:opening], ids, pos, own)
+                    seen = torch.tensor([r.opened for r in batch], device=device)
+                    hidden = _after_opening(body, opening, ids, pos, own, seen)
                 else:
                     hidden = body(
                         input_ids=ids, position_ids=pos, use_cache=False
@@ -364,11 +364,12 @@ def train(
     )
 
 
-def _after_opening(body, opening: list[int], ids, pos, own):
+def _after_opening(body, opening: list[int], ids, pos, own, opened):
     """The last hidden states of rows cut by `data.after_opening`: the opening once (batch
     1), its keys and values broadcast to every row, then the rows, each token attending to
-    the opening and to the earlier tokens of its own example (owners; -1: padding, which
-    attends to the opening only). Gradients flow into the opening's pass once, summed."""
+    the opening where `opened` (its example was cut) and to the earlier tokens of its own
+    example (owners; -1: padding, which attends to the opening only). Gradients flow into
+    the opening's pass once, summed."""
     from transformers import DynamicCache
 
     dev = ids.device
@@ -387,7 +388,7 @@ def _after_opening(body, opening: list[int], ids, pos, own):
     own = own.to(dev)
     causal = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
     mine = (own[:, :, None] == own[:, None, :]) & causal & (own[:, :, None] >= 0)
-    mask = torch.cat([torch.ones(b, w, n, dtype=torch.bool, device=dev), mine], dim=2)[:, None]
+    mask = torch.cat([opened[:, :, None].expand(b, w, n), mine], dim=2)[:, None]
     if body.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo().min)
     return body(
