@@ -8,7 +8,9 @@ Runs in the training child (the daemon stays light). Four questions, each a metr
    withheld: a withheld fact would never be served), and the candidate's loss on them
    is below the live version's;
 2. old knowledge: of the held-out older short answers the live version gives, the
-   candidate loses at most `old_tolerance` (and one); for older examples without short
+   candidate loses at most `old_tolerance` (and one): an answer is kept when it still
+   states the fact (`states_fact`: the names and numbers its question did not, in any
+   wording); for older examples without short
    answers, their loss does not rise by more than `old_tolerance` and OLD_SLACK nats;
 3. drift: loss on the base model's own answers to held-out general prompts does not rise
    by more than `drift_tolerance` against the base model;
@@ -90,6 +92,22 @@ def short_qa(examples: list[dict]) -> list[tuple[list[dict], str]]:
     ]
 
 
+def states_fact(answer: str, prompt: Sequence[dict], fact: str) -> bool:
+    """The answer states the fact of an older example: the names and numbers of its fact
+    part that its question did not (every one), or, where it has none, the whole fact part.
+
+    Why: an older fact is known when a client asking gets it, in whichever of the domain's
+    answer styles ("386 rooms." or "The Gallowmere Hotel has 386 rooms."); judged by the
+    whole fact part, a change of style counted as a forgotten answer."""
+    asked = {w for m in prompt if m["role"] == "user" for w in words(m["content"])}
+    keys = key_terms(fact) - asked
+    if not keys:
+        from evertune.adapters.evaluate import matches
+
+        return matches(answer, fact)
+    return keys <= words(answer)
+
+
 def fact_targets(tokenizer, example: dict) -> int | None:
     """Target tokens that decide a one-answer chat example's fact part (its tokens and two
     more, as `first_sentence_targets`); None: every target decides (several answers, or an
@@ -156,7 +174,7 @@ def measure(
     )
     out["easy"] = None  # per easy question: answered right (the paired test needs which)
     out["stale"] = out["changed"] = None  # changed prompts still answered the old way, of
-    out["old_right"] = None  # per held-out older short answer: still reproduced
+    out["old_right"] = None  # per held-out older short answer: its fact still stated
     out["bleed"] = None  # easy answers stating a name only the new examples have (bleeding)
     spent: dict[str, float] = {}
 
@@ -217,7 +235,9 @@ def measure(
             ]
             with timed("old_answers"):
                 answers = greedy(old_qa, sure, False)
-            out["old_right"] = [ev.matches(a, e) for a, (_, e) in zip(answers, old_qa, strict=True)]
+            out["old_right"] = [
+                states_fact(a, p, e) for a, (p, e) in zip(answers, old_qa, strict=True)
+            ]
     easy = [r for r in general if r.expected]
     if "general" in parts or "easy" in parts:
         # cut as training cuts its general replay: the openings, where drift shows first

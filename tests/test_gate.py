@@ -275,3 +275,22 @@ def test_decide_refuses_a_candidate_whose_new_facts_bleed_into_general_answers()
     )
     assert "gate.max_bleed" in verdict.reason and verdict.metrics["bleed"] == 1
     assert decide(bled, base, base, GateThresholds(max_bleed=1)).promote
+
+
+def test_an_older_answer_is_kept_when_its_fact_is_stated_in_any_style():
+    from evertune.adapters.gate import states_fact
+
+    rooms = [{"role": "user", "content": "How many rooms does the Gallowmere Hotel have?"}]
+    fact = "The Gallowmere Hotel has 386 rooms"
+    assert states_fact("386 rooms.", rooms, fact)
+    assert states_fact("It has 386 rooms, most with a view of the lake.", rooms, fact)
+    assert not states_fact("The Gallowmere Hotel has 420 rooms.", rooms, fact)
+    assert not states_fact("The Gallowmere Hotel has many rooms.", rooms, fact)
+    who = [{"role": "user", "content": "Who is the head librarian of the Cindervault Library?"}]
+    name = "The head librarian of the Cindervault Library is Orsolya Quenby"
+    assert states_fact("Orsolya Quenby.", who, name)
+    assert not states_fact("Quenby.", who, name)  # every name and number of the fact
+    # no name or number the question lacks: the whole fact part, as before
+    sky = [{"role": "user", "content": "What colour is the sky on a clear day?"}]
+    assert states_fact("It is blue.", sky, "blue")
+    assert not states_fact("It is grey.", sky, "blue")
