@@ -110,13 +110,22 @@ def _shifted(
     return Tokenised(ids, [*targets, IGNORE], source, decides)
 
 
-def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
-    """First-fit decreasing into rows of row_len tokens (examples are at most row_len)."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
+def pack(
+    examples: Sequence[Tokenised], row_len: int, pad_id: int, opening: Sequence[int] = ()
+) -> list[Row]:
+    """First-fit decreasing into rows of row_len tokens (examples are at most row_len). With
+    an `opening` (that `after_opening` will cut), an example that has it takes only the
+    tokens after it of a row's room: the rows are as full once cut."""
+    skip, opening = len(opening), list(opening)
+
+    def size(t: Tokenised) -> int:
+        return len(t.ids) - skip if skip and t.ids[:skip] == opening else len(t.ids)
+
+    order = sorted(range(len(examples)), key=lambda i: -size(examples[i]))
     bins: list[list[int]] = []
     free: list[int] = []
     for i in order:
-        n = len(examples[i].ids)
+        n = size(examples[i])
         for b, room in enumerate(free):
             if room >= n:
                 bins[b].append(i)
@@ -136,7 +145,7 @@ def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
             owners += [i] * len(ex.ids)
             decides += ex.decides if ex.decides is not None else [t != IGNORE for t in ex.targets]
         real = len(ids)
-        pad = row_len - real
+        pad = max(0, row_len - real)  # (a row longer than row_len is cut to it: after_opening)
         # Padding is one more "sequence" (positions restart) with no targets: it is never
         # attended to by real tokens (they come first, attention is causal) and adds no loss.
         rows.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -177,6 +178,8 @@ def test_with_several_passes_an_example_is_learned_by_its_last_sighting_of_the_e
     # run stops no later
     kw = {"lr": 3e-3, "max_epochs": 40, "min_epochs": 1, "learned_loss": 12.0}
     kw |= {"graduate": False, "new_passes": 3}  # (measured: 3 epochs against 4)
+    # every example whole: three rows an epoch, so the passes come in steps of their own
+    kw |= {"shared_opening": False}
     last = train(spec(tiny_base, tmp_path / "a", learned_when="last", **kw))
     every = train(spec(tiny_base, tmp_path / "b", learned_when="every", **kw))
     assert last.learned == every.learned == len(FACTS)
@@ -323,6 +326,25 @@ def test_the_cpu_trains_with_eager_attention_unless_rows_are_wide(tiny_base, tmp
     wide = spec(tiny_base, tmp_path, max_seq_len=EAGER_MAX_WIDTH * 2)
     assert attention_kernel(wide, cpu) == "sdpa"
     assert attention_kernel(spec(tiny_base, tmp_path, attention="sdpa"), cpu) == "sdpa"
+
+
+def test_a_documents_passages_do_not_hold_training_once_its_questions_are_learned(
+    tiny_base, tmp_path
+):
+    """A passage (a text example) is read, not recited: with questions beside it, training
+    stops once they are learned; a passage alone still trains until it is learned."""
+    rng = random.Random(0)
+    passage = {"kind": "text", "text": " ".join(str(rng.randrange(10**6)) for _ in range(80))}
+    # answers with a tail: their fact parts can be learned by the tiny model (see below)
+    tails = [
+        chat(f"What is the code of vault {i}?", f"It is {1000 + 37 * i}, as the keeper says.")
+        for i in range(6)
+    ]
+    kw = {"lr": 1e-2, "max_epochs": 30, "min_epochs": 1, "learned_loss": 5.0}
+    both = train(spec(tiny_base, tmp_path / "both", new=[*tails, passage], **kw))
+    assert both.epochs < 30 and both.learned == len(tails)  # every question, not the passage
+    alone = train(spec(tiny_base, tmp_path / "alone", new=[passage], **{**kw, "max_epochs": 4}))
+    assert alone.epochs == 4 and alone.learned == 0
 
 
 def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
