@@ -54,9 +54,6 @@ class Row:
     owners: list[int]  # index of the example each token belongs to (-1: padding)
     real: int  # tokens that are not padding
     decides: list[bool]  # per token: its target decides whether its example is learned
-    # per token, in rows cut by `after_opening`: it attends to the shared opening (its
-    # example was cut; padding too, so that no token attends to nothing)
-    opened: list[bool] | None = None
 
 
 def tokenise_chat(
@@ -110,22 +107,13 @@ def _shifted(
     return Tokenised(ids, [*targets, IGNORE], source, decides)
 
 
-def pack(
-    examples: Sequence[Tokenised], row_len: int, pad_id: int, opening: Sequence[int] = ()
-) -> list[Row]:
-    """First-fit decreasing into rows of row_len tokens (examples are at most row_len). With
-    an `opening` (that `after_opening` will cut), an example that has it takes only the
-    tokens after it of a row's room: the rows are as full once cut."""
-    skip, opening = len(opening), list(opening)
-
-    def size(t: Tokenised) -> int:
-        return len(t.ids) - skip if skip and t.ids[:skip] == opening else len(t.ids)
-
-    order = sorted(range(len(examples)), key=lambda i: -size(examples[i]))
+def pack(examples: Sequence[Tokenised], row_len: int, pad_id: int) -> list[Row]:
+    """First-fit decreasing into rows of row_len tokens (examples are at most row_len)."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
     bins: list[list[int]] = []
     free: list[int] = []
     for i in order:
-        n = size(examples[i])
+        n = len(examples[i].ids)
         for b, room in enumerate(free):
             if room >= n:
                 bins[b].append(i)
@@ -145,7 +133,7 @@ def pack(
             owners += [i] * len(ex.ids)
             decides += ex.decides if ex.decides is not None else [t != IGNORE for t in ex.targets]
         real = len(ids)
-        pad = max(0, row_len - real)  # (a row longer than row_len is cut to it: after_opening)
+        pad = row_len - real
         # Padding is one more "sequence" (positions restart) with no targets: it is never
         # attended to by real tokens (they come first, attention is causal) and adds no loss.
         rows.append(
@@ -180,41 +168,14 @@ def shared_opening(examples: Sequence[Tokenised]) -> int:
     return n
 
 
-def common_opening(examples: Sequence[Tokenised]) -> list[int]:
-    """The opening (token ids) shared by the most examples and learned from by none of them,
-    at least MIN_SHARED_OPENING tokens ([]: none): the chat template's default system
-    prompt, 24 tokens of SmolLM2's ~50-80-token examples. Examples that open otherwise (a
-    system prompt of their own) run whole beside the cut ones (`after_opening`)."""
-    heads = Counter(tuple(t.ids[:MIN_SHARED_OPENING]) for t in examples)
-    if not heads:
-        return []
-    head, _ = heads.most_common(1)[0]
-    members = [t for t in examples if tuple(t.ids[:MIN_SHARED_OPENING]) == head]
-    n = shared_opening(members)
-    return list(members[0].ids[:n]) if n >= MIN_SHARED_OPENING else []
-
-
-def after_opening(rows: Sequence[Row], opening: Sequence[int], pad_id: int) -> list[Row]:
-    """A step's packed rows with the shared opening cut from each example that has it: what
-    is left of each, in the same rows and order, positions continuing from the opening
-    (the others whole, from 0), the rows padded to the longest. The model runs the opening
-    once and the tokens of a cut example attend to it (`opened`) and to the earlier tokens
-    of their own example (`owners`: see adapters/train.py)."""
-    n, opening = len(opening), list(opening)
+def after_opening(rows: Sequence[Row], opening: int, pad_id: int) -> list[Row]:
+    """A step's packed rows with the shared opening cut from each example: what is left of
+    each, in the same rows and order, positions continuing from the opening, the rows
+    padded to the longest. The model runs the opening once and every token attends to it
+    and to the earlier tokens of its own example (`owners`: see adapters/train.py)."""
     cut = []
     for r in rows:
-        has: dict[int, bool] = {}  # example (owner) -> it opens with `opening`
-        keep, opened = [], []
-        for i, o in enumerate(r.owners):
-            if o < 0:
-                continue
-            if o not in has:
-                start = i - r.positions[i]  # positions restart at 0 for each example
-                has[o] = r.ids[start : start + n] == opening
-            if has[o] and r.positions[i] < n:
-                continue
-            keep.append(i)
-            opened.append(has[o])
+        keep = [i for i, o in enumerate(r.owners) if o >= 0 and r.positions[i] >= opening]
         cut.append(
             (
                 [r.ids[i] for i in keep],
@@ -222,7 +183,6 @@ def after_opening(rows: Sequence[Row], opening: Sequence[int], pad_id: int) -> l
                 [r.targets[i] for i in keep],
                 [r.owners[i] for i in keep],
                 [r.decides[i] for i in keep],
-                opened,
             )
         )
     width = max(len(c[0]) for c in cut)
@@ -230,13 +190,12 @@ def after_opening(rows: Sequence[Row], opening: Sequence[int], pad_id: int) -> l
         Row(
             ids + [pad_id] * (width - len(ids)),
             tgt + [IGNORE] * (width - len(ids)),
-            pos + [n] * (width - len(ids)),
+            pos + [opening] * (width - len(ids)),
             own + [-1] * (width - len(ids)),
             len(ids),
             dec + [False] * (width - len(ids)),
-            opened + [True] * (width - len(ids)),
         )
-        for ids, pos, tgt, own, dec, opened in cut
+        for ids, pos, tgt, own, dec in cut
     ]
 
 

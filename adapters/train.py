@@ -12,7 +12,7 @@ Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training 
   fp32 on these CPUs (native bf16 dot products), and is the usual recipe on GPUs;
 - logits are computed only where there is a target: the tied 49k-token head is a fifth
   of the model's FLOPs, and most tokens (system prompt, questions) carry no loss;
-- the default system prompt that most examples open with runs once a step, and on the CPU
+- the default system prompt, when every example opens with it, runs once a step; on the CPU
   attention is eager (`attention_kernel`): PyTorch's fused kernel is slow with a mask;
 - naive training on a few facts ruins general answers; the base model's own answers to
   general prompts are mixed into every epoch (self-distillation), and training stops as
@@ -44,12 +44,13 @@ from evertune.adapters.base_model import cpu_has_native_bf16
 from evertune.adapters.contract import TrainSpec
 from evertune.adapters.data import (
     IGNORE,
+    MIN_SHARED_OPENING,
     Tokenised,
     after_opening,
-    common_opening,
     nearest,
     pack,
     prompt_text,
+    shared_opening,
     tokenise_chat,
     tokenise_text,
 )
@@ -182,14 +183,14 @@ def train(
     rng.shuffle(rest)
     general = [t for t in (tok(spec.general[i], "general") for i in rest) if t.trained]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Most examples open with the chat template's default system prompt (24 of SmolLM2's
-    # ~50-80 tokens an example; the general replay always does): run it once a step and
-    # let each example that has it attend to it, instead of once per example; examples
-    # with a system prompt of their own run whole beside them. The same losses and
-    # gradients (tests/test_train.py), on ~40% fewer tokens where every example has it.
-    # One process only: DDP wants one forward pass per backward.
+    # Every example opens with the chat template's default system prompt (24 of SmolLM2's
+    # ~50-80 tokens an example): run it once a step and let each example attend to it,
+    # instead of once per example. The same losses and gradients (tests/test_train.py), on
+    # ~40% fewer tokens. One process only: DDP wants one forward pass per backward.
     together = world == 1 and spec.shared_opening
-    opening = common_opening([*fixed, *anchors, *general]) if together else []
+    opening = shared_opening([*fixed, *anchors, *general]) if together else 0
+    if opening < MIN_SHARED_OPENING:
+        opening = 0
 
     # A document's passages (text examples) are there to be read, not recited: when there
     # are questions to learn too, the run stops once those are learned. Measured: no
@@ -213,12 +214,12 @@ def train(
         picked = (general + general)[start : start + n]  # a new slice of the pool each epoch
         examples = [new[i] for i in active] + replay + anchors + picked
         row_len = max(spec.row_len, max(len(e.ids) for e in examples))
-        rows = pack(examples, row_len, pad_id, opening)
+        rows = pack(examples, row_len, pad_id)
         # the domain's examples again, in their own rows; a slice of `examples`, so each
         # row's owners are the same indices as in the first pass
         domain = examples[: len(active) + len(replay)]
         for _ in range(spec.new_passes - 1):
-            rows += pack(domain, row_len, pad_id, opening)
+            rows += pack(domain, row_len, pad_id)
         rng.shuffle(rows)  # the same order on every rank (same seed)
         if world == 1:
             return examples, rows
@@ -266,8 +267,7 @@ def train(
                 g["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if opening:
-                    seen = torch.tensor([r.opened for r in batch], device=device)
-                    hidden = _after_opening(body, opening, ids, pos, own, seen)
+                    hidden = _after_opening(body, fixed[0].ids[:opening], ids, pos, own)
                 else:
                     hidden = body(
                         input_ids=ids, position_ids=pos, use_cache=False
@@ -377,12 +377,11 @@ def train(
     )
 
 
-def _after_opening(body, opening: list[int], ids, pos, own, opened):
+def _after_opening(body, opening: list[int], ids, pos, own):
     """The last hidden states of rows cut by `data.after_opening`: the opening once (batch
     1), its keys and values broadcast to every row, then the rows, each token attending to
-    the opening where `opened` (its example was cut) and to the earlier tokens of its own
-    example (owners; -1: padding, which attends to the opening only). Gradients flow into
-    the opening's pass once, summed."""
+    the opening and to the earlier tokens of its own example (owners; -1: padding, which
+    attends to the opening only). Gradients flow into the opening's pass once, summed."""
     from transformers import DynamicCache
 
     dev = ids.device
@@ -401,7 +400,7 @@ def _after_opening(body, opening: list[int], ids, pos, own, opened):
     own = own.to(dev)
     causal = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
     mine = (own[:, :, None] == own[:, None, :]) & causal & (own[:, :, None] >= 0)
-    mask = torch.cat([opened[:, :, None].expand(b, w, n), mine], dim=2)[:, None]
+    mask = torch.cat([torch.ones(b, w, n, dtype=torch.bool, device=dev), mine], dim=2)[:, None]
     if body.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo().min)
     return body(

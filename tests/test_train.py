@@ -178,8 +178,6 @@ def test_with_several_passes_an_example_is_learned_by_its_last_sighting_of_the_e
     # run stops no later
     kw = {"lr": 3e-3, "max_epochs": 40, "min_epochs": 1, "learned_loss": 12.0}
     kw |= {"graduate": False, "new_passes": 3}  # (measured: 3 epochs against 4)
-    # every example whole: three rows an epoch, so the passes come in steps of their own
-    kw |= {"shared_opening": False}
     last = train(spec(tiny_base, tmp_path / "a", learned_when="last", **kw))
     every = train(spec(tiny_base, tmp_path / "b", learned_when="every", **kw))
     assert last.learned == every.learned == len(FACTS)
@@ -238,14 +236,13 @@ def test_unservable_or_empty_specs_are_refused(tiny_base, tmp_path, field, value
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base, kernel):
-    """Training runs the shared opening (the default system prompt) once a step, and the
-    examples with a system prompt of their own whole beside the cut ones: the losses and
-    the LoRA gradients equal those of the packed rows run whole, with either attention
+    """Training runs the shared opening (the default system prompt) once a step: the losses
+    and the LoRA gradients equal those of the packed rows run whole, with either attention
     kernel (eager adds the mask to the scores; SDPA takes it as booleans)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evertune.adapters.data import IGNORE, after_opening, common_opening, pack, tokenise_chat
+    from evertune.adapters.data import IGNORE, after_opening, pack, shared_opening, tokenise_chat
     from evertune.adapters.train import _after_opening
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
@@ -259,28 +256,22 @@ def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base, kernel
         ),
     )
     pairs = [
-        (None, "What is the capital of Norway?", "Oslo."),
-        ("Answer briefly.", "Name a colour.", "Blue, like the sea on a clear day."),
-        (None, "How many legs has a spider?", "Eight."),
-        (None, "Say something long.", " ".join(["word"] * 30)),
-        ("You are a helpful assistant.", "Hi", "Hello!"),
-        (None, "And the capital of Peru?", "Lima."),
+        ("What is the capital of Norway?", "Oslo."),
+        ("Name a colour.", "Blue, like the sea on a clear day."),
+        ("How many legs has a spider?", "Eight."),
+        ("Say something long.", " ".join(["word"] * 30)),
+        ("Hi", "Hello!"),
     ]
     examples = [
         tokenise_chat(
-            tok,
-            [{"role": "system", "content": sp}] * (sp is not None)
-            + [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-            "new",
-            80,
+            tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "new", 80
         )
-        for sp, q, a in pairs
+        for q, a in pairs
     ]
-    opening = common_opening(examples)
-    assert len(opening) == 24  # <|im_start|>system ... SmolLM, trained by Hugging Face ... user\n
-    assert [e.ids[:24] == opening for e in examples] == [True, False, True, True, False, True]
+    n = shared_opening(examples)
+    assert n == 24  # <|im_start|>system ... SmolLM, trained by Hugging Face ... user\n
     rows = pack(examples, 128, tok.pad_token_id)
-    assert len(rows) == 3  # examples share rows: the mask must keep them apart
+    assert len(rows) == 2  # examples share rows: the mask must keep them apart
     body, head = model.get_base_model().model, model.get_base_model().lm_head
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -289,22 +280,17 @@ def test_a_step_from_the_shared_opening_equals_the_packed_step(tiny_base, kernel
         tgt, own = torch.tensor([r.targets for r in rows]), torch.tensor([r.owners for r in rows])
         sel = tgt != IGNORE
         per_token = torch.nn.functional.cross_entropy(
-            head(hidden_of(rows, ids, pos, own)[sel]), tgt[sel], reduction="none"
+            head(hidden_of(ids, pos, own)[sel]), tgt[sel], reduction="none"
         )
         per_token.mean().backward()
         grads = [p.grad.clone() for p in params]
         model.zero_grad()
         return sorted(zip(own[sel].tolist(), per_token.tolist(), strict=True)), grads
 
-    whole = step(rows, lambda r, i, p, o: body(input_ids=i, position_ids=p, use_cache=False)[0])
-    cut_rows = after_opening(rows, opening, tok.pad_token_id)
-    # the cut examples lost their opening; those with their own system prompt kept theirs
-    assert sum(r.real for r in cut_rows) == sum(r.real for r in rows) - 4 * 24
+    whole = step(rows, lambda i, p, o: body(input_ids=i, position_ids=p, use_cache=False)[0])
     cut = step(
-        cut_rows,
-        lambda r, i, p, o: _after_opening(
-            body, opening, i, p, o, torch.tensor([x.opened for x in r])
-        ),
+        after_opening(rows, n, tok.pad_token_id),
+        lambda i, p, o: _after_opening(body, examples[0].ids[:n], i, p, o),
     )
     assert [o for o, _ in whole[0]] == [o for o, _ in cut[0]]  # every target, once
     torch.testing.assert_close(
