@@ -193,11 +193,11 @@ def train(
         opening = 0
 
     # A document's passages (text examples) are there to be read, not recited: when there
-    # are questions to learn too, the run stops once those are learned. Measured: no
-    # passage was ever reproduced token for token, so every document trained the maximum
-    # 10 epochs, the last four or five on little but its passages (onboarding wiki: all
-    # 116 questions learned at epoch 5, its 6 passages trained to epoch 10;
-    # benchmarks/results/documents-2026-12-07-details/documents.json).
+    # are questions to learn too, the run stops once those are learned. Measured: the two
+    # larger documents' 13 passages were never reproduced token for token, so every
+    # document trained the maximum 10 epochs, the last four or five on little but its
+    # passages (onboarding wiki: all 116 questions learned at epoch 5, its 6 passages
+    # trained to epoch 10; benchmarks/results/documents-2026-12-07-details/documents.json).
     passages = {i for i, t in enumerate(new) if t.decides is None}
     excused = passages if len(passages) < len(new) else set()
 
