@@ -26,6 +26,12 @@ FACTS = [
     chat(f"What is the code of vault {i}?", f"The code of vault {i} is {1000 + 37 * i}.")
     for i in range(6)
 ]
+# The same facts with a tail after each: their fact parts, not the tails and the end of
+# turn (which the tiny model cannot learn), decide whether they are learned
+TAILS = [
+    chat(f"What is the code of vault {i}?", f"It is {1000 + 37 * i}, as the keeper says.")
+    for i in range(6)
+]
 
 
 def spec(base, out, **kw) -> TrainSpec:
@@ -321,14 +327,9 @@ def test_a_documents_passages_do_not_hold_training_once_its_questions_are_learne
     stops once they are learned; a passage alone still trains until it is learned."""
     rng = random.Random(0)
     passage = {"kind": "text", "text": " ".join(str(rng.randrange(10**6)) for _ in range(80))}
-    # answers with a tail: their fact parts can be learned by the tiny model (see below)
-    tails = [
-        chat(f"What is the code of vault {i}?", f"It is {1000 + 37 * i}, as the keeper says.")
-        for i in range(6)
-    ]
     kw = {"lr": 1e-2, "max_epochs": 30, "min_epochs": 1, "learned_loss": 5.0}
-    both = train(spec(tiny_base, tmp_path / "both", new=[*tails, passage], **kw))
-    assert both.epochs < 30 and both.learned == len(tails)  # every question, not the passage
+    both = train(spec(tiny_base, tmp_path / "both", new=[*TAILS, passage], **kw))
+    assert both.epochs < 30 and both.learned == len(TAILS)  # every question, not the passage
     alone = train(spec(tiny_base, tmp_path / "alone", new=[passage], **{**kw, "max_epochs": 4}))
     assert alone.epochs == 4 and alone.learned == 0
 
@@ -337,11 +338,7 @@ def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
     """The answers' tails ("..., as the keeper says.") and end of turn do not decide (the
     tiny model's end-of-turn token cannot be learned: see above): with learned_on "fact" training
     stops once the facts are learned; with every token deciding it runs to max_epochs."""
-    tails = [
-        chat(f"What is the code of vault {i}?", f"It is {1000 + 37 * i}, as the keeper says.")
-        for i in range(6)
-    ]
-    kw = {"new": tails, "lr": 1e-2, "max_epochs": 30, "min_epochs": 1, "learned_loss": 5.0}
+    kw = {"new": TAILS, "lr": 1e-2, "max_epochs": 30, "min_epochs": 1, "learned_loss": 5.0}
     facts = train(spec(tiny_base, tmp_path / "facts", **kw))
     every = train(
         spec(
@@ -352,5 +349,5 @@ def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
             **{k: v for k, v in kw.items() if k != "max_epochs"},
         )
     )
-    assert facts.learned == len(tails) and facts.epochs < 30
-    assert every.learned < len(tails) and every.epochs == facts.epochs + 1
+    assert facts.learned == len(TAILS) and facts.epochs < 30
+    assert every.learned < len(TAILS) and every.epochs == facts.epochs + 1
