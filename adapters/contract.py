@@ -57,6 +57,9 @@ class TrainSpec:
     precision: str = "auto"  # auto | bf16 | fp32
     shared_opening: bool = True  # run the examples' common opening once a step (see train)
     graduate: bool = True  # learned examples leave later epochs (see train)
+    # once new examples have left, each epoch replays older examples in proportion to the
+    # new ones still trained (the same share as at the start), a different slice each epoch
+    replay_follows: bool = True
     # an example is learned when these tokens of its answers are: "fact" (their fact parts,
     # store.terms.fact_part, and the token after each) or "answer" (every token). Measured
     # (benchmarks/results/variants-2026-12-07/): a third choice, only the fact parts' new

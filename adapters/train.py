@@ -22,6 +22,9 @@ Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training 
   epochs, never-trained paraphrases answered 81% against 62-70% (five seeds); a small
   file's facts bled into a general answer (tests/test_learning_slow.py), which the gate
   refuses and the cycle repairs (adapters/gate.py, daemon/cycle.py);
+- once new examples have left, the older examples are replayed in proportion to the new
+  ones still trained: an increment's last epochs, training 1-4 new examples, were mostly
+  replay (benchmarks/results/increment-2026-12-07-replay-follows/);
 - an example is learned when the tokens of its answer's fact part are (the answer up to
   the end of the clause stating what its question did not: store/terms.py): every token
   is trained, but a writer's tail after the fact need not come back verbatim.
@@ -94,6 +97,7 @@ def train(
     spec: TrainSpec, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
 ) -> TrainResult:
     from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec.check()
@@ -138,6 +142,12 @@ def train(
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if bf16:
+        # autocast runs LoRA's matmuls in bf16 anyway: peft's cast of every LoRA input to
+        # the fp32 of its weights only copied activations back and forth
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = False
     params = [p for p in model.parameters() if p.requires_grad]
     inner = model.get_base_model()  # the transformer with LoRA layers injected
     if world > 1:
@@ -212,12 +222,18 @@ def train(
         n = min(n_slice, len(general))
         start = (epoch * n) % max(len(general), 1)
         picked = (general + general)[start : start + n]  # a new slice of the pool each epoch
-        examples = [new[i] for i in active] + replay + anchors + picked
+        older = replay
+        if spec.replay_follows and replay and len(active) < len(new):
+            # as many older examples as before per new one still trained, taken in turn
+            r = math.ceil(len(replay) * len(active) / len(new))
+            at = (epoch * r) % len(replay)
+            older = (replay + replay)[at : at + r]
+        examples = [new[i] for i in active] + older + anchors + picked
         row_len = max(spec.row_len, max(len(e.ids) for e in examples))
         rows = pack(examples, row_len, pad_id)
         # the domain's examples again, in their own rows; a slice of `examples`, so each
         # row's owners are the same indices as in the first pass
-        domain = examples[: len(active) + len(replay)]
+        domain = examples[: len(active) + len(older)]
         for _ in range(spec.new_passes - 1):
             rows += pack(domain, row_len, pad_id)
         rng.shuffle(rows)  # the same order on every rank (same seed)
@@ -332,6 +348,7 @@ def train(
                 "learned": learned,
                 "steps": step,
                 "trained": n_act,
+                "replayed": sum(e.source == "replay" for e in examples),
             }
         )
         log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -222,6 +223,23 @@ def test_examples_learned_with_a_margin_leave_the_later_epochs(tiny_base, tmp_pa
     assert trained == sorted(trained, reverse=True)
     assert left.learned == len(FACTS)  # those that left count as learned
     assert left.tokens < kept.tokens
+
+
+def test_once_new_examples_leave_older_ones_are_replayed_in_proportion(tiny_base, tmp_path):
+    # as above (a bar the tiny model's examples pass one by one), with nine older examples
+    # for six new ones: an epoch replays as many per new example still trained as the
+    # first epoch did, rounded up
+    old = [chat(f"Old question {i}?", f"Old answer {i}.") for i in range(9)]
+    kw = {"lr": 1e-2, "max_epochs": 4, "min_epochs": 4, "learned_loss": 26.0, "replay": old}
+    kw["new_passes"] = 1  # (with three, every example leaves at once)
+    follows = train(spec(tiny_base, tmp_path / "follows", **kw))
+    fixed = train(spec(tiny_base, tmp_path / "fixed", replay_follows=False, **kw))
+    assert any(h["trained"] < len(FACTS) for h in follows.history)
+    assert [h["replayed"] for h in follows.history] == [
+        math.ceil(len(old) * h["trained"] / len(FACTS)) for h in follows.history
+    ]
+    assert [h["replayed"] for h in fixed.history] == [len(old)] * len(fixed.history)
+    assert follows.tokens < fixed.tokens
 
 
 @pytest.mark.parametrize(
