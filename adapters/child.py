@@ -103,6 +103,7 @@ def evaluate(spec: TrainSpec, ev_spec: EvalSpec, cache_dir: Path | None = None) 
             general_max_len=cut,
             changed=ev_spec.changed,
             doc_checks=doc_checks,
+            whole_easy=remote is not None,  # what clients of the served candidate get
         )
     return decide(candidate, live, base, ev_spec.thresholds()).to_dict()
 

@@ -155,13 +155,16 @@ def measure(
     general_max_len: int = 1024,
     changed: Sequence[dict] = (),
     doc_checks: Sequence[dict] = (),
+    whole_easy: bool = False,
 ) -> dict[str, Any]:
     """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
     metrics not in `parts` are None. Losses are computed on `model`; greedy answers by
     `answer` when given (the same weights served by vLLM), else by `model`. `changed`:
     {"prompt": messages, "old": [answers]} for new examples that replace older answers.
     `doc_checks`: {"question", "answer"} held out of a document's derived examples: the
-    share of them answered (store.knowledge.covers) is `doc_answered`."""
+    share of them answered (store.knowledge.covers) is `doc_answered`. `whole_easy`: every
+    easy answer made whole by `answer` (none taken from the loss pass), judged on its first
+    sentence, searched whole for bleed: what clients get from a served candidate."""
     from evertune.adapters import evaluate as ev  # torch: only in the training child
 
     if answer is None:
@@ -255,9 +258,18 @@ def measure(
             ([{"role": "user", "content": r.prompt}], ev.first_sentence_of(r.answer)) for r in easy
         ]
         with timed("easy_answers"):
-            answers = greedy(qa_easy, sure, True) if easy else []
+            if whole_easy and easy:
+                # the loss pass runs on merged bf16 weights, vLLM applies the adapter
+                # unmerged: a first sentence the pass verified was answered otherwise
+                # ("... a small, agile fox named Pomfritz"), and a trained number bled
+                # into a second sentence the gate never read
+                whole = answer([list(p) for p, _ in qa_easy], False)
+                generated["asked"] += len(whole)
+                answers = [ev.first_sentence_of(a) for a in whole]
+            else:
+                whole = answers = greedy(qa_easy, sure, True) if easy else []
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
-        out["bleed"] = bleeding(new, general, easy, answers)
+        out["bleed"] = bleeding(new, general, easy, whole)
         out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
     if doc_checks:

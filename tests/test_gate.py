@@ -277,6 +277,37 @@ def test_decide_refuses_a_candidate_whose_new_facts_bleed_into_general_answers()
     assert decide(bled, base, base, GateThresholds(max_bleed=1)).promote
 
 
+def test_a_served_candidates_easy_answers_are_asked_whole_and_searched_for_bleed(tiny_base):
+    """With vLLM, the candidate's easy answers are all asked, whole: judged right on their
+    first sentence, searched whole for the new names. The answers are given here as vLLM
+    would give them (whole, or cut at the first sentence end when asked short)."""
+    from evertune.adapters import evaluate as ev
+
+    model, tok = ev.load(str(tiny_base))
+    whole = {
+        "What is the capital of France?": "The capital of France is Paris. It was founded"
+        " in 1887 by the people of Port Castellan.",
+        "What is the capital of Japan?": "The capital of Japan is Tokyo.",
+    }
+    asked = []
+
+    def answer(prompts, first_sentence):
+        asked.append((len(prompts), first_sentence))
+        got = [whole[p[-1]["content"]] for p in prompts]
+        return [ev.first_sentence_of(a) for a in got] if first_sentence else got
+
+    parts = frozenset({"easy"})
+    served = measure(model, tok, [FACT], [], GENERAL, parts, answer, whole_easy=True)
+    assert asked == [(2, False)]  # every easy question, none verified by the loss pass
+    assert served["easy"] == [True, True]  # first sentences: Paris, Tokyo
+    assert served["greedy"] == {"asked": 2, "verified": 0}
+    [b] = served["bleed"]
+    assert (b["prompt"], b["terms"]) == ("What is the capital of France?", ["1887", "castellan"])
+    # asked short (the base model's side, or no vLLM), a second sentence is never read
+    short = measure(model, tok, [FACT], [], GENERAL, parts, answer)
+    assert short["easy"] == [True, True] and short["bleed"] == []
+
+
 def test_an_older_answer_is_kept_when_its_fact_is_stated_in_any_style():
     from evertune.adapters.gate import states_fact
 
