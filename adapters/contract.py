@@ -72,9 +72,6 @@ class TrainSpec:
     # seeds in the daemon left 3 of 10 files unserved, paraphrases of second files 15-19 of
     # 30 (benchmarks/results/continual-2026-12-07-last-sighting/)
     learned_when: str = "every"
-    # ("every") judge it after each step by its last new_passes sightings, across epochs,
-    # and stop mid-epoch once every new example is learned (adapters/sightings.py)
-    stop_mid_epoch: bool = True
     # prompts whose nearest general prompts are replayed in every epoch besides the new
     # ones': a repaired candidate's bleeding general questions (daemon/cycle.py _repair_spec)
     anchor_prompts: list[str] = field(default_factory=list)

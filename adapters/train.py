@@ -58,7 +58,6 @@ from evertune.adapters.data import (
     tokenise_text,
 )
 from evertune.adapters.errors import TrainingCancelled, TrainingError
-from evertune.adapters.sightings import LastSightings
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +257,6 @@ def train(
         frac = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
         return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-    # learned by its last sightings, checked every step (one process: ranks see shards)
-    window = None
-    if spec.stop_mid_epoch and world == 1 and spec.learned_when == "every":
-        window = LastSightings(len(new), spec.new_passes)
     model.train()
     step, tokens, trained_tokens, history = 0, 0, 0, []
     loss_value, new_loss, learned, epoch = float("nan"), float("nan"), 0, 0
@@ -271,7 +266,6 @@ def train(
         ex_loss = torch.zeros(len(examples))
         ex_count = torch.zeros(len(examples))
         ex_worst = torch.zeros(len(examples))  # the highest deciding token loss of each
-        stopped = False  # every new example learned by its last sightings, mid-epoch
         for i in range(0, len(rows), spec.rows_per_step):
             if should_stop and should_stop():
                 raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
@@ -280,7 +274,6 @@ def train(
             if opening:
                 batch = after_opening(batch, opening, pad_id)
             ids = torch.tensor([r.ids for r in batch], device=device)
-            in_row = torch.arange(len(batch))[:, None].expand(len(batch), len(batch[0].ids))
             pos = torch.tensor([r.positions for r in batch], device=device)
             tgt = torch.tensor([r.targets for r in batch], device=device)
             own = torch.tensor([r.owners for r in batch])
@@ -315,11 +308,6 @@ def train(
                 ex_worst = torch.where(now >= 0, now, ex_worst)
             else:
                 ex_worst.scatter_reduce_(0, owners[decides], deciding, "amax")
-            if window is not None:
-                window.add(in_row[sel.cpu()][decides], owners[decides], deciding, active)
-                stopped = epoch + 1 >= spec.min_epochs and all(
-                    window.learned(i, spec.learned_loss) for i in active if i not in excused
-                )
             step += 1
             trained_tokens += int(sel.sum())
             loss_value = float(loss.detach())
@@ -335,8 +323,6 @@ def train(
                         "eta_s": round(elapsed / step * (total_steps - step)),
                     }
                 )
-            if stopped:
-                break
         if world > 1:  # each rank saw its shard: the epoch's figures are over all of them
             # (on the training device: nccl reduces GPU tensors only)
             sums, worst = torch.stack([ex_loss, ex_count]).to(device), ex_worst.to(device)
@@ -348,8 +334,6 @@ def train(
         n_act = len(active)
         new_loss = float(ex_loss[:n_act].sum() / ex_count[:n_act].sum().clamp(min=1))
         now = {i: bool(ex_worst[j] < spec.learned_loss) for j, i in enumerate(active)}
-        if stopped:
-            now = {i: window.learned(i, spec.learned_loss) for i in active}
         learned = sum(now.get(i, True) for i in range(len(new)))
         done = all(now.get(i, True) for i in range(len(new)) if i not in excused)
         active = [

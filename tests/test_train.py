@@ -210,36 +210,6 @@ def test_training_stops_at_the_first_epoch_where_every_new_example_is_learned(ti
     assert longer.epochs == len(learned) + 2
 
 
-def test_training_stops_mid_epoch_once_every_example_is_learned_by_its_last_sightings(
-    tiny_base, tmp_path
-):
-    # three passes an epoch: an example is learned after three good sightings in a row, so
-    # the run stops at the step that gives the last example its third, not at the epoch's
-    # end; the same run until then
-    kw = {"lr": 3e-3, "max_epochs": 40, "min_epochs": 1, "learned_loss": 12.0}
-    kw |= {"graduate": False, "new_passes": 3}
-    mid = train(spec(tiny_base, tmp_path / "mid", **kw))
-    end = train(spec(tiny_base, tmp_path / "end", stop_mid_epoch=False, **kw))
-    assert mid.learned == end.learned == len(FACTS)
-    assert mid.epochs == end.epochs and mid.history[:-1] == end.history[:-1]
-    assert mid.steps < end.steps
-    per_epoch = end.history[0]["steps"]
-    assert mid.steps - mid.history[-2]["steps"] < per_epoch
-
-
-def test_an_example_in_two_rows_of_a_step_is_sighted_twice_by_its_worst_token():
-    from evertune.adapters.sightings import LastSightings
-
-    seen = LastSightings(examples=3, k=2)
-    # epoch list: positions 0, 1 are new examples 2 and 0; position 2 is a general one
-    rows, owners = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([0, 0, 0, 2, 1])
-    seen.add(rows, owners, torch.tensor([0.125, 0.5, 0.25, 9.0, 0.375]), ids=[2, 0])
-    assert list(seen.seen[2]) == [0.5, 0.25] and list(seen.seen[0]) == [0.375]
-    assert seen.learned(2, 0.69) and not seen.learned(0, 0.69)  # one sighting of two
-    seen.add(torch.tensor([0]), torch.tensor([0]), torch.tensor([0.75]), ids=[2, 0])
-    assert list(seen.seen[2]) == [0.25, 0.75] and not seen.learned(2, 0.69)
-
-
 def test_examples_learned_with_a_margin_leave_the_later_epochs(tiny_base, tmp_path):
     # A bar of 26 nats: the tiny model's tokens start at ~11-14 nats (see above), so an
     # example leaves once its worst token is under 13, which training reaches for some
