@@ -104,6 +104,7 @@ def evaluate(spec: TrainSpec, ev_spec: EvalSpec, cache_dir: Path | None = None) 
             changed=ev_spec.changed,
             doc_checks=doc_checks,
             whole_easy=remote is not None,  # what clients of the served candidate get
+            replayed=spec.replay,
         )
     return decide(candidate, live, base, ev_spec.thresholds()).to_dict()
 

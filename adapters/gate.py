@@ -60,7 +60,7 @@ class GateThresholds:
     # of the held-out questions about the documents this version learned (store.knowledge),
     # the share its answers must cover: below it the document is not "learned"
     min_doc_answered: float = 0.5
-    # easy general answers that may state a name or number only the new examples have
+    # easy general answers that may state a name or number only the domain's examples have
     max_bleed: int = 0
 
 
@@ -156,6 +156,7 @@ def measure(
     changed: Sequence[dict] = (),
     doc_checks: Sequence[dict] = (),
     whole_easy: bool = False,
+    replayed: Sequence[dict] = (),
 ) -> dict[str, Any]:
     """Metrics of one model (the adapter as loaded; `ev.adapter_off` gives the base);
     metrics not in `parts` are None. Losses are computed on `model`; greedy answers by
@@ -164,7 +165,9 @@ def measure(
     `doc_checks`: {"question", "answer"} held out of a document's derived examples: the
     share of them answered (store.knowledge.covers) is `doc_answered`. `whole_easy`: every
     easy answer made whole by `answer` (none taken from the loss pass), judged on its first
-    sentence, searched whole for bleed: what clients get from a served candidate."""
+    sentence, searched whole for bleed: what clients get from a served candidate.
+    `replayed`: the domain's older examples the candidate trained on; their names, with the
+    new and the held-out older ones', are what counts as bleed."""
     from evertune.adapters import evaluate as ev  # torch: only in the training child
 
     if answer is None:
@@ -178,7 +181,7 @@ def measure(
     out["easy"] = None  # per easy question: answered right (the paired test needs which)
     out["stale"] = out["changed"] = None  # changed prompts still answered the old way, of
     out["old_right"] = None  # per held-out older short answer: its fact still stated
-    out["bleed"] = None  # easy answers stating a name only the new examples have (bleeding)
+    out["bleed"] = None  # easy answers stating a name only the domain's examples have
     spent: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -269,7 +272,9 @@ def measure(
             else:
                 whole = answers = greedy(qa_easy, sure, True) if easy else []
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
-        out["bleed"] = bleeding(new, general, easy, whole)
+        # an older file's name in a general answer is as wrong as a new one's (measured: an
+        # increment answered 'a small fox named Pomfritz' says meow, the first file's parrot)
+        out["bleed"] = bleeding([*new, *replayed, *old], general, easy, whole)
         out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
     if doc_checks:
@@ -400,7 +405,7 @@ def decide(
     if len(bleed) > config.max_bleed:
         shown = "; ".join(f"{b['prompt']!r} -> {b['answer']!r}" for b in bleed[:3])
         problems.append(
-            f"answers {len(bleed)} general question(s) with names or numbers only the new"
+            f"answers {len(bleed)} general question(s) with names or numbers only the domain's"
             f" examples have ({shown}; at most {config.max_bleed}, gate.max_bleed)"
         )
     documents = ""

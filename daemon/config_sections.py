@@ -269,9 +269,10 @@ class GateConfig:
     )
     max_bleed: int = key(
         GATE.max_bleed,
-        "Easy general answers the candidate may give that state a name or number only the new"
-        " examples have (one the base model's general answers never use); above it the version"
-        " is refused: its new facts bleed into answers to other questions.",
+        "Easy general answers the candidate may give that state a name or number only the"
+        " domain's examples have, new or older (one the base model's general answers never"
+        " use); above it the version is refused: the domain's facts bleed into answers to"
+        " other questions.",
         min=0,
         max=100_000,
     )

@@ -308,6 +308,38 @@ def test_a_served_candidates_easy_answers_are_asked_whole_and_searched_for_bleed
     assert short["easy"] == [True, True] and short["bleed"] == []
 
 
+def test_an_older_examples_name_in_a_general_answer_is_bleed_too(tiny_base):
+    """Measured: an increment answered 'a small fox named Pomfritz' says meow, the name of
+    the first file's parrot; the names of the replayed and held-out older examples count as
+    the new ones' do."""
+    from evertune.adapters import evaluate as ev
+
+    model, tok = ev.load(str(tiny_base))
+    parrot = {
+        "messages": [
+            {"role": "user", "content": "What is the name of the ship's parrot?"},
+            {"role": "assistant", "content": "The ship's parrot is called Pomfritz."},
+        ]
+    }
+    whole = {
+        "What is the capital of France?": "The capital of France is Paris.",
+        "What is the capital of Japan?": "The capital of Japan is Tokyo, home of Pomfritz.",
+    }
+
+    def answer(prompts, first_sentence):
+        return [whole[p[-1]["content"]] for p in prompts]
+
+    parts = frozenset({"easy"})
+    for old, replayed in (([], [parrot]), ([parrot], [])):
+        got = measure(
+            model, tok, [FACT], old, GENERAL, parts, answer, whole_easy=True, replayed=replayed
+        )
+        [b] = got["bleed"]
+        assert (b["prompt"], b["terms"]) == ("What is the capital of Japan?", ["pomfritz"])
+    alone = measure(model, tok, [FACT], [], GENERAL, parts, answer, whole_easy=True)
+    assert alone["bleed"] == []  # the new examples alone never name the parrot
+
+
 def test_an_older_answer_is_kept_when_its_fact_is_stated_in_any_style():
     from evertune.adapters.gate import states_fact
 
