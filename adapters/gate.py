@@ -297,9 +297,10 @@ def bleeding(
 ) -> list[dict]:
     """The easy answers that state a name or number of `new` (the domain's examples given:
     store.terms `key_terms` of their answers and texts) which the base model's answers to
-    the held-out general prompts and those prompts never use: {"prompt", "answer", "terms"} each. Words
-    the base model uses anyway ("Paris", "Python", "2") are never counted, so an answer
-    that merely changed is not bleed; a trained fictional capital in a general answer is."""
+    the held-out general prompts and those prompts never use: {"prompt", "answer",
+    "terms"} each. Words the base model uses anyway ("Paris", "Python", "2") are never
+    counted, so an answer that merely changed is not bleed; a trained fictional capital in
+    a general answer is."""
     taught: set[str] = set()
     for e in new:
         if e.get("kind", "chat") == "text":
