@@ -252,11 +252,6 @@ def measure(
         if "general" in parts:
             out["general_loss"] = got.mean_loss
     if "easy" in parts:
-        # An easy answer is judged on its first sentence: the model reproduces the base
-        # model's reference answer up to the end of that sentence and the token after it
-        # (so the sentence ends there too), or its answer is generated.
-        at = {id(r): i for i, r in enumerate(general)}
-        sure = [got.greedy(at[id(r)], first_sentence_targets(tokenizer, r.answer)) for r in easy]
         qa_easy = [
             ([{"role": "user", "content": r.prompt}], ev.first_sentence_of(r.answer)) for r in easy
         ]
@@ -270,6 +265,13 @@ def measure(
                 generated["asked"] += len(whole)
                 answers = [ev.first_sentence_of(a) for a in whole]
             else:
+                # An easy answer is judged on its first sentence: the model reproduces the
+                # base model's reference answer up to the end of that sentence and the token
+                # after it (so the sentence ends there too), or its answer is generated.
+                at = {id(r): i for i, r in enumerate(general)}
+                sure = [
+                    got.greedy(at[id(r)], first_sentence_targets(tokenizer, r.answer)) for r in easy
+                ]
                 whole = answers = greedy(qa_easy, sure, True) if easy else []
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
         # an older file's name in a general answer is as wrong as a new one's (measured: an
@@ -293,16 +295,19 @@ def measure(
 
 
 def bleeding(
-    new: Sequence[dict], general: Sequence[Reference], easy: Sequence[Reference], answers: list[str]
+    examples: Sequence[dict],
+    general: Sequence[Reference],
+    easy: Sequence[Reference],
+    answers: list[str],
 ) -> list[dict]:
-    """The easy answers that state a name or number of `new` (the domain's examples given:
+    """The easy answers that state a name or number of `examples` (the domain's:
     store.terms `key_terms` of their answers and texts) which the base model's answers to
     the held-out general prompts and those prompts never use: {"prompt", "answer",
     "terms"} each. Words the base model uses anyway ("Paris", "Python", "2") are never
     counted, so an answer that merely changed is not bleed; a trained fictional capital in
     a general answer is."""
     taught: set[str] = set()
-    for e in new:
+    for e in examples:
         if e.get("kind", "chat") == "text":
             taught |= key_terms(e["text"])
         else:
