@@ -11,7 +11,10 @@ per variant: each argument is a JSON object of TrainSpec overrides, or of select
 phrasing (its record format, answer style, system prompt), the live version's and the
 increment's greedy answers, whether the gate counts it lost (its trained answer's fact part
 no longer given) and whether the fact itself is still stated (the benchmark's `expected` words).
-A JSON summary line per seed and variant follows. Greedy answers: transformers, in-process.
+A JSON summary line per seed and variant follows, with the gate's other two checks an
+increment fails: the easy general questions (answered whole, judged on the first sentence
+against the base model's: lost, gained, the paired test's p) and bleed (a name or number of
+the domain's examples in an easy answer). Greedy answers: transformers, in-process.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import continual as C
 
 from evertune.adapters import evaluate as ev
 from evertune.adapters.contract import TrainSpec
-from evertune.adapters.gate import short_qa
+from evertune.adapters.gate import bleeding, easy_change, short_qa, states_fact
+from evertune.adapters.reference import is_right
 from evertune.adapters.train import train
 from evertune.daemon.config_sections import GateConfig, TrainConfig
 from evertune.daemon.selection import sample_old
@@ -57,10 +61,26 @@ def main() -> int:
     ap.add_argument("variants", nargs="*", default=["{}"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    base, _, general = C.in_process(args.models)
+    base, refs, general = C.in_process(args.models)
     file1, file2 = (C.chat_examples(fs) for fs in C.FILES[:2])
     about = describe(C.FILES)
-    _, tok = ev.load(base)
+    base_model, tok = ev.load(base)
+    held_general = [r for r in refs if r.held_out]
+    easy = [r for r in held_general if r.expected]
+
+    def easy_answers(model) -> list[str]:  # whole, as the gate asks vLLM for a candidate's
+        return ev.greedy_answers_chat(
+            model, tok, [[{"role": "user", "content": r.prompt}] for r in easy]
+        )
+
+    def right(answers: list[str]) -> list[bool]:
+        return [
+            is_right(ev.first_sentence_of(a), r.expected)
+            for a, r in zip(answers, easy, strict=True)
+        ]
+
+    base_right = right(easy_answers(base_model))
+    del base_model
     for seed in args.seeds:
         fields = TrainConfig(seed=seed).spec_fields()
         v1 = args.cache / f"seed{seed}"
@@ -92,8 +112,13 @@ def main() -> int:
                 prompts = [list(p) for p, _ in held_qa]
                 got_live = ev.greedy_answers_chat(live, tok, prompts)
                 got_cand = ev.greedy_answers_chat(cand, tok, prompts)
-            lost = stated = 0
-            for (i, _), (_, expected), a_live, a_cand in zip(
+                whole = easy_answers(cand)
+            lost_easy, gained_easy, p_easy = easy_change(base_right, right(whole))
+            bled = bleeding(
+                [*file2, *(e for _, e in replay), *(e for _, e in held)], held_general, easy, whole
+            )
+            lost = gate_lost = stated = 0
+            for (i, _), (prompt, expected), a_live, a_cand in zip(
                 held, held_qa, got_live, got_cand, strict=True
             ):
                 fact = C.FILES[0][about[i]["fact"]]
@@ -105,12 +130,16 @@ def main() -> int:
                     "live": a_live,
                     "increment": a_cand,
                     "lost": ev.matches(a_live, expected) and not ev.matches(a_cand, expected),
+                    # the gate's rule: the names and numbers of the fact part still stated
+                    "gate_lost": states_fact(a_live, prompt, expected)
+                    and not states_fact(a_cand, prompt, expected),
                     "fact_stated": C.knows(a_cand, fact["expected"]),
                     "sibling_replayed": sum(
                         about[j]["fact"] == about[i]["fact"] for j, _ in replay
                     ),
                 }
                 lost += row["lost"]
+                gate_lost += row["gate_lost"]
                 stated += row["fact_stated"]
                 print(json.dumps(row), flush=True)
             print(
@@ -122,7 +151,12 @@ def main() -> int:
                         "held": len(held),
                         "replayed": len(replay),
                         "lost": lost,
+                        "gate_lost": gate_lost,
                         "fact_stated": stated,
+                        "easy_lost": lost_easy,
+                        "easy_gained": gained_easy,
+                        "easy_p": round(p_easy, 4),
+                        "bleed": [(b["prompt"], b["terms"]) for b in bled],
                         "train_s": round(train_s, 1),
                         "epochs": r.epochs,
                         "history": r.history,
