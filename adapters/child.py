@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evertune.adapters.contract import ChildSpec, EvalSpec
+from evertune.adapters.contract import RESULT_NAME, ChildResult, ChildSpec, EvalSpec
 from evertune.adapters.errors import TrainingCancelled
-from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, decide, measure
+from evertune.adapters.gate import BASE, BASE_KEYS, LIVE, GateResult, decide, measure
 from evertune.adapters.reference import Reference
 from evertune.adapters.remote import Remote
 from evertune.adapters.train import TrainSpec, train
@@ -42,7 +42,7 @@ def emit(event: str, **data: Any) -> None:
         sys.stdout.flush()
 
 
-def evaluate(spec: TrainSpec, ev_spec: EvalSpec, cache_dir: Path | None = None) -> dict[str, Any]:
+def evaluate(spec: TrainSpec, ev_spec: EvalSpec, cache_dir: Path | None = None) -> GateResult:
     """Candidate, live (the parent version, or the base for v1) and base, on one model.
 
     Losses are computed here. Greedy answers come from the vLLM server at
@@ -106,7 +106,7 @@ def evaluate(spec: TrainSpec, ev_spec: EvalSpec, cache_dir: Path | None = None) 
             whole_easy=remote is not None,  # what clients of the served candidate get
             replayed=spec.replay,
         )
-    return decide(candidate, live, base, ev_spec.thresholds()).to_dict()
+    return decide(candidate, live, base, ev_spec.thresholds())
 
 
 def _base_cache(
@@ -230,8 +230,8 @@ def main(run_dir: Path) -> int:
     cache_dir = Path(child.eval.cache_dir or run_dir.parent)
     gate = evaluate(spec, child.eval, cache_dir=cache_dir)
     timing = {"train_s": round(t1 - t0, 2), "evaluate_s": round(time.monotonic() - t1, 2)}
-    out = {"train": result.to_dict(), "gate": gate, "timing": timing}
-    _write_json(run_dir / "result.json", out)
+    out = ChildResult(result, gate, timing).to_dict()
+    _write_json(run_dir / RESULT_NAME, out)
     emit("result", **out)
     return EXIT_OK
 

@@ -1,6 +1,8 @@
 """The training child's contract: what the daemon asks of it, written as RUN_DIR/spec.json
 (`ChildSpec`: the training run, `TrainSpec`, and the gate's inputs, `EvalSpec`), read back by
-`evertune.adapters.child`. Both sides go through `ChildSpec.to_dict` / `from_dict`, which
+`evertune.adapters.child`; and what the child answers (`ChildResult`: the run's figures,
+`TrainResult`, the gate's verdict, `GateResult`, and the seconds each part took), its last
+stdout event and RUN_DIR/result.json. Both sides go through `to_dict` / `from_dict`, which
 refuse an unknown or a missing key: a misspelt key is an error, never a setting quietly
 left at its default (a typo in "changed" would have turned off the stale-answer check)."""
 
@@ -13,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from evertune.adapters.errors import TrainingError
-from evertune.adapters.gate import GateThresholds
+from evertune.adapters.gate import GateResult, GateThresholds
 
 SPEC_NAME = "spec.json"
+RESULT_NAME = "result.json"
 
 
 class SpecError(TrainingError):
@@ -153,17 +156,66 @@ class ChildSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChildSpec:
-        top = _checked(cls, data, "spec")
-        train = _checked(TrainSpec, top["train"], "spec train")
-        train["target_modules"] = tuple(train.get("target_modules", TrainSpec.target_modules))
-        ev = _checked(EvalSpec, top["eval"], "spec eval")
-        _checked(GateThresholds, ev.get("gate", {}), "spec eval.gate")
-        return cls(TrainSpec(**train), EvalSpec(**ev), bool(top.get("warm", False)))
+        # `to_dict` writes every field: one missing was lost on the way (or written by hand)
+        top = _checked(cls, data, "spec", every=True)
+        train = _checked(TrainSpec, top["train"], "spec train", every=True)
+        train["target_modules"] = tuple(train["target_modules"])
+        ev = _checked(EvalSpec, top["eval"], "spec eval", every=True)
+        _checked(GateThresholds, ev["gate"], "spec eval.gate")  # a missing one: the default
+        return cls(TrainSpec(**train), EvalSpec(**ev), bool(top["warm"]))
 
 
-def _checked(kind: type, data: Any, where: str) -> dict[str, Any]:
+@dataclass
+class TrainResult:
+    """What one training run did (adapters/train.py)."""
+
+    out_dir: str
+    steps: int
+    epochs: int
+    tokens: int  # example tokens trained on (a shared opening counted in each example)
+    trained_tokens: int  # tokens with a loss target
+    seconds: float
+    tokens_per_s: float
+    final_loss: float
+    new_loss: float  # last epoch's mean loss per target token on the new examples
+    learned: int  # new examples under `learned_loss` at the end
+    precision: str
+    device: str
+    history: list[dict] = field(default_factory=list)
+    world_size: int = 1  # processes that trained it (torchrun), each on its shard of rows
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """The child's answer: the training run, the gate's verdict on it, and the seconds of
+    each part ({"train_s", "evaluate_s"})."""
+
+    train: TrainResult
+    gate: GateResult
+    timing: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.train.to_dict(), "gate": self.gate.to_dict(), "timing": self.timing}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChildResult:
+        top = _checked(cls, data, "result", every=True)
+        timing = top["timing"]
+        if not isinstance(timing, dict) or set(timing) != {"train_s", "evaluate_s"}:
+            raise SpecError(f"result timing: expected train_s and evaluate_s, got {timing!r}")
+        return cls(
+            TrainResult(**_checked(TrainResult, top["train"], "result train", every=True)),
+            GateResult(**_checked(GateResult, top["gate"], "result gate", every=True)),
+            dict(timing),
+        )
+
+
+def _checked(kind: type, data: Any, where: str, every: bool = False) -> dict[str, Any]:
     """`data` as the keyword arguments of dataclass `kind`: a dict with no key it lacks and
-    every field it requires."""
+    every field it requires (`every`: every field, those with a default too)."""
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected an object, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(kind)}
@@ -175,8 +227,9 @@ def _checked(kind: type, data: Any, where: str) -> dict[str, Any]:
         n
         for n, f in known.items()
         if n not in data
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        and (
+            every or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        )
     )
     if missing:
         problems.append(f"missing key(s) {', '.join(missing)}")

@@ -38,13 +38,12 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from evertune.adapters.base_model import cpu_has_native_bf16
-from evertune.adapters.contract import TrainSpec
+from evertune.adapters.contract import TrainResult, TrainSpec
 from evertune.adapters.data import (
     IGNORE,
     MIN_SHARED_OPENING,
@@ -67,27 +66,6 @@ ANCHORS_PER_PROMPT = 3
 # `learned_loss` (half: p > 0.7 for every token), a margin against sliding back once it is
 # no longer trained.
 GRADUATION_MARGIN = 0.5
-
-
-@dataclass
-class TrainResult:
-    out_dir: str
-    steps: int
-    epochs: int
-    tokens: int  # example tokens trained on (a shared opening counted in each example)
-    trained_tokens: int  # tokens with a loss target
-    seconds: float
-    tokens_per_s: float
-    final_loss: float
-    new_loss: float  # last epoch's mean loss per target token on the new examples
-    learned: int  # new examples under `learned_loss` at the end
-    precision: str
-    device: str
-    history: list[dict] = field(default_factory=list)
-    world_size: int = 1  # processes that trained it (torchrun), each on its shard of rows
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 Progress = Callable[[dict], None]

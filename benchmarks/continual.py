@@ -791,7 +791,7 @@ def run_naive(
                 live_adapter=parent,
             ),
             cache_dir=workdir,  # the base model's side, measured once
-        )
+        ).to_dict()
         evaluate_s = time.perf_counter() - t
         scores, loss = measured(str(out_dir), k)
         cycle = {

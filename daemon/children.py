@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from evertune.adapters.base_model import BaseModel
-from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
+from evertune.adapters.contract import ChildResult, ChildSpec, EvalSpec, TrainSpec
 from evertune.adapters.errors import PreparationCancelled, TrainingCancelled, TrainingError
 from evertune.adapters.reference import Reference
 from evertune.daemon.config import Config
@@ -200,7 +200,7 @@ def run_child(
     run_id: int,
     progress: Callable[[dict], None] | None,
     stop: threading.Event | None,
-) -> dict:
+) -> ChildResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     spec.save(run_dir)
     cmd = [*child_launcher(config.train.launcher), "-m", "evertune.adapters.child", str(run_dir)]
@@ -233,7 +233,10 @@ def run_child(
                             {k: event[k] for k in ("loss", "tokens_per_s", "eta_s", "epoch")},
                         )
                     elif event.get("event") == "result":
-                        result = {k: event.get(k) for k in ("train", "gate", "timing")}
+                        # checked against the contract: a key missing or unknown is an error
+                        result = ChildResult.from_dict(
+                            {k: v for k, v in event.items() if k != "event"}
+                        )
                     if progress:
                         progress(event)
             except BaseException:

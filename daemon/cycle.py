@@ -3,7 +3,7 @@
 Used by `evertune train` (no daemon: the CLI process runs it) and by the daemon's
 scheduler. The child gets everything through RUN_DIR/spec.json (adapters/contract.py) and
 reports on stdout; this side owns the database writes (runs, versions, which examples a
-version used). `_cycle` reads as its steps:
+version used). `run_cycle` reads as its steps:
 
     _select           new examples (no version trained on them yet) + a replay sample of
                       older ones + a held-out slice of older ones for the gate
@@ -30,8 +30,9 @@ from typing import Any
 from sqlite_utils import Database
 
 from evertune.adapters import registry
-from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
+from evertune.adapters.contract import ChildResult, ChildSpec, EvalSpec, TrainSpec
 from evertune.adapters.errors import NothingToTrain, TrainingCancelled
+from evertune.adapters.gate import GateResult
 from evertune.adapters.reference import Reference
 from evertune.daemon.children import prepare_base, run_child, training_lock
 from evertune.daemon.config import Config
@@ -84,20 +85,15 @@ def run_cycle(
     layout = HomeLayout(config.home)
     with training_lock(layout.train_lock_path, progress):
         close_interrupted(db, layout)
-        return _cycle(
-            db,
-            config,
-            layout,
-            domain,
-            trigger,
-            force,
-            progress,
-            stop,
-            serving,
-            run_id,
-            reference_url,
-            from_base,
-        )
+        c = CycleContext(db, config, layout, domain, progress, stop, serving, from_base)
+        _refuse_during_canary(c)
+        picked = _select(c, force)
+        base, refs = prepare_base(config, layout, stop, vllm_url=reference_url)
+        _begin(c, run_id, trigger, len(picked.new), len(picked.replay))
+        spec = _child_spec(c, picked, base, refs, reference_url)
+        result, spec, picked, increment = _train_and_gate(c, spec, picked)
+        metrics = register(c, base, spec, picked, result, increment)
+        return publish(c, picked, result.gate, metrics)
 
 
 def close_interrupted(db: Database, layout: HomeLayout) -> None:
@@ -113,8 +109,9 @@ def close_interrupted(db: Database, layout: HomeLayout) -> None:
 
 
 @dataclass
-class _Cycle:
-    """One cycle's context; its steps, top to bottom, are `_cycle`'s body."""
+class CycleContext:
+    """One cycle's context, which its steps share; the steps, top to bottom, are
+    `run_cycle`'s body (the publishing ones in daemon/publishing.py)."""
 
     db: Database
     config: Config
@@ -137,32 +134,7 @@ class _Cycle:
         return registry.staging_dir(self.layout.adapters, self.domain, self.version.number)
 
 
-def _cycle(
-    db: Database,
-    config: Config,
-    layout: HomeLayout,
-    domain: str,
-    trigger: str,
-    force: bool,
-    progress: Callable[[dict], None] | None,
-    stop: threading.Event | None,
-    serving: Serving | None,
-    run_id: int | None,
-    reference_url: str | None,
-    from_base: bool = False,
-) -> Outcome:
-    c = _Cycle(db, config, layout, domain, progress, stop, serving, from_base)
-    _refuse_during_canary(c)
-    picked = _select(c, force)
-    base, refs = prepare_base(config, layout, stop, vllm_url=reference_url)
-    _begin(c, run_id, trigger, len(picked.new), len(picked.replay))
-    spec = _child_spec(c, picked, base, refs, reference_url)
-    result, spec, picked, increment = _train_and_gate(c, spec, picked)
-    metrics = register(c, base, spec, picked, result, increment)
-    return publish(c, picked, result["gate"], metrics)
-
-
-def _refuse_during_canary(c: _Cycle) -> None:
+def _refuse_during_canary(c: CycleContext) -> None:
     trial = canaries.of(c.db, c.domain)
     if trial is not None:
         raise NothingToTrain(
@@ -171,7 +143,7 @@ def _refuse_during_canary(c: _Cycle) -> None:
         )
 
 
-def _select(c: _Cycle, force: bool) -> Picked:
+def _select(c: CycleContext, force: bool) -> Picked:
     """The new examples, a replay sample and a held-out slice of the older ones. The seed
     moves on with each run of the domain, so the held-out slice changes."""
     t, g = c.config.train, c.config.gate
@@ -183,7 +155,7 @@ def _select(c: _Cycle, force: bool) -> Picked:
     )
 
 
-def _begin(c: _Cycle, run_id: int | None, trigger: str, n_new: int, n_replay: int) -> None:
+def _begin(c: CycleContext, run_id: int | None, trigger: str, n_new: int, n_replay: int) -> None:
     """The run started and its version reserved (state 'training')."""
     c.live = versions.live(c.db, c.domain)
     live_id = c.live.id if c.live else None
@@ -210,7 +182,9 @@ def _begin(c: _Cycle, run_id: int | None, trigger: str, n_new: int, n_replay: in
     )
 
 
-def _child_spec(c: _Cycle, picked: Picked, base, refs, reference_url: str | None) -> ChildSpec:
+def _child_spec(
+    c: CycleContext, picked: Picked, base, refs, reference_url: str | None
+) -> ChildSpec:
     """What the training child trains and the gate checks (adapters/contract.py)."""
     t, g, live = c.config.train, c.config.gate, c.live
     new_ids = [i for i, _ in picked.new]
@@ -256,16 +230,16 @@ def _child_spec(c: _Cycle, picked: Picked, base, refs, reference_url: str | None
 
 
 def _train_and_gate(
-    c: _Cycle, spec: ChildSpec, picked: Picked
-) -> tuple[dict, ChildSpec, Picked, dict | None]:
+    c: CycleContext, spec: ChildSpec, picked: Picked
+) -> tuple[ChildResult, ChildSpec, Picked, GateResult | None]:
     """(result, the spec that made it, what it trained on, the refused increment's verdict
     when it was repaired). A failure or a cancel rejects the version and raises."""
     run_dir = c.layout.run_dir(c.run_id)
     increment = None
     try:
         result = run_child(c.db, c.config, run_dir, spec, c.run_id, c.progress, c.stop)
-        if _needs_repair(c, result["gate"]):
-            increment = result["gate"]
+        if _needs_repair(c, result.gate):
+            increment = result.gate
             spec, picked = _repair_spec(c, spec, picked, increment)
             refused = Path(spec.train.parent_adapter)
             try:
@@ -283,7 +257,7 @@ def _train_and_gate(
     return result, spec, picked, increment
 
 
-def _needs_repair(c: _Cycle, gate: dict) -> bool:
+def _needs_repair(c: CycleContext, gate: GateResult) -> bool:
     """An increment (from the live version) or a first version refused for damage, not for
     failing to learn. (A rebuild from the base model, `train --from-base`, is not: it is
     what an operator asks for when the increments went wrong.)"""
@@ -295,7 +269,7 @@ def _needs_repair(c: _Cycle, gate: dict) -> bool:
 
 
 def _repair_spec(
-    c: _Cycle, spec: ChildSpec, picked: Picked, increment: dict
+    c: CycleContext, spec: ChildSpec, picked: Picked, increment: GateResult
 ) -> tuple[ChildSpec, Picked]:
     """An increment that learned the new data but damaged the model (drift, older answers,
     easy answers) is repaired: trained on from where it stopped, with the older examples it
@@ -316,14 +290,14 @@ def _repair_spec(
     general = max(spec.train.general_per_epoch, t.general_when_drifting)
     # general questions it answered with the new facts' names: their neighbours in the
     # general pool are replayed in every epoch of the repair
-    bleeding = [b["prompt"] for b in increment["metrics"]["candidate"].get("bleed") or []]
+    bleeding = [b["prompt"] for b in increment.metrics["candidate"].get("bleed") or []]
     log.info(
         "%s %s: the %s was refused (%s); repairing it with %d replayed"
         " (the %d held-out older examples among them) and %d general examples an epoch%s",
         c.domain,
         c.version.name,
         "increment" if c.live else "first version",
-        increment["reason"],
+        increment.reason,
         len(replay),
         len(picked.held),
         general,
@@ -363,10 +337,10 @@ def _with_train(spec: ChildSpec, **changes: Any) -> ChildSpec:
     return dataclasses.replace(spec, train=dataclasses.replace(spec.train, **changes))
 
 
-def _damaged_but_learned(gate: dict, min_learned: float) -> bool:
+def _damaged_but_learned(gate: GateResult, min_learned: float) -> bool:
     """Refused for damage (drift, easy answers, older answers), not for failing to learn."""
-    learned = gate["metrics"]["candidate"].get("new_exact")
-    return not gate["promote"] and (learned is None or learned >= min_learned)
+    learned = gate.metrics["candidate"].get("new_exact")
+    return not gate.promote and (learned is None or learned >= min_learned)
 
 
 def _finish_failed(db: Database, version, run_id: int, state: str, error: str) -> None:

@@ -9,7 +9,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from evertune.adapters import registry
-from evertune.adapters.contract import ChildSpec
+from evertune.adapters.contract import ChildResult, ChildSpec, TrainResult
+from evertune.adapters.gate import GateResult
 from evertune.daemon import canary
 from evertune.daemon.config import Config
 from evertune.daemon.errors import AdapterRefused
@@ -22,17 +23,22 @@ from evertune.store.errors import RegistryError
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
-    from evertune.daemon.cycle import Outcome, _Cycle
+    from evertune.daemon.cycle import CycleContext, Outcome
 
 log = logging.getLogger(__name__)
 
 
 def register(
-    c: _Cycle, base, spec: ChildSpec, picked: Picked, result: dict, increment: dict | None
+    c: CycleContext,
+    base,
+    spec: ChildSpec,
+    picked: Picked,
+    result: ChildResult,
+    increment: GateResult | None,
 ) -> dict:
     """The trained folder published with its meta.json, the version a candidate with its
     metrics and examples. Returns the metrics (what the status page draws)."""
-    version, live, gate = c.version, c.live, result["gate"]
+    version, live, gate = c.version, c.live, result.gate
     meta = {
         "domain": c.domain,
         "version": version.name,
@@ -49,22 +55,23 @@ def register(
             for k, v in dataclasses.asdict(spec.train).items()
             if k not in ("new", "replay", "general")
         },
-        "result": result["train"],
-        "gate": gate,
+        "result": result.train.to_dict(),
+        "gate": gate.to_dict(),
         "consolidated": c.from_base,  # from the base model on every example
         "rebuilt": c.from_base,  # asked for: `train --from-base` or `forget`
         "retried": increment is not None,  # the increment was refused for damage and repaired
-        "increment_gate": increment,  # the refused increment's verdict, when repaired
-        "timing": result.get("timing"),
+        # the refused increment's verdict, when repaired
+        "increment_gate": increment.to_dict() if increment else None,
+        "timing": result.timing,
         "created": version.created_at,
         "finished": utcnow(),
     }
     registry.publish(version, c.staging(), meta)
     # the row keeps what the status page draws, also once retention deletes the folder
     metrics = {
-        **gate["metrics"],
-        "train": train_summary(result["train"]),
-        "timing": result.get("timing"),
+        **gate.metrics,
+        "train": train_summary(result.train),
+        "timing": result.timing,
     }
     with write_transaction(c.db):
         c.version = versions.set_state(
@@ -84,11 +91,11 @@ def register(
     return metrics
 
 
-def publish(c: _Cycle, picked: Picked, gate: dict, metrics: dict) -> Outcome:
+def publish(c: CycleContext, picked: Picked, gate: GateResult, metrics: dict) -> Outcome:
     """Promoted: served (a canary first where asked), its new examples marked trained.
     Refused, or not servable: the version rejected with its outcome and reason."""
     db, version = c.db, c.version
-    promoted, reason = gate["promote"], gate["reason"]
+    promoted, reason = gate.promote, gate.reason
     trial, outcome = None, "refused"
     if promoted:
         c.phase("publishing")
@@ -145,7 +152,9 @@ def _canary_first(db: Database, config: Config, serving: Serving | None, domain:
     )
 
 
-def train_summary(r: dict) -> dict:
+def train_summary(result: TrainResult) -> dict:
+    """What the version's row keeps of its training run: the figures and, per epoch, the
+    curve (the status page draws it)."""
     keys = (
         "steps",
         "epochs",
@@ -158,8 +167,8 @@ def train_summary(r: dict) -> dict:
         "device",
         "world_size",
     )
-    out = {k: r.get(k) for k in keys}
-    out["history"] = [  # per epoch: the training curve
-        {k: h.get(k) for k in ("epoch", "new_loss", "learned")} for h in r.get("history") or []
+    out = {k: getattr(result, k) for k in keys}
+    out["history"] = [
+        {k: h.get(k) for k in ("epoch", "new_loss", "learned")} for h in result.history
     ]
     return out

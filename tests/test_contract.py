@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-from evertune.adapters.contract import ChildSpec, EvalSpec, SpecError, TrainSpec
+from evertune.adapters.contract import (
+    ChildResult,
+    ChildSpec,
+    EvalSpec,
+    SpecError,
+    TrainResult,
+    TrainSpec,
+)
+from evertune.adapters.gate import GateResult
 
 
 def spec() -> ChildSpec:
@@ -55,6 +63,39 @@ def test_a_missing_required_key_or_an_unknown_gate_setting_is_an_error():
     data["eval"]["gate"]["drift_tolerence"] = 0.3
     with pytest.raises(SpecError, match=r"spec eval.gate: unknown key\(s\) drift_tolerence"):
         ChildSpec.from_dict(data)
+
+
+def test_a_key_left_out_is_an_error_even_where_the_field_has_a_default():
+    # the daemon writes every field: `changed` left out would turn off the stale-answer check
+    data = spec().to_dict()
+    del data["eval"]["changed"]
+    with pytest.raises(SpecError, match=r"spec eval: missing key\(s\) changed"):
+        ChildSpec.from_dict(data)
+
+
+def result() -> ChildResult:
+    return ChildResult(
+        TrainResult("/o", 3, 1, 90, 30, 1.5, 60.0, 0.2, 0.2, 1, "bf16", "cpu", [{"epoch": 1}]),
+        GateResult(False, "forgot 2 of 7", {"candidate": {"new_exact": 1.0}}),
+        {"train_s": 1.5, "evaluate_s": 2.0},
+    )
+
+
+def test_the_childs_result_reads_back_unchanged_and_a_wrong_key_is_an_error():
+    sent = result().to_dict()
+    got = ChildResult.from_dict(json.loads(json.dumps(sent)))
+    assert got == result() and got.gate.reason == "forgot 2 of 7" and got.train.steps == 3
+    sent["gate"]["promoted"] = sent["gate"].pop("promote")
+    with pytest.raises(SpecError, match=r"result gate: unknown key\(s\) promoted; missing"):
+        ChildResult.from_dict(sent)
+    sent = result().to_dict()
+    del sent["train"]["history"]
+    with pytest.raises(SpecError, match=r"result train: missing key\(s\) history"):
+        ChildResult.from_dict(sent)
+    sent = result().to_dict()
+    sent["timing"] = {"train_s": 1.5}
+    with pytest.raises(SpecError, match="result timing: expected train_s and evaluate_s"):
+        ChildResult.from_dict(sent)
 
 
 def test_the_child_refuses_a_spec_it_does_not_understand(tmp_path):
