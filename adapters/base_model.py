@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evertune.adapters.errors import BaseModelError
-from evertune.store.layout import fsync_dir
+from evertune.store.layout import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,10 @@ def _convert_bundled(target: Path) -> BaseModel:
     weights = sorted(tmp.glob("*.safetensors"))
     meta = {"model_id": BUNDLED, "source": gguf.name, "sha256": _sha256(weights)}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    fsync_dir(target.parent)
     log.info("base model ready at %s", target)
     return BaseModel(target, BUNDLED, meta["sha256"])
 
@@ -148,13 +149,6 @@ def _sha256(files: list[Path]) -> str:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(folder)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 
 from evertune.adapters import registry
 from evertune.store.errors import RegistryError
+from evertune.store.layout import fsync_dir, fsync_tree
 
 MARKER = "evertune-export.json"
 
@@ -56,9 +57,11 @@ def export_version(version_dir: Path, out: Path, merged: bool = False) -> dict[s
             "base_model": str(base) if base else None,
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

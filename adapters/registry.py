@@ -20,7 +20,7 @@ from sqlite_utils import Database
 
 from evertune.store import versions
 from evertune.store.errors import RegistryError
-from evertune.store.layout import fsync_dir
+from evertune.store.layout import fsync_dir, fsync_tree
 from evertune.store.versions import Version, version_name
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ def publish(version: Version, staging: Path, meta: dict[str, Any]) -> Path:
     """Write meta.json, fsync, rename the staging folder to the version's folder."""
     check_files(staging)
     (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    for f in staging.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_tree(staging)
     final = Path(version.path)
     if final.exists():
         raise RegistryError(f"{final} already exists: refusing to overwrite a version")

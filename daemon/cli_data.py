@@ -19,7 +19,7 @@ from evertune.store.db import is_initialised, open_db, utcnow
 from evertune.store.domains import check_domain
 from evertune.store.files import free_name, part_path, remove_stale_parts, text_of, waiting_copy
 from evertune.store.ingest import ingest_file
-from evertune.store.layout import HomeLayout
+from evertune.store.layout import HomeLayout, fsync_dir, fsync_file
 from evertune.store.queries import file_row
 from evertune.store.reports import FileReport, load_report
 
@@ -79,7 +79,9 @@ def _copy_into(db, src: Path, inbox: Path) -> Path:
     tmp = part_path(inbox, target.name)
     try:
         shutil.copyfile(src, tmp)
+        fsync_file(tmp)  # whole on the disk before its name says it is complete
         os.replace(tmp, target)
+        fsync_dir(inbox)
     except BaseException:  # a full disk, Ctrl-C: no half copy left behind
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

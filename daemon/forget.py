@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 from sqlite_utils import Database
@@ -35,6 +36,8 @@ from evertune.store.formats import CHAT, normalise, prompt_hash, question_hash, 
 from evertune.store.ingest import IngestLimits
 from evertune.store.layout import HomeLayout
 from evertune.store.readers import SNIFF_BYTES, detect_format, read_records
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +171,22 @@ def forget(db: Database, domain: str, hashes: list[bytes], serving: Serving | No
 
 
 def forget_then_rebuild(
-    db: Database, layout: HomeLayout, domain: str, hashes: list[bytes], serving: Serving | None
-) -> Forgotten:
-    """`forget` under the home's training lock (the daemon's queue and the CLI without a
-    daemon both come here); the caller then rebuilds the domain from the base model
-    (`run_cycle(..., from_base=True)`) when `rebuild` says there is something to rebuild."""
+    db: Database,
+    layout: HomeLayout,
+    domain: str,
+    hashes: list[bytes],
+    serving: Serving | None,
+    rebuild: Callable[[], T],
+) -> tuple[Forgotten, T | None]:
+    """`forget` under the home's training lock, then `rebuild()` (a cycle from the base
+    model, `run_cycle(..., from_base=True)`) where a retired version leaves something to
+    rebuild; None where not (`Forgotten.no_rebuild_reason` says why). The daemon's queue
+    and the CLI without a daemon both come here."""
     from evertune.daemon.children import training_lock
 
     with training_lock(layout.train_lock_path, None):
-        return forget(db, domain, hashes, serving)
+        gone = forget(db, domain, hashes, serving)
+    return gone, (rebuild() if gone.rebuild else None)
 
 
 def _trained_from_parent(v: versions.Version) -> bool:

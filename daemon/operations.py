@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from evertune.daemon.config import Config
+from evertune.daemon.config import Config, ConfigSource
 from evertune.daemon.errors import EvertuneError
 from evertune.daemon.lock import daemon_state
 from evertune.store import events, runs, versions
@@ -73,7 +73,7 @@ def for_home(config: Config) -> Operations:
     layout = HomeLayout(config.home)
     running, pid = daemon_state(layout.lock_path)
     if not running:
-        return Local(config)
+        return Local(ConfigSource(config))
     from evertune.daemon.control_client import ControlClient
     from evertune.daemon.status import control_url
 
@@ -154,9 +154,9 @@ class Local:
     """On the store in this process. The daemon uses it too, for rollback and pin, with its
     serving side: then the change is served at once, as the CLI's `Daemon` says."""
 
-    def __init__(self, config: Config, serving: Callable[[], Any] = lambda: None):
+    def __init__(self, config: ConfigSource, serving: Callable[[], Any] = lambda: None):
         self.config = config
-        self.layout = HomeLayout(config.home)
+        self.layout = HomeLayout(config.get().home)
         self.serving = serving
 
     @property
@@ -171,12 +171,19 @@ class Local:
 
         db = open_db(self.layout.db_path)
         try:
-            gone = forget_then_rebuild(db, self.layout, domain, hashes, None)
+            gone, rebuilt = forget_then_rebuild(
+                db,
+                self.layout,
+                domain,
+                hashes,
+                None,
+                lambda: self._cycle(domain, False, True, progress, "forget"),
+            )
         finally:
             db.close()
-        if not gone.rebuild:
+        if rebuilt is None:
             return ForgetResult(gone.to_json(), None, gone.no_rebuild_reason())
-        return ForgetResult(gone.to_json(), self._cycle(domain, False, True, progress, "forget"))
+        return ForgetResult(gone.to_json(), rebuilt)
 
     def rollback(self, domain: str, to: str | None) -> str:
         from evertune.daemon.serving import rollback
@@ -225,7 +232,7 @@ class Local:
         try:
             outcome = run_cycle(
                 db,
-                self.config,
+                self.config.get(),
                 domain,
                 trigger=trigger,
                 force=force,

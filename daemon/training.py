@@ -14,8 +14,8 @@ from collections.abc import Callable
 from sqlite_utils import Database
 
 from evertune.adapters.errors import Cancelled, NothingToTrain
-from evertune.daemon.config import Config
-from evertune.daemon.cycle import run_cycle
+from evertune.daemon.config import ConfigSource
+from evertune.daemon.cycle import Outcome, run_cycle
 from evertune.daemon.forget import forget_then_rebuild
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.runqueue import Request
@@ -49,7 +49,7 @@ def _close(db: Database, req: Request, state: str, error: str) -> None:
 class TrainingWork:
     def __init__(
         self,
-        config: Callable[[], Config],
+        config: ConfigSource,
         schedule: Schedule,
         metrics: Metrics,
         serving: Callable[[], Serving | None],
@@ -67,18 +67,13 @@ class TrainingWork:
         self._last_status = 0.0
 
     def __call__(self, db: Database, req: Request, cancel: threading.Event) -> None:
-        m, config = self.metrics, self.config()
+        m, config = self.metrics, self.config.get()
         m.training(req.domain, True)
         self.notify(f"training {req.domain}")
         t0 = time.monotonic()
-        try:
-            if req.forget is not None:
-                gone = forget_then_rebuild(
-                    db, HomeLayout(config.home), req.domain, req.forget, self.serving()
-                )
-                if not gone.rebuild:
-                    raise NothingToTrain(gone.no_rebuild_reason())
-            outcome = run_cycle(
+
+        def cycle(from_base: bool) -> Outcome:
+            return run_cycle(
                 db,
                 config,
                 req.domain,
@@ -89,8 +84,23 @@ class TrainingWork:
                 serving=self.serving(),
                 run_id=req.run_id,
                 reference_url=self.reference_url(),
-                from_base=req.from_base or req.forget is not None,
+                from_base=from_base,
             )
+
+        try:
+            if req.forget is None:
+                outcome = cycle(req.from_base)
+            else:
+                gone, outcome = forget_then_rebuild(
+                    db,
+                    HomeLayout(config.home),
+                    req.domain,
+                    req.forget,
+                    self.serving(),
+                    lambda: cycle(True),
+                )
+                if outcome is None:
+                    raise NothingToTrain(gone.no_rebuild_reason())
         except NothingToTrain as exc:
             _close(db, req, "skipped", str(exc))
             m.run_finished(req.domain, "nothing")

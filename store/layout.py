@@ -124,8 +124,22 @@ def stored_files(layout: HomeLayout) -> int:
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename or create inside `folder` durable (the directory entry itself)."""
-    fd = os.open(folder, os.O_RDONLY)
+    fsync_file(folder)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush `path`'s data (a file, or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file of `folder` (not its subfolders) and the folder itself on the disk: before
+    the rename that makes a folder written under a temporary name visible."""
+    for f in folder.iterdir():
+        if f.is_file():
+            fsync_file(f)
+    fsync_dir(folder)
