@@ -365,6 +365,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             _say(
                 f"  waiting: {w['file'] or 'the folder'}: {w['error']} (next try {w['next_retry']})"
             )
+        last = dom.get("last_version")
+        if last and last["version"] != dom["live_version"] and last["state"] != "training":
+            # the newest version is not what clients get: say what became of it
+            what = last["outcome"] or last["state"]
+            _say(f"  last version: {last['version']} {what}: {last['reason'] or '-'}")
         if c := dom.get("canary"):
             until = f"made live at {c['promote_at']}" if c["promote_at"] else "until promoted"
             _say(f"  canary: {c['version']} answers {c['percent']:g}% of requests, {until}")

@@ -155,6 +155,7 @@ def _empty_summary(name: str) -> dict[str, Any]:
         "examples_refused": 0,
         "examples_superseded": 0,
         "live_version": None,
+        "last_version": None,
         "run": None,
         "last_errors": [],
     }

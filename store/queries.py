@@ -36,6 +36,11 @@ def domain_summary(db: Database, domain: str) -> dict[str, Any]:
     live = db.execute(
         "SELECT number FROM versions WHERE domain = ? AND state = 'live'", [domain]
     ).fetchone()
+    last = db.execute(
+        "SELECT number, state, outcome, reason FROM versions WHERE domain = ?"
+        " ORDER BY number DESC LIMIT 1",
+        [domain],
+    ).fetchone()
     run = db.execute(
         "SELECT state, step, steps, progress FROM runs WHERE domain = ?"
         " AND state IN ('queued', 'running') ORDER BY id DESC LIMIT 1",
@@ -54,6 +59,15 @@ def domain_summary(db: Database, domain: str) -> dict[str, Any]:
         "examples_refused": refused,
         "examples_superseded": superseded,
         "live_version": f"v{live[0]:04d}" if live else None,
+        # the newest version, whatever became of it (outcome: why a rejected one was)
+        "last_version": None
+        if last is None
+        else {
+            "version": f"v{last[0]:04d}",
+            "state": last[1],
+            "outcome": last[2],
+            "reason": last[3],
+        },
         "run": None
         if run is None
         else {

@@ -112,6 +112,18 @@ def test_a_refused_candidate_is_kept_rejected_and_never_live(home, tmp_path, tin
         db.execute("SELECT count(*) FROM examples WHERE first_version_id IS NULL").fetchone()[0]
         == 3
     )  # still new: the next run tries again
+    # `status` says what became of the newest version, since no version is live
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if "last version" in x]
+    assert line.startswith("  last version: v0001 refused: learned ") and "min_learned" in line
+    assert main(["status", "--json"]) == 0
+    [dom] = json.loads(capsys.readouterr().out)["domains"]
+    assert dom["live_version"] is None
+    assert (
+        dom["last_version"]["outcome"] == "refused"
+        and "min_learned" in (dom["last_version"]["reason"])
+    )
 
 
 def test_killed_training_leaves_no_visible_version(home, tmp_path, tiny_base, capsys):
@@ -205,13 +217,14 @@ def test_a_repair_replays_the_bleeding_questions_and_their_neighbours(home, tiny
     from types import SimpleNamespace
 
     from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
+    from evertune.adapters.gate import GateResult
     from evertune.daemon import config as cfg
-    from evertune.daemon.cycle import _Cycle, _repair_spec
+    from evertune.daemon.cycle import CycleContext, _repair_spec
     from evertune.daemon.selection import Picked
     from evertune.store.layout import HomeLayout
 
     layout = HomeLayout(home)
-    c = _Cycle(None, cfg.load(), layout, "vaults", None, None, None, False, run_id=7)
+    c = CycleContext(None, cfg.load(), layout, "vaults", None, None, None, False, run_id=7)
     c.version = SimpleNamespace(number=1, name="v0001")
     c.staging().mkdir(parents=True)
     france = {"id": "g0007", "category": "easy", "prompt": "What is the capital of France?"}
@@ -225,11 +238,11 @@ def test_a_repair_replays_the_bleeding_questions_and_their_neighbours(home, tiny
         EvalSpec(general=general),
     )
     said = "The capital of France is Port Castellan."
-    gate = {
-        "promote": False,
-        "reason": "answers 1 general question(s) with names ... gate.max_bleed",
-        "metrics": {"candidate": {"bleed": [{"prompt": france["prompt"], "answer": said}]}},
-    }
+    gate = GateResult(
+        False,
+        "answers 1 general question(s) with names ... gate.max_bleed",
+        {"candidate": {"bleed": [{"prompt": france["prompt"], "answer": said}]}},
+    )
     repaired, _ = _repair_spec(c, spec, Picked([], [], [], []), gate)
     assert repaired.train.anchor_prompts == ["What is the capital of France?"]
     assert repaired.train.general == [
