@@ -17,9 +17,11 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,8 +314,13 @@ def diff(old: Config, new: Config) -> list[str]:
     return out
 
 
-# Sections a running daemon cannot change: they name processes and sockets it already runs.
+# Sections a running daemon cannot change: they name processes and sockets it already runs
+# (the embedded vLLM and its endpoints, the control API's socket, the base model vLLM
+# serves, the inbox watcher's timers). Every other section applies at its next use:
+# [train], [gate], [registry] and [domains] at the next training run, [ingest] at the next
+# file, [schedule] at once (its triggers planned again), [log] at once.
 RESTART_SECTIONS = ("serve", "control", "model", "watch")
+LIVE_SECTIONS = tuple(s for s in SECTIONS if s not in RESTART_SECTIONS)
 
 
 def reload(current: Config) -> tuple[Config, list[str], list[str]]:
@@ -332,3 +339,40 @@ def reload(current: Config) -> tuple[Config, list[str], list[str]]:
         f"; needs a restart to apply: {', '.join(restart)}" if restart else "",
     )
     return dataclasses.replace(new, home=current.home, **kept), applied, restart
+
+
+class ConfigSource:
+    """The daemon's running configuration, and the one way its parts get it: each holds
+    this object and reads `get()` when it acts, so a reload reaches every part at its next
+    use, none keeps a copy of its own. A part that must act on a change (the scheduler
+    plans its triggers again) `watch`es: it is called with the new configuration before
+    that replaces the old, and may refuse it (ConfigError), which changes nothing. What a
+    reload applies and what needs a restart: LIVE_SECTIONS, RESTART_SECTIONS."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._watchers: list[Callable[[Config], None]] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Config:
+        return self._config
+
+    def watch(self, on_change: Callable[[Config], None]) -> None:
+        """`on_change(new)` before each replacement, in the order added; one that raises
+        ConfigError refuses it and must have changed nothing (so it comes before any
+        watcher that cannot refuse; today there is one, the scheduler)."""
+        self._watchers.append(on_change)
+
+    def replace(self, new: Config) -> None:
+        with self._lock:
+            for on_change in self._watchers:
+                on_change(new)
+            self._config = new
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """The file read again and applied: (the changes applied, those that need a restart,
+        kept as they were). ConfigError when it does not load or a watcher refuses it: the
+        running configuration stays whole."""
+        new, applied, restart = reload(self._config)
+        self.replace(new)
+        return applied, restart

@@ -8,12 +8,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from sqlite_utils import Database
 
-from evertune.daemon.config import Config
+from evertune.daemon.config import ConfigSource
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.schedule import Schedule
 from evertune.daemon.writer import StoreWriter
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 class Ingestion:
     def __init__(
         self,
-        config: Callable[[], Config],
+        config: ConfigSource,
         writer: StoreWriter,
         schedule: Schedule,
         metrics: Metrics,
@@ -51,7 +50,7 @@ class Ingestion:
         if not os.path.lexists(path):  # reported twice (event + scan), already moved: done
             self._waiting.pop(path, None)
             return None
-        config = self.config()
+        config = self.config.get()
         try:
             report = ingest_file(db, HomeLayout(config.home), path, domain, config.ingest.limits())
         except Exception as exc:

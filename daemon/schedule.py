@@ -31,7 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from evertune.daemon.config import Config
+from evertune.daemon.config import Config, ConfigSource
 from evertune.daemon.config_sections import ScheduleConfig
 from evertune.daemon.errors import ConfigError
 
@@ -42,7 +42,7 @@ RETRY_MAX_S = 3600.0  # the longest pause before a retry, of training or of an i
 class Schedule:
     def __init__(
         self,
-        config: Config,
+        config: ConfigSource,
         *,
         request: Callable[[str, str], Any],
         count_fresh: Callable[[str], int],
@@ -52,6 +52,7 @@ class Schedule:
         """`request(domain, trigger)` queues a run; `count_fresh(domain)` counts the fresh
         examples; `domains()` lists the domains with examples."""
         self.config = config
+        config.watch(self.plan)  # a reload plans the triggers again, or is refused
         self.request = request
         self.count_fresh = count_fresh
         self.domains = domains
@@ -69,7 +70,7 @@ class Schedule:
     def start(self) -> None:
         """Start the timers, the periodic jobs and the start-up catch-up."""
         self.scheduler.start()
-        self.set_config(self.config)
+        self.plan(self.config.get())
         self.scheduler.add_job(self.catch_up, id="startup")
 
     def stop(self) -> None:
@@ -102,7 +103,7 @@ class Schedule:
         """Debounce: a check `quiet_seconds` after the last file of a burst. New data also
         gives a domain whose retries were used up its `max_retries` again."""
         self.failures.pop(domain, None)
-        schedule = self.config.schedule_for(domain)
+        schedule = self.config.get().schedule_for(domain)
         if schedule.on_drop and not self._stopped:
             self._at(schedule.quiet_seconds, self.maybe_train, [domain, "drop"], f"drop:{domain}")
 
@@ -110,7 +111,7 @@ class Schedule:
         """Threshold: request a run when there are enough fresh examples."""
         if self._stopped:
             return False
-        need = self.config.schedule_for(domain).min_new_examples
+        need = self.config.get().schedule_for(domain).min_new_examples
         n = self.count_fresh(domain)
         if n < need:
             log.debug("%s: %d new examples, fewer than %d: not training yet", domain, n, need)
@@ -127,14 +128,14 @@ class Schedule:
         """At start: a check of each domain that trains by itself at any time (on_drop, or
         an interval); not of one that trains at its cron times only or never by itself."""
         for d in self.domains():
-            s = self.config.schedule_for(d)
+            s = self.config.get().schedule_for(d)
             if s.on_drop or (s.interval_minutes and not s.cron):
                 self.maybe_train(d, "startup")
 
-    def set_config(self, config: Config) -> None:
-        """The periodic checks: one for [schedule], one per [domains.<name>] override. Every
-        trigger is built before anything changes: one that cannot be is a ConfigError and the
-        running config and jobs stay as they were."""
+    def plan(self, config: Config) -> None:
+        """The periodic checks of `config`: one for [schedule], one per [domains.<name>]
+        override. Every trigger is built before anything changes: one that cannot be is a
+        ConfigError and the jobs stay as they were (and a reload is refused whole)."""
         overrides = set(config.domains)
         groups: list[tuple[str, ScheduleConfig, set[str] | None, set[str]]] = [
             ("periodic:*", config.schedule, None, overrides)
@@ -156,7 +157,6 @@ class Schedule:
                     f" {s.interval_minutes!r} cannot be scheduled ({exc})"
                 ) from exc
             jobs.append((job_id, trigger, ["schedule", only, skip]))
-        self.config = config
         for job in self.scheduler.get_jobs():
             if job.id.startswith("periodic:"):
                 job.remove()
@@ -169,7 +169,7 @@ class Schedule:
     def training_failed(self, domain: str, error: Exception, force: bool = False) -> float | None:
         """Retry: the delay before the retry, or None when retries are used up (then the
         domain waits for new data or a manual `train`)."""
-        schedule = self.config.schedule_for(domain)
+        schedule = self.config.get().schedule_for(domain)
         n = self.failures[domain] = self.failures.get(domain, 0) + 1
         if n > schedule.max_retries:
             log.error(
@@ -204,7 +204,7 @@ class Schedule:
         """Retry an ingest that raised (a full disk, a locked store: causes that pass):
         `ingest(domain, path)` after a pause growing 4x each time, up to an hour."""
         n = self._ingest_failures[path] = self._ingest_failures.get(path, 0) + 1
-        delay = min(self.config.watch.retry_seconds * 4 ** min(n - 1, 16), RETRY_MAX_S)
+        delay = min(self.config.get().watch.retry_seconds * 4 ** min(n - 1, 16), RETRY_MAX_S)
         log.exception(
             "ingesting %s failed (%d time(s)); it stays in the inbox, retried in %.0f s",
             path,

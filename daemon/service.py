@@ -29,9 +29,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from evertune.daemon import config as config_mod
 from evertune.daemon.children import training_lock
-from evertune.daemon.config import Config
+from evertune.daemon.config import Config, ConfigSource
 from evertune.daemon.control import ControlServer
 from evertune.daemon.cycle import close_interrupted
 from evertune.daemon.errors import ConfigError, UsageError
@@ -80,7 +79,8 @@ def _warn_of_done_without_store(layout: HomeLayout) -> None:
 
 class Service:
     def __init__(self, config: Config):
-        self.config = config
+        # every part reads the running config from this one source (config.ConfigSource)
+        self.source = ConfigSource(config)
         self.layout = HomeLayout(config.home)
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
@@ -90,13 +90,13 @@ class Service:
         self._db = None  # this class's connection: queued run rows, the scheduler's counts
         self._db_lock = threading.Lock()
         self.schedule = Schedule(
-            config,
+            self.source,
             request=lambda domain, trigger, force=False: self.runs.request(domain, trigger, force),
             count_fresh=lambda domain: self._on_db(lambda db: examples.fresh_count(db, domain)),
             domains=lambda: self._on_db(examples.domains),
         )
         self.writer = StoreWriter(self.layout.db_path)
-        self.ingestion = Ingestion(lambda: self.config, self.writer, self.schedule, self.metrics)
+        self.ingestion = Ingestion(self.source, self.writer, self.schedule, self.metrics)
         self.watcher = InboxWatcher(
             self.layout.inbox,
             self.ingestion.submit,
@@ -104,13 +104,13 @@ class Service:
             unclosed_timeout_seconds=config.watch.unclosed_timeout_seconds,
         )
         self.serving = ServingRunner(
-            config, self.schedule, self.metrics, self.stop_event, self.notify_status
+            self.source, self.schedule, self.metrics, self.stop_event, self.notify_status
         )
         self.runs = RunQueue(
             self.layout.db_path,
             queue_run=lambda d, trigger: self._on_db(lambda db: runs.queue(db, d, trigger)),
             work=TrainingWork(
-                lambda: self.config,
+                self.source,
                 self.schedule,
                 self.metrics,
                 serving=lambda: self.serving.serving,
@@ -121,7 +121,7 @@ class Service:
             on_idle=self.notify_status,
             blocked=self.writer.store_problem,  # a store deleted under it: no run, no version
         )
-        self.ops = Local(config, lambda: self.serving.serving)  # rollback and pin
+        self.ops = Local(self.source, lambda: self.serving.serving)  # rollback and pin
         self.control = ControlServer(
             self,
             config.control.host,
@@ -132,6 +132,10 @@ class Service:
         self._started = False
         self._watchdog: threading.Thread | None = None
         self._state = "starting"
+
+    @property
+    def config(self) -> Config:
+        return self.source.get()
 
     def _on_db(self, job: Callable[[Any], Any]) -> Any:
         """`job(db)` on this class's connection (short statements only: no HTTP, no waits)."""
@@ -340,18 +344,16 @@ class Service:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file. A file that does not load, or whose schedule cannot be
         planned, is refused whole (ConfigError: the control API answers 409 with the reason)
-        and the running config kept; sections naming running processes and sockets need a
-        restart."""
+        and the running config kept; the sections naming running processes and sockets
+        (config.RESTART_SECTIONS) need a restart, the others apply at their next use."""
         self.notifier.reloading()
         try:
             try:
-                config, applied, restart = config_mod.reload(self.config)
-                self.schedule.set_config(config)  # plans every trigger before it changes any
+                applied, restart = self.source.reload()  # the scheduler plans or refuses
             except ConfigError as exc:
                 log.error("config not reloaded, keeping the running one: %s", exc)
                 raise
-            self.config = config
-            logging.getLogger().setLevel(config.log.level.upper())
+            logging.getLogger().setLevel(self.config.log.level.upper())
             return {"reloaded": True, "applied": applied, "needs_restart": restart}
         finally:
             self.notifier.ready(self._status_line())

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from evertune.adapters.errors import Cancelled, TrainingError
 from evertune.daemon import canary, pausing
 from evertune.daemon.children import prepare_base, warm_gate
-from evertune.daemon.config import Config
+from evertune.daemon.config import ConfigSource
 from evertune.daemon.errors import EvertuneError
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.schedule import Schedule
@@ -32,14 +32,14 @@ log = logging.getLogger(__name__)
 class ServingRunner:
     def __init__(
         self,
-        config: Config,
+        config: ConfigSource,
         schedule: Schedule,
         metrics: Metrics,
         stop: threading.Event,
         notify: Callable[[str | None], None],
     ):
         self.config = config
-        self.layout = HomeLayout(config.home)
+        self.layout = HomeLayout(config.get().home)
         self.schedule = schedule
         self.metrics = metrics
         self.stop_event = stop
@@ -52,7 +52,7 @@ class ServingRunner:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self.config.serve.mode != "none":
+        if self.config.get().serve.mode != "none":
             self._thread = threading.Thread(target=self._start, name="serving")
             self._thread.start()
 
@@ -93,13 +93,15 @@ class ServingRunner:
     def _start(self) -> None:
         """The first start prepares the base model (minutes) before vLLM can start; files
         are accepted meanwhile."""
-        cfg = self.config.serve
+        cfg = self.config.get().serve
         try:
             embedded_url = None
             if cfg.mode == "embedded":
                 pausing.clear(self.layout.pausable)  # a killed daemon's registrations
                 self.notify("preparing the base model")
-                base, _ = prepare_base(self.config, self.layout, self.stop_event, references=False)
+                base, _ = prepare_base(
+                    self.config.get(), self.layout, self.stop_event, references=False
+                )
                 if self.stop_event.is_set():
                     return
                 self.vllm = EmbeddedVLLM(
@@ -144,14 +146,14 @@ class ServingRunner:
         self.notify("answering the general reference prompts with the base model")
         try:
             base, refs = prepare_base(
-                self.config, self.layout, self.stop_event, vllm_url=self.vllm.url
+                self.config.get(), self.layout, self.stop_event, vllm_url=self.vllm.url
             )
         except TrainingError as exc:  # the first training run builds them instead
             log.warning("reference answers through vLLM failed: %s", exc)
         else:
             log.info("ready to learn: base model and reference answers prepared")
             self.notify("measuring the base model for the gate")
-            warm_gate(self.config, self.layout, base, refs, self.vllm.url, self.stop_event)
+            warm_gate(self.config.get(), self.layout, base, refs, self.vllm.url, self.stop_event)
         self.notify(None)
 
     def _vllm_ready(self) -> None:

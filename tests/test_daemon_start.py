@@ -5,6 +5,8 @@ automatic training off, a restart trains nothing and `evertune train` still does
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
@@ -273,3 +275,71 @@ def test_a_run_that_fails_in_the_parent_leaves_no_training_child_behind(tmp_path
             holder.rollback()
             holder.close()
         db.close()
+
+
+# One key of each section, changed by a reload; the section's parts see it at their next use,
+# or (config.RESTART_SECTIONS) it stays as the daemon started and is reported.
+CHANGES = {
+    "ingest": ("max_errors_kept", 7),
+    "watch": ("retry_seconds", 9.0),
+    "model": ("reference_limit", 11),
+    "train": ("lr", 0.0005),
+    "gate": ("max_bleed", 2),
+    "registry": ("keep_last", 3),
+    "schedule": ("interval_minutes", 7.0),
+    "serve": ("reconcile_seconds", 13.0),
+    "control": ("port", 8499),
+    "log": ("level", "DEBUG"),
+}
+
+
+def toml(sections: dict[str, dict]) -> str:
+    return "".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+        for name, keys in sections.items()
+    )
+
+
+def test_a_reload_reaches_every_part_or_says_it_needs_a_restart(tmp_path, monkeypatch):
+    """Every part reads the running config from one source (config.ConfigSource), so a
+    reload reaches the training runs, the ingestion, the serving runner (its gate warm-up),
+    rollback and pin, and the scheduler (its triggers planned again) alike; the sections
+    naming running processes and sockets stay as the daemon started, and the reload says
+    so, key by key."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    home = tmp_path / "home"
+    first = {  # CONFIG's settings
+        "watch": {"settle_seconds": 0.2},
+        "serve": {"mode": "none"},
+        "schedule": {"on_drop": False, "interval_minutes": 5},
+        "control": {"port": 0},
+    }
+    svc = Service(load(home, toml(first)))  # built as `evertune run` builds it, not started
+    parts = [svc.schedule, svc.ingestion, svc.runs.work, svc.serving, svc.ops]
+    assert all(p.config is svc.source for p in parts)
+    assert set(config_mod.LIVE_SECTIONS) | set(config_mod.RESTART_SECTIONS) == set(
+        config_mod.SECTIONS
+    )
+    second = {name: dict(first.get(name, {})) for name in CHANGES}
+    for name, (key, value) in CHANGES.items():
+        second[name][key] = value
+    (home / "evertune.toml").write_text(toml(second))
+    started, level = svc.config, logging.getLogger().level
+    try:
+        said = svc.reload()
+        for name, (key, value) in CHANGES.items():
+            [line] = [
+                c for c in said["applied"] + said["needs_restart"] if c.startswith(f"{name}.{key}:")
+            ]
+            now = getattr(getattr(svc.config, name), key)
+            if name in config_mod.RESTART_SECTIONS:
+                assert line in said["needs_restart"]
+                assert now == getattr(getattr(started, name), key) != value
+            else:
+                assert line in said["applied"] and now == value
+        for p in parts:
+            assert p.config.get().train.lr == 0.0005 and p.config.get().gate.max_bleed == 2
+        [job] = [j for j in svc.schedule.scheduler.get_jobs() if j.id.startswith("periodic:")]
+        assert job.trigger.interval.total_seconds() == 7 * 60
+    finally:
+        logging.getLogger().setLevel(level)

@@ -12,7 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from evertune.daemon.config import Config
+from evertune.daemon.config import Config, ConfigSource
 from evertune.daemon.config_sections import ScheduleConfig, WatchConfig
 from evertune.daemon.schedule import RETRY_MAX_S, Schedule
 
@@ -33,7 +33,7 @@ def make(
     rec = Recorder(fresh if fresh is not None else {"legal": 3, "faq": 1})
     cfg = Config(home=tmp_path, path=None, **config)
     sched = Schedule(
-        cfg,
+        ConfigSource(cfg),
         request=rec.request,
         count_fresh=lambda d: rec.fresh.get(d, 0),
         domains=lambda: sorted(rec.fresh),
@@ -100,7 +100,7 @@ def test_periodic_groups_one_per_override_and_the_rest(tmp_path, cleanup):
         },
     )
     cleanup.append(sched)
-    sched.set_config(sched.config)
+    sched.plan(sched.config.get())
     jobs = {j.id: j for j in sched.scheduler.get_jobs()}
     assert set(jobs) == {"periodic:*", "periodic:legal"}  # hr: no periodic check at all
     assert isinstance(jobs["periodic:*"].trigger, IntervalTrigger)
@@ -117,8 +117,10 @@ def test_periodic_groups_one_per_override_and_the_rest(tmp_path, cleanup):
 def test_reload_replaces_the_periodic_jobs(tmp_path, cleanup):
     sched, _ = make(tmp_path, schedule=ScheduleConfig(interval_minutes=15))
     cleanup.append(sched)
-    sched.set_config(sched.config)
-    sched.set_config(Config(home=tmp_path, path=None, schedule=ScheduleConfig(cron="*/5 * * * *")))
+    sched.plan(sched.config.get())
+    sched.config.replace(
+        Config(home=tmp_path, path=None, schedule=ScheduleConfig(cron="*/5 * * * *"))
+    )
     [job] = [j for j in sched.scheduler.get_jobs() if j.id.startswith("periodic:")]
     assert isinstance(job.trigger, CronTrigger)
 
@@ -173,7 +175,7 @@ def test_failed_ingest_is_retried_4x_later_each_time(tmp_path, cleanup):
 def test_start_catches_up_on_every_domain(tmp_path):
     rec = Recorder({"legal": 5, "faq": 0})
     sched = Schedule(
-        Config(home=tmp_path, path=None),
+        ConfigSource(Config(home=tmp_path, path=None)),
         request=rec.request,
         count_fresh=lambda d: rec.fresh[d],
         domains=lambda: sorted(rec.fresh),
@@ -216,7 +218,7 @@ def started(tmp_path: Path, cfg: Config, fresh: dict[str, int]) -> tuple[Schedul
     """A Schedule started as the daemon starts it (paused), its start-up job run once."""
     rec = Recorder(fresh)
     sched = Schedule(
-        cfg,
+        ConfigSource(cfg),
         request=rec.request,
         count_fresh=lambda d: rec.fresh[d],
         domains=lambda: sorted(rec.fresh),
@@ -258,7 +260,7 @@ def test_start_trains_only_domains_that_train_by_themselves(tmp_path, cleanup, t
 
 
 def test_a_schedule_that_cannot_be_planned_changes_nothing(tmp_path, cleanup):
-    """Set_config builds every trigger first: a bad one (NaN minutes, a bad crontab) leaves
+    """A reload's new config is planned whole first: a bad one (NaN minutes, a bad crontab) leaves
     the running config and periodic jobs as they were (before: the jobs were removed first,
     then it raised, and periodic training was silently off)."""
     from evertune.daemon.errors import ConfigError
@@ -266,7 +268,7 @@ def test_a_schedule_that_cannot_be_planned_changes_nothing(tmp_path, cleanup):
     good = Config(home=tmp_path, path=None, schedule=ScheduleConfig(interval_minutes=5))
     sched, _ = make(tmp_path, schedule=good.schedule)
     cleanup.append(sched)
-    sched.set_config(good)
+    sched.config.replace(good)
     for bad in (
         ScheduleConfig(interval_minutes=float("nan")),
         ScheduleConfig(interval_minutes=float("inf")),
@@ -274,7 +276,7 @@ def test_a_schedule_that_cannot_be_planned_changes_nothing(tmp_path, cleanup):
     ):
         cfg = Config(home=tmp_path, path=tmp_path / "evertune.toml", schedule=bad)
         with pytest.raises(ConfigError, match=r"evertune\.toml: schedule\.cron = .* cannot be"):
-            sched.set_config(cfg)
-        assert sched.config is good
+            sched.config.replace(cfg)
+        assert sched.config.get() is good
         [job] = [j for j in sched.scheduler.get_jobs() if j.id.startswith("periodic:")]
         assert job.trigger.interval.total_seconds() == 300

@@ -17,7 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from helpers import wait_for
 
 from evertune.daemon import training
-from evertune.daemon.config import Config
+from evertune.daemon.config import Config, ConfigSource
 from evertune.daemon.config_sections import ScheduleConfig
 from evertune.daemon.metrics import Metrics
 from evertune.daemon.runqueue import RunQueue
@@ -32,7 +32,7 @@ def test_a_run_failure_the_full_store_cannot_record_leaves_the_trainer_running(
     db_path = tmp_path / "evertune.db"
     config = Config(home=tmp_path, path=None, schedule=ScheduleConfig(retry_seconds=60))
     sched = Schedule(
-        config,
+        ConfigSource(config),
         request=lambda domain, trigger, force=False: 0,
         count_fresh=lambda d: 1,
         domains=lambda: ["legal"],
@@ -52,7 +52,7 @@ def test_a_run_failure_the_full_store_cannot_record_leaves_the_trainer_running(
     monkeypatch.setattr(training, "run_cycle", cycle)
     monkeypatch.setattr(runs, "close_if_open", close)
     work = training.TrainingWork(
-        lambda: config,
+        ConfigSource(config),
         sched,
         Metrics(),
         lambda: None,
@@ -96,7 +96,7 @@ def test_a_retry_that_cannot_be_queued_is_planned_again(tmp_path):
 
     config = Config(home=tmp_path, path=None, schedule=ScheduleConfig(retry_seconds=60))
     sched = Schedule(
-        config,
+        ConfigSource(config),
         request=request,
         count_fresh=lambda d: 1,
         domains=lambda: ["legal"],
