@@ -33,7 +33,7 @@ class NothingToTrain(AdapterError):
 
 class VllmError(TrainingError):
     """A vLLM server failed a request (adapters/remote.py): in the training child it fails
-    the run; the daemon's endpoint client (daemon/endpoint.py) reports it as its own."""
+    the run; the daemon's endpoint client (daemon/serving/vllm_api.py) reports it as its own."""
 
 
 class VllmDown(VllmError):

@@ -1,7 +1,7 @@
 """The one client of a vLLM server's HTTP API (the daemon's embedded server or an external
 one): greedy completions for the gate and the reference set, and the runtime LoRA admin
 calls (load, switch in place, unload) that the gate and the daemon's serving
-(daemon/endpoint.py) both make.
+(daemon/serving/vllm_api.py) both make.
 
 Why vLLM for answers: transformers `generate` on 2 CPU cores spends most of its time per
 decoding step, not per token, and the gate and the reference set need a few hundred short
@@ -30,7 +30,7 @@ from evertune.adapters.errors import VllmDown, VllmRefused
 from evertune.adapters.progress import bar
 
 # The daemon's embedded server keeps its admin routes (adapter loads and unloads, ...) for
-# the holder of this key (evertune.daemon.vllm_entry.AdminGuard); the daemon generates it
+# the holder of this key (evertune.daemon.serving.vllm_entry.AdminGuard); the daemon generates it
 # and passes it through the environment to vLLM and to the training children.
 ADMIN_KEY_ENV = "EVERTUNE_VLLM_ADMIN_KEY"
 ADMIN_HEADER = "X-Evertune-Admin"

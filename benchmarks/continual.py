@@ -76,7 +76,7 @@ ASK = {"max_tokens": MAX_TOKENS, "timeout": 120, "or_none": True}
 
 def replay_defaults() -> dict[str, Any]:
     """The service's replay sampling defaults (--set train.replay_* applies to both sides)."""
-    from evertune.daemon.config_sections import GateConfig, TrainConfig
+    from evertune.daemon.config_learning import GateConfig, TrainConfig
 
     t, g = TrainConfig(), GateConfig()
     return {
@@ -711,8 +711,8 @@ def one_cycle(
 def sample_replay(
     old: list[dict], n_new: int, seed: int, replay: dict[str, Any]
 ) -> tuple[list[dict], list[dict]]:
-    """(replay, held-out) as the service samples them (daemon/selection.py)."""
-    from evertune.daemon.selection import sample_old
+    """(replay, held-out) as the service samples them (daemon/training/selection.py)."""
+    from evertune.daemon.training.selection import sample_old
 
     pairs = list(enumerate(old))
     picked, held = sample_old(
@@ -760,7 +760,7 @@ def run_naive(
     for k in range(1, len(files) + 1):
         new = chat_examples(files[k - 1])
         old = [e for fs in files[: k - 1] for e in chat_examples(fs)]
-        # the service's run number k-1 of the domain moves the seed on (daemon/cycle.py)
+        # the service's run number k-1 of the domain moves the seed on (daemon/training/cycle.py)
         replay, held_old = sample_replay(old, len(new), seed + k - 1, replay_cfg)
         out_dir = workdir / f"naive-s{seed}-v{k:04d}"
         spec = TrainSpec(

@@ -35,8 +35,8 @@ from evertune.adapters.contract import TrainSpec
 from evertune.adapters.gate import bleeding, easy_change, short_qa, states_fact
 from evertune.adapters.reference import is_right
 from evertune.adapters.train import train
-from evertune.daemon.config_sections import GateConfig, TrainConfig
-from evertune.daemon.selection import sample_old
+from evertune.daemon.config_learning import GateConfig, TrainConfig
+from evertune.daemon.training.selection import sample_old
 
 STYLES = ("terse", "sentence", "friendly")  # answers(fact)[0..2]
 

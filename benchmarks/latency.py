@@ -22,7 +22,7 @@ import httpx
 
 from evertune.adapters.base_model import cpu_has_native_bf16
 from evertune.daemon.config_sections import ServeConfig
-from evertune.daemon.vllm_process import EmbeddedVLLM
+from evertune.daemon.serving.vllm_process import EmbeddedVLLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import BASE_DIR, CLIENT_QUESTIONS, CLIENT_TOKENS

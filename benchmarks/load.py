@@ -76,7 +76,7 @@ def main() -> int:
 
     from evertune.adapters.base_model import cpu_has_native_bf16
     from evertune.daemon import config as config_mod
-    from evertune.daemon.control_client import ControlClient
+    from evertune.daemon.control.client import ControlClient
     from evertune.daemon.lock import daemon_state
     from evertune.daemon.status import status_report
     from evertune.store.db import open_db

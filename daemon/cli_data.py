@@ -167,7 +167,7 @@ def _short(path: Path, layout: HomeLayout) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from evertune.daemon import status_page
+    from evertune.daemon.control import status_page
     from evertune.daemon.status import status_report
     from evertune.store.files import write_atomic
 

@@ -58,7 +58,7 @@ def _print_trained(r: TrainResult) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from evertune.daemon.forget import prompts_of_file, prompts_of_questions
+    from evertune.daemon.training.forget import prompts_of_file, prompts_of_questions
     from evertune.store import examples
     from evertune.store.db import open_db
     from evertune.store.layout import HomeLayout

@@ -26,19 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evertune.daemon.config_learning import GateConfig, TrainConfig
 from evertune.daemon.config_sections import (
     ControlConfig,
-    GateConfig,
     IngestConfig,
     LogConfig,
     ModelConfig,
     RegistryConfig,
     ScheduleConfig,
     ServeConfig,
-    TrainConfig,
     WatchConfig,
 )
-from evertune.daemon.control import is_loopback
+from evertune.daemon.control.server import is_loopback
 from evertune.daemon.errors import ConfigError
 
 log = logging.getLogger(__name__)

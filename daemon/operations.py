@@ -74,7 +74,7 @@ def for_home(config: Config) -> Operations:
     running, pid = daemon_state(layout.lock_path)
     if not running:
         return Local(ConfigSource(config))
-    from evertune.daemon.control_client import ControlClient
+    from evertune.daemon.control.client import ControlClient
     from evertune.daemon.status import control_url
 
     url = control_url(layout)
@@ -167,7 +167,7 @@ class Local:
         return self._cycle(domain, force, from_base, progress, "manual")
 
     def forget(self, domain: str, hashes: list[bytes], progress: Progress) -> ForgetResult:
-        from evertune.daemon.forget import forget_then_rebuild
+        from evertune.daemon.training.forget import forget_then_rebuild
 
         db = open_db(self.layout.db_path)
         try:
@@ -186,19 +186,19 @@ class Local:
         return ForgetResult(gone.to_json(), rebuilt)
 
     def rollback(self, domain: str, to: str | None) -> str:
-        from evertune.daemon.serving import rollback
+        from evertune.daemon.serving.endpoints import rollback
 
         return self._on_store(lambda db: rollback(db, domain, to, self.serving())).name
 
     def pin(self, domain: str, version: str, pinned: bool) -> None:
-        from evertune.daemon.serving import set_pinned
+        from evertune.daemon.serving.endpoints import set_pinned
 
         self._on_store(lambda db: set_pinned(db, domain, version, pinned, self.serving()))
 
     def canary(
         self, domain: str, version: str | None, percent: float | None, minutes: float | None
     ) -> dict[str, Any]:
-        from evertune.daemon import canary
+        from evertune.daemon.serving import canary
 
         def job(db) -> dict[str, Any]:
             if version is not None:
@@ -226,7 +226,7 @@ class Local:
         self, domain: str, force: bool, from_base: bool, progress: Progress, trigger: str
     ) -> TrainResult:
         from evertune.adapters.errors import NothingToTrain
-        from evertune.daemon.cycle import run_cycle
+        from evertune.daemon.training.cycle import run_cycle
 
         db = open_db(self.layout.db_path)
         try:

@@ -18,7 +18,7 @@ def die_with_parent() -> None:
 
 def pausable_child() -> None:
     """For `preexec_fn` of a background child the embedded server may pause while clients'
-    requests are in flight (evertune.daemon.pausing): `die_with_parent`, and a process group
+    requests are in flight (evertune.daemon.serving.pausing): `die_with_parent`, and a process group
     of its own, so it is paused with every process it starts (torchrun's workers) and
     nothing else."""
     die_with_parent()

@@ -1,13 +1,17 @@
 """`evertune run`: the daemon, as the composition root: one process owning the lock and
 these parts, built and wired here, started in this order and stopped in reverse.
 
-    StoreWriter (writer.py)        the thread that ingests files, one at a time
-    Ingestion (ingestion.py)       a settled file -> an ingest job; retries
-    InboxWatcher (watcher.py)      inbox/<domain>/ events and scans -> Ingestion
-    Schedule (schedule.py)         debounce, threshold, periodic, retry, catch-up
-    RunQueue (runqueue.py)         one training run at a time; TrainingWork (training.py) runs it
-    ServingRunner (serving_runner.py)  base model, embedded vLLM, reconcile
-    ControlServer (control.py)     the control API, answered by this class
+    StoreWriter (inbox/writer.py)        the thread that ingests files, one at a time
+    Ingestion (inbox/ingestion.py)       a settled file -> an ingest job; retries
+    InboxWatcher (inbox/watcher.py)      inbox/<domain>/ events and scans -> Ingestion
+    Schedule (training/schedule.py)      debounce, threshold, periodic, retry, catch-up
+    RunQueue (training/runqueue.py)      one training run at a time; TrainingWork
+                                         (training/work.py) runs it
+    ServingRunner (serving/runner.py)    base model, embedded vLLM, reconcile
+    ControlServer (control/server.py)    the control API, answered by this class
+
+Every part reads the configuration from one `ConfigSource` (config.py), so `reload` reaches
+each at its next use.
 
 Connections that write (all in BEGIN IMMEDIATE transactions, `store.db.write_transaction`,
 queued by SQLite's busy timeout; none open across an HTTP call or a training step): the
@@ -29,23 +33,23 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from evertune.daemon.children import training_lock
 from evertune.daemon.config import Config, ConfigSource
-from evertune.daemon.control import ControlServer
-from evertune.daemon.cycle import close_interrupted
+from evertune.daemon.control.metrics import Metrics
+from evertune.daemon.control.server import ControlServer
 from evertune.daemon.errors import ConfigError, UsageError
-from evertune.daemon.ingestion import Ingestion
+from evertune.daemon.inbox.ingestion import Ingestion
+from evertune.daemon.inbox.watcher import InboxWatcher, tidy
+from evertune.daemon.inbox.writer import StoreWriter
 from evertune.daemon.lock import DaemonLock
-from evertune.daemon.metrics import Metrics
 from evertune.daemon.notify import Notifier
 from evertune.daemon.operations import Local
-from evertune.daemon.runqueue import RunQueue
-from evertune.daemon.schedule import Schedule
-from evertune.daemon.serving_runner import ServingRunner
+from evertune.daemon.serving.runner import ServingRunner
 from evertune.daemon.status import note_health, publish_control_url, status_report
-from evertune.daemon.training import TrainingWork
-from evertune.daemon.watcher import InboxWatcher, tidy
-from evertune.daemon.writer import StoreWriter
+from evertune.daemon.training.children import training_lock
+from evertune.daemon.training.cycle import close_interrupted
+from evertune.daemon.training.runqueue import RunQueue
+from evertune.daemon.training.schedule import Schedule
+from evertune.daemon.training.work import TrainingWork
 from evertune.store import examples, runs, versions
 from evertune.store.db import open_db
 from evertune.store.domains import check_domain
@@ -272,7 +276,7 @@ class Service:
     def notify_status(self, text: str | None = None) -> None:
         self.notifier.status(text or self._status_line())
 
-    # ---- the control API (daemon/control.py's ControlHandler) --------------------------------
+    # ---- the control API (daemon/control/server.py's ControlHandler) -----------------------------
 
     def status(self) -> dict[str, Any]:
         report = status_report(self.config, waiting=self.waiting())
@@ -285,7 +289,7 @@ class Service:
         return report
 
     def page_data(self) -> dict[str, Any]:
-        from evertune.daemon.status_page import page_data_of
+        from evertune.daemon.control.status_page import page_data_of
 
         return page_data_of(self.layout, self.status())
 

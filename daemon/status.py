@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from evertune.daemon.config import Config
+from evertune.daemon.inbox.watcher import misplaced
 from evertune.daemon.lock import daemon_state
-from evertune.daemon.watcher import misplaced
 from evertune.store import canaries
 from evertune.store.db import is_initialised, open_db
 from evertune.store.domains import domain_problem
@@ -44,7 +44,7 @@ def endpoint_urls(config: Config, daemon_running: bool) -> list[str]:
 
 
 def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]:
-    from evertune.daemon.endpoint import Endpoint
+    from evertune.daemon.serving.vllm_api import Endpoint
 
     out = []
     for url in endpoint_urls(config, daemon_running):
@@ -63,8 +63,8 @@ def serving_report(config: Config, daemon_running: bool) -> list[dict[str, Any]]
 def _api_key(config: Config) -> str | None:
     """The key for read-only queries: an unreadable key file reads as none (status still
     reports; the endpoint then says it refuses)."""
-    from evertune.daemon.endpoint import read_api_key
     from evertune.daemon.errors import ServingError
+    from evertune.daemon.serving.vllm_api import read_api_key
 
     try:
         return read_api_key(config.serve)

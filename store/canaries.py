@@ -1,5 +1,5 @@
 """Canaries in the database: a share of a domain's stable-name requests sent to a version
-that is not live, until it is promoted or rolled back (evertune.daemon.canary)."""
+that is not live, until it is promoted or rolled back (evertune.daemon.serving.canary)."""
 
 from __future__ import annotations
 

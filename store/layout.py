@@ -50,7 +50,7 @@ class HomeLayout:
     @property
     def pausable(self) -> Path:
         """One file per running background child the embedded server may pause while a
-        client's request is in flight (evertune.daemon.pausing)."""
+        client's request is in flight (evertune.daemon.serving.pausing)."""
         return self.home / "pausable"
 
     @property
@@ -74,7 +74,7 @@ class HomeLayout:
 
     @property
     def vllm_log_path(self) -> Path:
-        """The embedded vLLM server's own output, rotated (evertune.daemon.vllm_process);
+        """The embedded vLLM server's own output, rotated (evertune.daemon.serving.vllm_process);
         its errors are repeated in the daemon's log."""
         return self.home / "logs" / "vllm.log"
 

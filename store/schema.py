@@ -274,7 +274,7 @@ def m005_questions_normalised(db: Database) -> None:
 @migrations()
 def m006_canaries(db: Database) -> None:
     """A canary: a share of a domain's stable-name requests routed to a version that is not
-    live (evertune.daemon.routing), until it is promoted or rolled back, by command or when
+    live (evertune.daemon.serving.routing), until it is promoted or rolled back, by command or when
     `promote_at` passes (NULL: by command only). One per domain."""
     db.execute(
         """

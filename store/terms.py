@@ -1,5 +1,5 @@
 """What an answer states: its names and numbers, which make two phrasings one fact
-(daemon/selection.py `facts`), and the part of it that must be reproduced for the answer
+(daemon/training/selection.py `facts`), and the part of it that must be reproduced for the answer
 to count as learned (`fact_part`: adapters/train.py's early stop, adapters/gate.py)."""
 
 from __future__ import annotations

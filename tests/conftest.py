@@ -3,7 +3,6 @@ Helper functions (not fixtures) are in helpers.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import threading
 import time
@@ -92,7 +91,6 @@ def smollm2_models(tmp_path_factory) -> Path:
     installed wheel's GGUF, never downloaded) with a 48-prompt slice of the general reference
     set: tests link it in as `<home>/models` so each home skips the one-time preparation."""
     import subprocess
-    import sys
 
     models = tmp_path_factory.mktemp("smollm2") / "models"
     subprocess.run(
@@ -110,7 +108,7 @@ def vllm(tiny_base, tmp_path_factory):
     (re)start. It pauses the background children of the home `server.home` while clients'
     requests are in flight, as the daemon's server does for its home."""
     from evertune.daemon.config_sections import ServeConfig
-    from evertune.daemon.vllm_process import EmbeddedVLLM
+    from evertune.daemon.serving.vllm_process import EmbeddedVLLM
 
     cfg = ServeConfig(port=free_port(), start_timeout_seconds=600)
     hooks: list = []
@@ -135,15 +133,3 @@ def vllm(tiny_base, tmp_path_factory):
         yield server
     finally:
         server.stop()
-
-
-def benchmark_module(name: str):
-    """benchmarks/<name>.py as a module (the quick variant of a benchmark runs its code)."""
-    key = f"evertune_benchmark_{name}"
-    if key not in sys.modules:
-        path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # before running it: dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[key]

@@ -1,4 +1,4 @@
-"""AdminGuard (daemon/vllm_entry.py) as the ASGI middleware it is, in front of a stand-in
+"""AdminGuard (daemon/serving/vllm_entry.py) as the ASGI middleware it is, in front of a stand-in
 app that answers 200 to everything; through a real vLLM server in test_serving_e2e.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from evertune.adapters.remote import ADMIN_HEADER, ADMIN_KEY_ENV
-from evertune.daemon.vllm_entry import AdminGuard
+from evertune.daemon.serving.vllm_entry import AdminGuard
 
 
 async def _app(scope, receive, send):
@@ -68,7 +68,7 @@ def test_client_routes_stay_open(monkeypatch, method, path):
     assert status(AdminGuard(_app), method, path) == 200
 
 
-# ---- the route table (evertune.daemon.routing) ------------------------------------------------
+# ---- the route table (evertune.daemon.serving.routing) -------------------------------------------
 
 
 def _call(guard: AdminGuard, method: str, path: str, body: bytes = b"", admin: bool = True):
@@ -158,7 +158,7 @@ def test_a_bad_route_table_is_refused_whole_with_the_reason(monkeypatch):
 
 
 def test_a_canary_share_is_the_same_for_one_user_and_near_its_percent_overall():
-    from evertune.daemon.routing import Route
+    from evertune.daemon.serving.routing import Route
 
     route = Route("shop@v0001", "shop@v0002", 20.0)
     picks = [route.choose(f"user-{i}") for i in range(2000)]

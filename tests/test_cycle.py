@@ -219,8 +219,8 @@ def test_a_repair_replays_the_bleeding_questions_and_their_neighbours(home, tiny
     from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
     from evertune.adapters.gate import GateResult
     from evertune.daemon import config as cfg
-    from evertune.daemon.cycle import CycleContext, _repair_spec
-    from evertune.daemon.selection import Picked
+    from evertune.daemon.training.cycle import CycleContext, _repair_spec
+    from evertune.daemon.training.selection import Picked
     from evertune.store.layout import HomeLayout
 
     layout = HomeLayout(home)
@@ -260,7 +260,7 @@ def test_a_repair_replays_the_bleeding_questions_and_their_neighbours(home, tiny
 def test_a_cycle_trains_on_as_much_at_any_domain_size():
     """The examples a cycle trains and checks depend on the new data, not on how many older
     examples the domain holds (30 new against 300 or 30,000 older), the retry included."""
-    from evertune.daemon.selection import repair_sample, sample_old
+    from evertune.daemon.training.selection import repair_sample, sample_old
 
     new = 30
     sizes = {}

@@ -135,7 +135,7 @@ def test_sigint_stops_cleanly_too(daemon):
 
 
 def control(home: Path):
-    from evertune.daemon.control_client import ControlClient
+    from evertune.daemon.control.client import ControlClient
 
     url = wait_for(lambda: _read(home / "control.url"), what="the control API")
     return ControlClient.from_home(home, url.strip())
@@ -263,7 +263,7 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     import threading
     import time
 
-    from evertune.daemon.children import _forward_stop
+    from evertune.daemon.training.children import _forward_stop
 
     child = subprocess.Popen(
         [
@@ -316,8 +316,8 @@ def test_health_names_a_wedged_writer_and_a_stopped_watcher(tmp_path):
     ok while the writer was blocked for ever on a FIFO)."""
     import threading
 
-    from evertune.daemon.watcher import InboxWatcher
-    from evertune.daemon.writer import StoreWriter
+    from evertune.daemon.inbox.watcher import InboxWatcher
+    from evertune.daemon.inbox.writer import StoreWriter
 
     writer = StoreWriter(tmp_path / "evertune.db")
     writer.start()

@@ -22,7 +22,7 @@ import pytest
 from helpers import CHAT, Daemon, evertune, wait_for
 
 from evertune.daemon import config as config_mod
-from evertune.daemon.control_client import ControlClient, ControlError
+from evertune.daemon.control.client import ControlClient, ControlError
 from evertune.daemon.lock import daemon_state
 from evertune.daemon.service import Service
 from evertune.store.db import open_db
@@ -239,7 +239,7 @@ def test_a_run_that_fails_in_the_parent_leaves_no_training_child_behind(tmp_path
     records a step made the run fail, and its training child went on training on its own
     (a retry then started a second one)."""
     from evertune.adapters.contract import ChildSpec, EvalSpec, TrainSpec
-    from evertune.daemon.children import run_child
+    from evertune.daemon.training.children import run_child
     from evertune.store import db as db_mod
     from evertune.store import runs
 
@@ -289,7 +289,7 @@ CHANGES = {
     "schedule": ("interval_minutes", 7.0),
     "serve": ("reconcile_seconds", 13.0),
     "control": ("port", 8499),
-    "log": ("level", "DEBUG"),
+    "log": ("level", "debug"),
 }
 
 

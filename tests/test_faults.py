@@ -9,12 +9,10 @@ conditions, the full disk and the bad reload too, several times each."""
 
 from __future__ import annotations
 
+import fault_trials as faults
 import pytest
-from conftest import benchmark_module
 
 pytestmark = pytest.mark.e2e
-
-faults = benchmark_module("faults")
 
 
 def test_a_daemon_killed_in_every_phase_loses_and_duplicates_nothing(tmp_path, tiny_base, vllm):

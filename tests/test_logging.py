@@ -9,7 +9,7 @@ from helpers import free_port
 
 from evertune.daemon.cli import OneLineFormatter, setup_daemon_logging
 from evertune.daemon.config_sections import ServeConfig
-from evertune.daemon.vllm_process import EmbeddedVLLM, _own_polling
+from evertune.daemon.serving.vllm_process import EmbeddedVLLM, _own_polling
 
 
 def test_a_file_name_with_a_newline_cannot_forge_a_log_line():

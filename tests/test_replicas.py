@@ -11,13 +11,11 @@ import random
 import signal
 import time
 
+import fault_trials as faults
 import pytest
-from conftest import benchmark_module
 from helpers import Daemon, ask, free_port, served, wait_for
 
 pytestmark = pytest.mark.e2e
-
-faults = benchmark_module("faults")  # the harness: config_text, drop_file, queries
 
 
 def answer(url: str, model: str) -> str:
@@ -33,7 +31,7 @@ class Replica:
 
     def start(self):
         from evertune.daemon.config_sections import ServeConfig
-        from evertune.daemon.vllm_process import EmbeddedVLLM
+        from evertune.daemon.serving.vllm_process import EmbeddedVLLM
 
         cfg = ServeConfig(port=self.port, start_timeout_seconds=600)
         self.server = EmbeddedVLLM(self.model, cfg, name="replica-b")

@@ -14,7 +14,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from evertune.daemon.config import Config, ConfigSource
 from evertune.daemon.config_sections import ScheduleConfig, WatchConfig
-from evertune.daemon.schedule import RETRY_MAX_S, Schedule
+from evertune.daemon.training.schedule import RETRY_MAX_S, Schedule
 
 
 class Recorder:

@@ -1,13 +1,13 @@
 """What a training run replays and holds out of a domain's older examples: a file teaches a
 fact in several phrasings, with different answer styles, and the selection treats the
-phrasings of one fact together (daemon/selection.py); and what the repair of a refused
-increment leaves behind (daemon/cycle.py)."""
+phrasings of one fact together (daemon/training/selection.py); and what the repair of a refused
+increment leaves behind (daemon/training/cycle.py)."""
 
 from __future__ import annotations
 
 import random
 
-from evertune.daemon.selection import facts, hold_out, sample_old, spread
+from evertune.daemon.training.selection import facts, hold_out, sample_old, spread
 
 
 def chat(question: str, answer: str, system: str | None = None) -> dict:
@@ -89,7 +89,7 @@ def test_sample_old_holds_out_a_quarter_at_most_and_replays_the_rest_by_fact():
 def test_a_repair_cut_short_leaves_no_refused_adapter_behind(layout, db):
     """A refused increment waits in runs/NNNNNN/increment/ while it is repaired; a crash
     there leaves it, and the next cycle (under the training lock) removes it."""
-    from evertune.daemon.cycle import REPAIRED_FROM, close_interrupted
+    from evertune.daemon.training.cycle import REPAIRED_FROM, close_interrupted
 
     run = layout.run_dir(7)
     (run / REPAIRED_FROM).mkdir(parents=True)

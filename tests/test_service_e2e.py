@@ -195,7 +195,7 @@ def gated(home: Path, number: int) -> str | None:
 
 def _vllm_pid(home: Path) -> int:
     """From the daemon itself, through its control API."""
-    from evertune.daemon.control_client import ControlClient
+    from evertune.daemon.control.client import ControlClient
 
     url = (home / "control.url").read_text().strip()
     with ControlClient.from_home(home, url) as client:

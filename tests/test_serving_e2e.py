@@ -2,7 +2,7 @@
 and supervised by the daemon's own EmbeddedVLLM, serving the tiny test model.
 
 Versions are made through the real registry; their adapters are signatures
-(benchmarks/signatures.py, as in benchmarks/swap.py): version k answers its own marker word
+(tests/signatures.py, as in benchmarks/swap.py): version k answers its own marker word
 and nothing else, whatever it is asked, so every check of what is served names the version
 it got. These tests are about what is served, not about learning (tests/test_cycle.py and
 the slow test cover that).
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import benchmark_module
 from helpers import ask, served
+from signatures import SignatureMaker
 
 from evertune.adapters import registry
-from evertune.daemon import canary
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.errors import AdapterRefused
-from evertune.daemon.serving import Serving, make_live, rollback, set_pinned
+from evertune.daemon.serving import canary
+from evertune.daemon.serving.endpoints import Serving, make_live, rollback, set_pinned
 from evertune.store import canaries, versions
 from evertune.store.db import open_db
 from evertune.store.errors import RegistryError
@@ -33,9 +33,6 @@ from evertune.store.layout import HomeLayout
 pytestmark = pytest.mark.e2e
 
 QUESTION = [{"role": "user", "content": "Which version are you?"}]
-
-
-signatures_mod = benchmark_module("signatures")
 
 
 class Signatures:
@@ -47,7 +44,7 @@ class Signatures:
 
     def maker(self, rank: int):
         if rank not in self._makers:
-            self._makers[rank] = signatures_mod.SignatureMaker(self.base, rank=rank, count=10)
+            self._makers[rank] = SignatureMaker(self.base, rank=rank, count=10)
         return self._makers[rank]
 
 
@@ -74,14 +71,14 @@ def home(tmp_path, vllm):
 
 
 def _endpoint(vllm):
-    from evertune.daemon.endpoint import Endpoint
+    from evertune.daemon.serving.vllm_api import Endpoint
 
     return Endpoint(vllm.url, timeout=60)
 
 
 def new_version(layout, db, signatures, domain: str, k: int, rank: int = 16) -> versions.Version:
     """A candidate version through the real registry whose adapter is signature k
-    (benchmarks/signatures.py): asked anything, it answers `signatures.marker(k)` only."""
+    (tests/signatures.py): asked anything, it answers `signatures.marker(k)` only."""
     v = registry.begin(db, layout.adapters, domain, None, None)
     staging = registry.staging_dir(layout.adapters, domain, v.number)
     signatures.maker(rank).write(staging, k)
@@ -406,7 +403,7 @@ def test_a_domain_with_nothing_live_is_answered_by_the_base_model(home, vllm, si
     assert "wiki@v0001" not in serving.endpoints[0].served()
 
 
-# ---- canaries (evertune.daemon.canary) -------------------------------------------------------
+# ---- canaries (evertune.daemon.serving.canary) ---------------------------------------------------
 
 
 def _shop_answer(

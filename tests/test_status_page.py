@@ -14,7 +14,7 @@ from helpers import Daemon, chat_jsonl, wait_for
 from test_cycle import FACTS, LENIENT, write_config
 from test_daemon import INGEST_ONLY, _read, evertune
 
-from evertune.daemon.status_page import page_data
+from evertune.daemon.control.status_page import page_data
 from evertune.store.db import open_db
 
 

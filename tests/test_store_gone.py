@@ -95,8 +95,8 @@ def test_no_training_run_starts_on_a_store_that_is_gone(tmp_path, caplog):
     it would train, publish and record a version in a database nobody sees again."""
     import threading
 
-    from evertune.daemon.runqueue import RunQueue
-    from evertune.daemon.writer import StoreWriter
+    from evertune.daemon.inbox.writer import StoreWriter
+    from evertune.daemon.training.runqueue import RunQueue
 
     db_path = tmp_path / "evertune.db"
     writer = StoreWriter(db_path)

@@ -12,7 +12,7 @@ import orjson
 from helpers import jsonl, qa
 from sqlite_utils import Database
 
-from evertune.daemon.selection import select_examples
+from evertune.daemon.training.selection import select_examples
 from evertune.store import schema
 from evertune.store.formats import prompt_hash
 from evertune.store.ingest import ingest_file
@@ -221,7 +221,7 @@ def test_the_upgrade_resolves_answers_that_differed_only_in_system_prompt_or_spe
 
 
 def test_the_gate_is_given_the_old_answers_a_version_learned(db, layout, drop):
-    from evertune.daemon.selection import replaced_answers
+    from evertune.daemon.training.selection import replaced_answers
 
     ingest(db, layout, drop, "a.jsonl", qa("q1?", "A1."), qa("q2?", "A2."), qa("q3?", "A3."))
     db.execute("UPDATE examples SET first_version_id = 1")  # learned by a version 1

@@ -16,12 +16,12 @@ import threading
 from apscheduler.schedulers.background import BackgroundScheduler
 from helpers import wait_for
 
-from evertune.daemon import training
 from evertune.daemon.config import Config, ConfigSource
 from evertune.daemon.config_sections import ScheduleConfig
-from evertune.daemon.metrics import Metrics
-from evertune.daemon.runqueue import RunQueue
-from evertune.daemon.schedule import Schedule
+from evertune.daemon.control.metrics import Metrics
+from evertune.daemon.training import work as training
+from evertune.daemon.training.runqueue import RunQueue
+from evertune.daemon.training.schedule import Schedule
 from evertune.store import runs
 from evertune.store.db import open_db
 

@@ -86,7 +86,7 @@ def test_forget_reads_lineage_from_the_database_after_retention_deleted_the_fold
     the base, compared with v2) learned Y again; retention deleted v2's and v3's folders.
     Forgetting X retires v2 only: v3 never held v2's weights. Before, forget read lineage
     from meta.json and, with the folder gone, assumed v3 was an increment of v2."""
-    from evertune.daemon.forget import forget
+    from evertune.daemon.training.forget import forget
 
     stored_examples(db, {1: b"x", 2: b"y"})
     made, parent = [], None

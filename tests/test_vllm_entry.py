@@ -1,4 +1,4 @@
-"""The embedded server's CPU LoRA ops (daemon/vllm_entry.py) against vLLM's own.
+"""The embedded server's CPU LoRA ops (daemon/serving/vllm_entry.py) against vLLM's own.
 
 The replacements must give what vLLM's ops give, for every shape the CPU punica wrapper
 passes: one adapter for the whole batch, several adapters mixed, tokens with no adapter
@@ -19,7 +19,7 @@ lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 @pytest.fixture(scope="module")
 def ops():
     """(vLLM's original ops, the patched ones): the original module re-read from source."""
-    from evertune.daemon import vllm_entry
+    from evertune.daemon.serving import vllm_entry
 
     original = importlib.util.module_from_spec(lora_ops.__spec__)
     lora_ops.__spec__.loader.exec_module(original)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from evertune.daemon.watcher import InboxWatcher, classify, misplaced, tidy
+from evertune.daemon.inbox.watcher import InboxWatcher, classify, misplaced, tidy
 
 SETTLE = 0.2
 

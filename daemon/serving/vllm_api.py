@@ -15,7 +15,7 @@ from evertune.adapters.errors import VllmDown, VllmRefused
 from evertune.adapters.remote import ADMIN_KEY_ENV, Remote, error_message
 from evertune.daemon.config_sections import ServeConfig
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
-from evertune.daemon.routing import ROUTES_PATH
+from evertune.daemon.serving.routing import ROUTES_PATH
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Endpoint:
         return {k: v for k, v in self.listed.items() if k not in self.routed}
 
     def routes(self) -> dict | None:
-        """Its route table (evertune.daemon.routing) with the requests each target got, or
+        """Its route table (evertune.daemon.serving.routing) with the requests each target got, or
         None when the server has no evertune middleware (vLLM as shipped, or a key that
         does not open its admin routes): its stable names are then switched in place."""
         r = self._call("GET", ROUTES_PATH)

@@ -27,7 +27,7 @@ from typing import TypeVar
 import orjson
 from sqlite_utils import Database
 
-from evertune.daemon.serving import Serving, make_live
+from evertune.daemon.serving.endpoints import Serving, make_live
 from evertune.store import events, examples, knowledge, versions
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import RecordError
@@ -182,7 +182,7 @@ def forget_then_rebuild(
     model, `run_cycle(..., from_base=True)`) where a retired version leaves something to
     rebuild; None where not (`Forgotten.no_rebuild_reason` says why). The daemon's queue
     and the CLI without a daemon both come here."""
-    from evertune.daemon.children import training_lock
+    from evertune.daemon.training.children import training_lock
 
     with training_lock(layout.train_lock_path, None):
         gone = forget(db, domain, hashes, serving)

@@ -143,7 +143,7 @@ def plotly_js() -> bytes:
 
 
 def _template() -> str:
-    return (importlib.resources.files("evertune.daemon") / "status_page.html").read_text()
+    return (importlib.resources.files("evertune.daemon.control") / "status_page.html").read_text()
 
 
 def page(refresh_s: int = 5) -> bytes:

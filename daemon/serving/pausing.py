@@ -10,7 +10,7 @@ requests are in flight, and at most half of it.
 
 How: a background child leads a process group of its own and is registered as the file
 `<home>/pausable/<pgid>` holding its leader's start time (field 22 of /proc/<pid>/stat);
-the server's middleware (`evertune.daemon.vllm_entry.AdminGuard`) counts client generation
+the server's middleware (`evertune.daemon.serving.vllm_entry.AdminGuard`) counts client generation
 requests in flight and sends SIGSTOP to every registered group when the count leaves 0,
 SIGCONT when it is back at 0, within a budget (`Pauser`: paused at most half of the time,
 MAX_PAUSE_S at a time), so training always progresses. A group is

@@ -23,10 +23,10 @@ from pathlib import Path
 from evertune.adapters.base_model import cpu_has_native_bf16
 from evertune.adapters.remote import ADMIN_KEY_ENV
 from evertune.daemon.config_sections import ServeConfig
-from evertune.daemon.endpoint import Endpoint
 from evertune.daemon.errors import ServingError
-from evertune.daemon.pausing import PAUSE_DIR_ENV
 from evertune.daemon.procs import die_with_parent
+from evertune.daemon.serving.pausing import PAUSE_DIR_ENV
+from evertune.daemon.serving.vllm_api import Endpoint
 
 log = logging.getLogger(__name__)
 vllm_log = logging.getLogger("evertune.vllm")
@@ -46,7 +46,7 @@ def vllm_command(model_path: Path, cfg: ServeConfig, served_name: str) -> list[s
     return [
         sys.executable,
         "-m",
-        "evertune.daemon.vllm_entry",  # vLLM's api_server with the in-place fix applied
+        "evertune.daemon.serving.vllm_entry",  # vLLM's api_server with the in-place fix applied
         "--model",
         str(model_path),
         "--served-model-name",
@@ -60,7 +60,7 @@ def vllm_command(model_path: Path, cfg: ServeConfig, served_name: str) -> list[s
         str(cfg.max_loras),
         # the admin routes (adapter loads, sleep, ...) for the daemon only: see AdminGuard
         "--middleware",
-        "evertune.daemon.vllm_entry.AdminGuard",
+        "evertune.daemon.serving.vllm_entry.AdminGuard",
         "--host",
         cfg.host,
         "--port",
@@ -293,7 +293,7 @@ ENGINE_NICE = 10
 
 def _engine_yields(pid: int) -> None:
     """vLLM's engine processes (not its API server) at nice ENGINE_NICE, when background
-    children pause for clients' requests (evertune.daemon.pausing). Why: vLLM's model
+    children pause for clients' requests (evertune.daemon.serving.pausing). Why: vLLM's model
     worker busy-polls its queue for a second after every decoding step; between requests
     that spinning thread took a core's share from training (measured: with a request every
     2 s, a file trained 1.6x slower than without). While a request is in flight training is

@@ -1,4 +1,4 @@
-"""`python -m evertune.daemon.vllm_entry ARGS...`: the embedded vLLM server (the same as
+"""`python -m evertune.daemon.serving.vllm_entry ARGS...`: the embedded vLLM server (the same as
 `python -m vllm.entrypoints.openai.api_server ARGS...`) with two fixes, in-place loads
 (below) and LoRA on CPU (`patch_cpu_lora`), and `AdminGuard`, the middleware that keeps
 the admin routes for the daemon.
@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 
 from evertune.adapters.remote import ADMIN_HEADER, ADMIN_KEY_ENV
-from evertune.daemon.pausing import PAUSE_DIR_ENV, Pauser
-from evertune.daemon.routing import ROUTES_PATH, Router
+from evertune.daemon.serving.pausing import PAUSE_DIR_ENV, Pauser
+from evertune.daemon.serving.routing import ROUTES_PATH, Router
 
 # What clients need, open to anyone who can reach the server (loopback by default): the
 # OpenAI-compatible generation routes, the model list, health and metrics.
@@ -43,12 +43,12 @@ CLIENT_ROUTES = frozenset(
     }
 )
 # Client routes that generate: while one is in flight the daemon's children pause
-# (evertune.daemon.pausing); the daemon's own requests carry the admin key and do not count.
+# (evertune.daemon.serving.pausing); the daemon's own requests carry the admin key and do not count.
 GENERATION_ROUTES = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions")})
 
 
 class AdminGuard:
-    """ASGI middleware (`--middleware evertune.daemon.vllm_entry.AdminGuard`): every route
+    """ASGI middleware (`--middleware evertune.daemon.serving.vllm_entry.AdminGuard`): every route
     that is not a client route needs the `X-Evertune-Admin` header with the key the daemon
     generated for this server (`EVERTUNE_VLLM_ADMIN_KEY`, in its environment only).
 
@@ -59,7 +59,7 @@ class AdminGuard:
     every one of them, present and future. Without a key every admin route is refused.
 
     It also binds each generation request to one version when it is admitted (its route
-    table, `evertune.daemon.routing`, at the admin route /evertune/routes)."""
+    table, `evertune.daemon.serving.routing`, at the admin route /evertune/routes)."""
 
     def __init__(self, app):
         self.app = app

@@ -1,6 +1,6 @@
 """What one queued run does in the daemon: forget first when asked, then a training cycle;
 closing its run row when the cycle did not, metrics, the log line, and a retry when it
-failed. (The cycle itself, data to verdict, is daemon/cycle.py; `evertune train` with no
+failed. (The cycle itself, data to verdict, is daemon/training/cycle.py; `evertune train` with no
 daemon runs the same cycle from the CLI.)"""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from sqlite_utils import Database
 
 from evertune.adapters.errors import Cancelled, NothingToTrain
 from evertune.daemon.config import ConfigSource
-from evertune.daemon.cycle import Outcome, run_cycle
-from evertune.daemon.forget import forget_then_rebuild
-from evertune.daemon.metrics import Metrics
-from evertune.daemon.runqueue import Request
-from evertune.daemon.schedule import Schedule
-from evertune.daemon.serving import Serving
+from evertune.daemon.control.metrics import Metrics
+from evertune.daemon.serving.endpoints import Serving
+from evertune.daemon.training.cycle import Outcome, run_cycle
+from evertune.daemon.training.forget import forget_then_rebuild
+from evertune.daemon.training.runqueue import Request
+from evertune.daemon.training.schedule import Schedule
 from evertune.store import runs, versions
 from evertune.store.layout import HomeLayout
 

@@ -23,7 +23,7 @@ or wrong token, 409 for any other evertune error (the request was understood, th
 refuses it), 500 for a bug (generic message; the traceback goes to the daemon's log).
 
 The server is the standard library's ThreadingHTTPServer: a handful of requests a minute from
-one CLI do not justify a web framework. The CLI's side, on httpx: daemon/control_client.py.
+one CLI do not justify a web framework. The CLI's side, on httpx: daemon/control/client.py.
 """
 
 from __future__ import annotations
@@ -36,15 +36,16 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from evertune.adapters.errors import AdapterError
-from evertune.daemon.control_client import ControlError
-from evertune.daemon.control_token import ensure_token
+from evertune.daemon.control.client import ControlError
+from evertune.daemon.control.routes import PUBLIC, ROUTES, Answer, ControlHandler
+from evertune.daemon.control.token import ensure_token
 from evertune.daemon.errors import EvertuneError, UsageError
 from evertune.store.errors import InvalidDomainError, RegistryError, StoreError
 
@@ -55,52 +56,7 @@ _BAD_REQUEST = (UsageError, InvalidDomainError, RegistryError)
 _REFUSED = (EvertuneError, StoreError, AdapterError)
 
 
-class ControlHandler(Protocol):
-    """What the daemon offers the control API. Methods return JSON-serialisable dicts and
-    may raise evertune errors, which become 400/409 answers carrying the message."""
-
-    def status(self) -> dict[str, Any]: ...
-
-    def page_data(self) -> dict[str, Any]:
-        """What the status page draws (evertune.daemon.status_page.page_data)."""
-        ...
-
-    def health(self) -> str | None:
-        """None when the daemon is healthy, else why it is not (served as 503)."""
-        ...
-
-    def waiting(self) -> list[dict[str, Any]]:
-        """Why each file that could not be taken yet waits (in /healthz's answer)."""
-        ...
-
-    def train(self, domain: str, force: bool, from_base: bool) -> dict[str, Any]: ...
-
-    def forget(self, domain: str, prompt_hashes: list) -> dict[str, Any]: ...
-
-    def rollback(self, domain: str, to: str | None) -> dict[str, Any]: ...
-
-    def pin(self, domain: str, version: str) -> dict[str, Any]: ...
-
-    def unpin(self, domain: str, version: str) -> dict[str, Any]: ...
-
-    def canary(
-        self, domain: str, version: str | None, percent: float | None, minutes: float | None
-    ) -> dict[str, Any]: ...
-
-    def reload(self) -> dict[str, Any]: ...
-
-    def reconcile(self) -> dict[str, Any]: ...
-
-
 # ---- the server --------------------------------------------------------------------------
-
-
-class _Answer(Exception):
-    """A request answered with a 4xx status before the handler sees it."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def is_loopback(host: str) -> bool:
@@ -203,76 +159,6 @@ class ControlServer:
         self.stop()
 
 
-_REQUIRED = object()
-_NUMBER = float  # a field that takes an int or a float (never a bool, NaN or infinity)
-
-
-def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
-    if name not in body:
-        if default is _REQUIRED:
-            raise _Answer(400, f"missing field {name!r}")
-        return default
-    value = body[name]
-    if value is None and default is None:  # an optional field may be null
-        return None
-    if kind is _NUMBER:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            raise _Answer(400, f"field {name!r} must be a number, not {value!r}")
-        if abs(value) == float("inf"):
-            raise _Answer(400, f"field {name!r} must be a finite number, not {value!r}")
-    elif not isinstance(value, kind):
-        raise _Answer(400, f"field {name!r} must be a {kind.__name__}, not {value!r}")
-    return value
-
-
-def _call(method: str, *fields: tuple[str, type, Any]):
-    """A route calling handler.<method>(*fields), each field checked: (name, type, default)."""
-    names = [name for name, _, _ in fields]
-
-    def route(handler: ControlHandler, body: dict[str, Any]) -> Any:
-        unknown = sorted(set(body) - set(names))
-        if unknown:
-            raise _Answer(400, f"unknown field {unknown[0]!r}; expected {names}")
-        return getattr(handler, method)(*(_field(body, *spec) for spec in fields))
-
-    return route
-
-
-_DOMAIN = ("domain", str, _REQUIRED)
-_VERSION = ("version", str, _REQUIRED)
-_ROUTES = {
-    "/v1/status": ("GET", _call("status")),
-    "/v1/train": (
-        "POST",
-        _call("train", _DOMAIN, ("force", bool, False), ("from_base", bool, False)),
-    ),
-    "/v1/forget": ("POST", _call("forget", _DOMAIN, ("prompt_hashes", list, _REQUIRED))),
-    "/v1/rollback": ("POST", _call("rollback", _DOMAIN, ("to", str, None))),
-    "/v1/pin": ("POST", _call("pin", _DOMAIN, _VERSION)),
-    "/v1/unpin": ("POST", _call("unpin", _DOMAIN, _VERSION)),
-    "/v1/canary": (
-        "POST",
-        _call(
-            "canary",
-            _DOMAIN,
-            ("version", str, None),
-            ("percent", _NUMBER, None),
-            ("minutes", _NUMBER, None),
-        ),
-    ),
-    "/v1/reload": ("POST", _call("reload")),
-    "/v1/reconcile": ("POST", _call("reconcile")),
-}
-# Read-only and loopback like /metrics: no token. /status is the page (status_page.html).
-_PUBLIC = {
-    "/healthz": "GET",
-    "/metrics": "GET",
-    "/status": "GET",
-    "/status/data.json": "GET",
-    "/status/plotly.js": "GET",
-}
-
-
 class _RequestHandler(BaseHTTPRequestHandler):
     server: _HTTPServer
     timeout = 10  # a client that stalls mid-request does not hold a thread for ever
@@ -300,11 +186,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
         control = self.server.control
         path = urlsplit(self.path).path
         try:
-            allowed = _PUBLIC.get(path) or _ROUTES.get(path, (None,))[0]
+            allowed = PUBLIC.get(path) or ROUTES.get(path, (None,))[0]
             if allowed is None:
-                raise _Answer(404, f"no such route {path!r}")
+                raise Answer(404, f"no such route {path!r}")
             if method != allowed:
-                raise _Answer(405, f"{path} takes {allowed}, not {method}")
+                raise Answer(405, f"{path} takes {allowed}, not {method}")
             if path == "/healthz":
                 return self._healthz(control)
             if path == "/metrics":
@@ -313,8 +199,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 return self._status_page(control, path)
             self._authorize(control)
             body = self._body() if method == "POST" else {}
-            result = _ROUTES[path][1](control.handler, body)
-        except _Answer as exc:
+            result = ROUTES[path][1](control.handler, body)
+        except Answer as exc:
             return self._json(exc.status, {"error": str(exc)})
         except _BAD_REQUEST as exc:
             return self._json(400, {"error": str(exc), "kind": type(exc).__name__})
@@ -341,7 +227,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self._json(200 if why is None else 503, body)
 
     def _status_page(self, control: ControlServer, path: str) -> None:
-        from evertune.daemon import status_page
+        from evertune.daemon.control import status_page
 
         if path == "/status":
             return self._send(200, status_page.page(), "text/html; charset=utf-8")
@@ -356,7 +242,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), control.token.encode()
         ):
-            raise _Answer(
+            raise Answer(
                 401,
                 f"missing or wrong control token: send 'Authorization: Bearer <token>' with"
                 f" the token in {control.token_path}",
@@ -364,13 +250,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict[str, Any]:
         if "Transfer-Encoding" in self.headers:
-            raise _Answer(411, "send the body with a Content-Length, not chunked")
+            raise Answer(411, "send the body with a Content-Length, not chunked")
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
-            raise _Answer(400, "the Content-Length header is not a number") from None
+            raise Answer(400, "the Content-Length header is not a number") from None
         if length > MAX_BODY or length < 0:
-            raise _Answer(413, f"request body of {length} bytes; the limit is {MAX_BODY}")
+            raise Answer(413, f"request body of {length} bytes; the limit is {MAX_BODY}")
         raw = b""
         try:
             while len(raw) < length and (chunk := self.rfile.read1(length - len(raw))):
@@ -378,7 +264,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except TimeoutError:  # the client stalled: `timeout` seconds with nothing more
             pass
         if len(raw) < length:
-            raise _Answer(
+            raise Answer(
                 400,
                 f"the request body is shorter than its Content-Length ({len(raw)} of {length}"
                 f" bytes within {self.timeout} s); send the whole body",
@@ -388,11 +274,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise _Answer(400, f"the request body is not valid JSON: {exc}") from None
+            raise Answer(400, f"the request body is not valid JSON: {exc}") from None
         except RecursionError:
-            raise _Answer(400, "the request body is nested too deeply to be read") from None
+            raise Answer(400, "the request body is nested too deeply to be read") from None
         if not isinstance(body, dict):
-            raise _Answer(400, "the request body must be a JSON object")
+            raise Answer(400, "the request body must be a JSON object")
         return body
 
     def _json(self, status: int, payload: Any) -> None:

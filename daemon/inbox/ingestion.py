@@ -1,6 +1,6 @@
 """Dropped files into the store: the watcher hands each settled file over, it is ingested
 as one job on the store writer's thread, and a file whose ingestion raised stays in the
-inbox and is retried (daemon/schedule.py) and at the next start. Why each such file waits,
+inbox and is retried (daemon/training/schedule.py) and at the next start. Why each such file waits,
 and when it is tried again, is kept for `status` and /healthz (`waiting()`)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from evertune.daemon.config import ConfigSource
-from evertune.daemon.metrics import Metrics
-from evertune.daemon.schedule import Schedule
-from evertune.daemon.writer import StoreWriter
+from evertune.daemon.control.metrics import Metrics
+from evertune.daemon.inbox.writer import StoreWriter
+from evertune.daemon.training.schedule import Schedule
 from evertune.store.files import text_of
 from evertune.store.ingest import ingest_file
 from evertune.store.layout import HomeLayout

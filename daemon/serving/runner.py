@@ -14,14 +14,14 @@ import threading
 from collections.abc import Callable
 
 from evertune.adapters.errors import Cancelled, TrainingError
-from evertune.daemon import canary, pausing
-from evertune.daemon.children import prepare_base, warm_gate
 from evertune.daemon.config import ConfigSource
+from evertune.daemon.control.metrics import Metrics
 from evertune.daemon.errors import EvertuneError
-from evertune.daemon.metrics import Metrics
-from evertune.daemon.schedule import Schedule
-from evertune.daemon.serving import Serving
-from evertune.daemon.vllm_process import EmbeddedVLLM
+from evertune.daemon.serving import canary, pausing
+from evertune.daemon.serving.endpoints import Serving
+from evertune.daemon.serving.vllm_process import EmbeddedVLLM
+from evertune.daemon.training.children import prepare_base, warm_gate
+from evertune.daemon.training.schedule import Schedule
 from evertune.store.db import open_db
 from evertune.store.errors import StoreError
 from evertune.store.layout import HomeLayout

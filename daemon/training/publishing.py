@@ -1,4 +1,4 @@
-"""The last steps of a training cycle (daemon/cycle.py): register the trained version
+"""The last steps of a training cycle (daemon/training/cycle.py): register the trained version
 (folder published with its meta.json, the version a 'candidate' with its metrics and the
 examples it used), then publish it (served and live, or a canary first) or reject it."""
 
@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from evertune.adapters import registry
 from evertune.adapters.contract import ChildResult, ChildSpec, TrainResult
 from evertune.adapters.gate import GateResult
-from evertune.daemon import canary
 from evertune.daemon.config import Config
 from evertune.daemon.errors import AdapterRefused
-from evertune.daemon.selection import Picked
-from evertune.daemon.serving import Serving, make_live
+from evertune.daemon.serving import canary
+from evertune.daemon.serving.endpoints import Serving, make_live
+from evertune.daemon.training.selection import Picked
 from evertune.store import events, runs, versions
 from evertune.store.db import utcnow, write_transaction
 from evertune.store.errors import RegistryError
@@ -23,7 +23,7 @@ from evertune.store.errors import RegistryError
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
-    from evertune.daemon.cycle import CycleContext, Outcome
+    from evertune.daemon.training.cycle import CycleContext, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def publish(c: CycleContext, picked: Picked, gate: GateResult, metrics: dict) ->
         )
     registry.prune(db, c.domain, c.config.registry.keep_last)
     canaried = trial is not None
-    from evertune.daemon.cycle import Outcome
+    from evertune.daemon.training.cycle import Outcome
 
     return Outcome(
         c.domain, version.name, promoted and not canaried, reason, metrics, c.run_id, canaried

@@ -1,12 +1,12 @@
 """Serving: make every vLLM endpoint serve what the database says, and keep it so.
 
-Names clients use, and what should be loaded: evertune.daemon.wanted.
+Names clients use, and what should be loaded: evertune.daemon.serving.wanted.
 
 Switching the stable name (`serve.routing = "admission"`, the default, on a server with the
 evertune middleware: the embedded one, or an external one started with it) is one
 replacement of the server's route table after the version is loaded and probed under its
 versioned name: every request is bound to one version when it is admitted
-(evertune.daemon.routing), so no weights change under a running answer. A domain with
+(evertune.daemon.serving.routing), so no weights change under a running answer. A domain with
 nothing live (before its first version, while `forget` rebuilds it) is routed to the base
 model. The previous live version stays loaded (at least one, whatever `keep_loaded` says)
 so answers already running on it finish on it.
@@ -45,10 +45,10 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from evertune.adapters import registry
-from evertune.daemon import wanted
 from evertune.daemon.config_sections import ServeConfig
-from evertune.daemon.endpoint import Endpoint, read_api_key, use_admin_key, versioned_name
 from evertune.daemon.errors import AdapterRefused, EndpointDown, ServingError
+from evertune.daemon.serving import wanted
+from evertune.daemon.serving.vllm_api import Endpoint, read_api_key, use_admin_key, versioned_name
 from evertune.store import versions
 from evertune.store.errors import RegistryError
 
@@ -144,7 +144,7 @@ class Serving:
             log.warning(
                 "vLLM at %s has no evertune middleware: its stable names are switched in"
                 " place (an answer running across a publish is finished by the new version)."
-                " Start it with --middleware evertune.daemon.vllm_entry.AdminGuard and the"
+                " Start it with --middleware evertune.daemon.serving.vllm_entry.AdminGuard and the"
                 " daemon's EVERTUNE_VLLM_ADMIN_KEY (README, external servers).",
                 ep.url,
             )

@@ -4,7 +4,7 @@
     evertune canary DOMAIN --promote | --rollback        end it by command
     evertune canary                                      list them
 
-While one runs, the vLLM middleware (evertune.daemon.routing) sends PERCENT of the stable
+While one runs, the vLLM middleware (evertune.daemon.serving.routing) sends PERCENT of the stable
 name's requests to `<domain>@vNNNN`: the same conversation to the same version when the
 client sends OpenAI's `user` field, a random share otherwise. Every reconcile looks at the
 requests each server counted for it: a canary that got an HTTP error is rolled back at once;
@@ -23,9 +23,9 @@ import logging
 
 from sqlite_utils import Database
 
-from evertune.daemon.endpoint import versioned_name
 from evertune.daemon.errors import EvertuneError
-from evertune.daemon.serving import Serving, make_live
+from evertune.daemon.serving.endpoints import Serving, make_live
+from evertune.daemon.serving.vllm_api import versioned_name
 from evertune.store import canaries, events, versions
 
 log = logging.getLogger(__name__)

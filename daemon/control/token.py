@@ -10,7 +10,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from evertune.daemon.control_client import ControlError
+from evertune.daemon.control.client import ControlError
 from evertune.store.layout import fsync_dir
 
 log = logging.getLogger(__name__)

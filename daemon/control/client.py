@@ -1,4 +1,4 @@
-"""The CLI's side of the daemon's control API (daemon/control.py), on httpx, with the
+"""The CLI's side of the daemon's control API (daemon/control/server.py), on httpx, with the
 token the daemon wrote to `<home>/control.token`."""
 
 from __future__ import annotations

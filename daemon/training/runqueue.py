@@ -3,7 +3,7 @@
 The queue holds each domain at most once (a later request for a queued domain joins it)
 and is served in arrival order, so a busy domain cannot starve the others; a forget goes
 to the front (forgotten means no longer served: next, not last). What a run does is the
-`work` callable's (daemon/training.py); the queue only orders, starts and cancels.
+`work` callable's (daemon/training/work.py); the queue only orders, starts and cancels.
 """
 
 from __future__ import annotations

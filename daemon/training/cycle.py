@@ -14,7 +14,7 @@ version used). `run_cycle` reads as its steps:
                       (_repair_spec)
     register          folder published with meta.json, the version a 'candidate'
     publish           promoted: served (or a canary), live; refused: rejected with why
-                      (both in daemon/publishing.py)"""
+                      (both in daemon/training/publishing.py)"""
 
 from __future__ import annotations
 
@@ -34,11 +34,16 @@ from evertune.adapters.contract import ChildResult, ChildSpec, EvalSpec, TrainSp
 from evertune.adapters.errors import NothingToTrain, TrainingCancelled
 from evertune.adapters.gate import GateResult
 from evertune.adapters.reference import Reference
-from evertune.daemon.children import prepare_base, run_child, training_lock
 from evertune.daemon.config import Config
-from evertune.daemon.publishing import publish, register
-from evertune.daemon.selection import Picked, repair_sample, replaced_answers, select_examples
-from evertune.daemon.serving import Serving
+from evertune.daemon.serving.endpoints import Serving
+from evertune.daemon.training.children import prepare_base, run_child, training_lock
+from evertune.daemon.training.publishing import publish, register
+from evertune.daemon.training.selection import (
+    Picked,
+    repair_sample,
+    replaced_answers,
+    select_examples,
+)
 from evertune.store import canaries, knowledge, runs, versions
 from evertune.store.db import write_transaction
 from evertune.store.layout import HomeLayout
@@ -111,7 +116,7 @@ def close_interrupted(db: Database, layout: HomeLayout) -> None:
 @dataclass
 class CycleContext:
     """One cycle's context, which its steps share; the steps, top to bottom, are
-    `run_cycle`'s body (the publishing ones in daemon/publishing.py)."""
+    `run_cycle`'s body (the publishing ones in daemon/training/publishing.py)."""
 
     db: Database
     config: Config

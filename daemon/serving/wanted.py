@@ -1,5 +1,5 @@
 """What the vLLM servers should serve, from the database: the adapter names to load and
-the route table of the stable names (evertune.daemon.serving makes them so).
+the route table of the stable names (evertune.daemon.serving.endpoints makes them so).
 
 Names clients use:
     <domain>          the stable name: always the domain's live version (bound at admission
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from evertune.daemon.endpoint import versioned_name
+from evertune.daemon.serving.vllm_api import versioned_name
 from evertune.store import canaries, examples, versions
 
 

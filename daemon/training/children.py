@@ -26,8 +26,8 @@ from evertune.adapters.contract import ChildResult, ChildSpec, EvalSpec, TrainSp
 from evertune.adapters.errors import PreparationCancelled, TrainingCancelled, TrainingError
 from evertune.adapters.reference import Reference
 from evertune.daemon.config import Config
-from evertune.daemon.pausing import registered, resume
 from evertune.daemon.procs import background_child, die_with_parent, pausable_child
+from evertune.daemon.serving.pausing import registered, resume
 from evertune.store import runs
 from evertune.store.layout import HomeLayout
 
