@@ -42,6 +42,8 @@ class TrainSpec:
     rank: int = 16
     alpha: int = 32
     lr: float = 1e-3
+    # AdamW's decoupled decay of the LoRA weights, towards the base model (0: none)
+    weight_decay: float = 0.0
     max_epochs: int = 10
     min_epochs: int = 2
     # An example is learned when every one of its target tokens has a loss below this:
@@ -76,7 +78,8 @@ class TrainSpec:
     # 30 (benchmarks/results/continual-2026-12-07-last-sighting/)
     learned_when: str = "every"
     # prompts whose nearest general prompts are replayed in every epoch besides the new
-    # ones': a repaired candidate's bleeding general questions (daemon/cycle.py _repair_spec)
+    # ones': a repaired candidate's bleeding general questions
+    # (daemon/training/cycle.py, _repair_spec)
     anchor_prompts: list[str] = field(default_factory=list)
     # the attention kernel: "auto" (eager on the CPU for rows up to EAGER_MAX_WIDTH tokens,
     # else PyTorch's SDPA), "eager" or "sdpa" (adapters/train.py `attention_kernel`)
@@ -136,7 +139,7 @@ class EvalSpec:
 class ChildSpec:
     train: TrainSpec
     eval: EvalSpec
-    # only measure the base model's side of the gate (daemon/children.py warm_gate)
+    # only measure the base model's side of the gate (daemon/training/children.py warm_gate)
     warm: bool = False
 
     def save(self, run_dir: Path) -> None:

@@ -21,7 +21,7 @@ Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training 
   and over the general replay once: the same steps to learn a file as one pass with more
   epochs, never-trained paraphrases answered 81% against 62-70% (five seeds); a small
   file's facts bled into a general answer (tests/test_learning_slow.py), which the gate
-  refuses and the cycle repairs (adapters/gate.py, daemon/cycle.py);
+  refuses and the cycle repairs (adapters/gate.py, daemon/training/cycle.py);
 - once new examples have left, the older examples are replayed in proportion to the new
   ones still trained: an increment's last epochs, training 1-4 new examples, were mostly
   replay (benchmarks/results/increment-2026-12-07-replay-follows/);
@@ -227,7 +227,7 @@ def train(
     first_examples, first_rows = epoch_rows(0)
     steps_per_epoch = math.ceil(len(first_rows) / spec.rows_per_step)
     total_steps = steps_per_epoch * spec.max_epochs
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.99))
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to a tenth
         if step < spec.warmup_steps:
