@@ -276,7 +276,11 @@ def run_ours(
     keep: bool,
     change_forget: bool = False,
     traffic: float = 0.0,
+    journal: Path | None = None,
 ) -> dict[str, Any]:
+    """One seed through a real daemon. `journal`: each cycle is appended to it as a JSON
+    line once measured, so a run stopped early (a 20-file run takes an hour) keeps the raw
+    figures of the cycles it finished."""
     home = Path(tempfile.mkdtemp(prefix=f"evertune-continual-s{seed}-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -349,6 +353,10 @@ def run_ours(
             out["cycles"].append(cycle)
             last_run = cycle.get("run_id") or last_run
             print(row_text(cycle, len(easy)), flush=True)
+            if journal is not None:
+                line = {"seed": seed, "traffic": traffic, **cycle}
+                with journal.open("a") as f:
+                    f.write(json.dumps(line, default=str) + "\n")
         if change_forget:
             out["change_forget"] = change_and_forget(
                 proc, home, url, files[0], last_run, easy, out["base"]["easy"]
@@ -1185,11 +1193,14 @@ def main() -> int:
             print(HEADER, flush=True)
             entry: dict[str, Any] = {"seed": seed}
             try:
-                entry["ours"] = run_ours(models, files, seed, sets, args.keep, args.change_forget)
+                journal = args.out / "cycles.jsonl"
+                entry["ours"] = run_ours(
+                    models, files, seed, sets, args.keep, args.change_forget, journal=journal
+                )
                 if args.traffic:
                     print(f"seed {seed}: again, with a client every {args.traffic} s", flush=True)
                     entry["traffic"] = run_ours(
-                        models, files, seed, sets, args.keep, traffic=args.traffic
+                        models, files, seed, sets, args.keep, traffic=args.traffic, journal=journal
                     )
                     for c in entry["traffic"]["cycles"]:
                         c["method"] = "+client"

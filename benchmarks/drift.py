@@ -12,8 +12,9 @@ Each argument is a variant: a JSON object of TrainSpec overrides for every file'
 After each file, one JSON line: the variant, the file, the drift (the gate's figure: loss on
 the base model's answers to the held-out general prompts, cut as training cuts them,
 against the base model's own), the training steps, epochs and seconds, the new examples
-learned. Why: in a 20-file run of the daemon (continual.py), drift rose -11%, -8%, -3%,
-then +9% at the fourth file, whose repair reached +18% and was refused.
+learned, and per file so far its facts the version states when asked as written. Why: in
+a 20-file run of the daemon (continual.py), drift rose -11%, -8%, -3%, then +9% at the
+fourth file, whose repair reached +18% and was refused.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def drift_of(base: str, adapter: str | None, chats: list, cut: int, base_loss: f
     model, tok = ev.load(base, adapter) if adapter else ev.load(base)
     loss = ev.scores(model, tok, chats, cut).mean_loss
     return loss, (None if base_loss is None else loss / base_loss - 1)
+
+
+def facts_known(base: str, adapter: str, files: list[list[dict]]) -> list[int]:
+    """Per file, of its facts asked as written (each fact's `question`), how many the
+    version's greedy answer states (the benchmark's `expected` words)."""
+    model, tok = ev.load(base, adapter)
+    asked = [[{"role": "user", "content": f["question"]}] for fs in files for f in fs]
+    answers = iter(ev.greedy_answers_chat(model, tok, asked))
+    return [sum(C.knows(next(answers), f["expected"]) for f in fs) for fs in files]
 
 
 def main() -> int:
@@ -83,6 +93,7 @@ def main() -> int:
                 r = train(spec)
                 seconds = time.time() - t0
                 _, drift = drift_of(base, out, held, fields["general_max_len"], base_loss)
+                known = facts_known(base, out, C.FILES[:k])
                 print(
                     json.dumps(
                         {
@@ -90,13 +101,14 @@ def main() -> int:
                             "seed": args.seed,
                             "file": k,
                             "drift": round(drift, 4),
-                            "general_per_epoch": gpe,
+                            "general_per_epoch": spec.general_per_epoch,
                             "steps": r.steps,
                             "epochs": r.epochs,
                             "seconds": round(seconds, 1),
                             "learned": r.learned,
                             "new": len(new),
                             "replayed": len(replay),
+                            "facts_known": known,  # per file so far, of 10
                         }
                     ),
                     flush=True,
