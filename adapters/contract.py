@@ -43,7 +43,7 @@ class TrainSpec:
     alpha: int = 32
     lr: float = 1e-3
     # AdamW's decoupled decay of the LoRA weights, towards the base model (0: none)
-    weight_decay: float = 0.0
+    weight_decay: float = 1.0
     max_epochs: int = 10
     min_epochs: int = 2
     # An example is learned when every one of its target tokens has a loss below this:
@@ -98,6 +98,8 @@ class TrainSpec:
             )
         if not self.new:
             raise TrainingError("no new examples to train on")
+        if not self.weight_decay >= 0:
+            raise TrainingError(f"weight_decay is 0 or more, not {self.weight_decay!r}")
         if self.learned_on not in ("fact", "answer"):
             raise TrainingError(f"learned_on is 'fact' or 'answer', not {self.learned_on!r}")
         if self.learned_when not in ("last", "every"):

@@ -103,6 +103,21 @@ def test_v2_starts_from_v1s_weights(tiny_base, tmp_path):
     assert any(not torch.equal(weights(fresh)[k], w1[k]) for k in w1)
 
 
+def test_weight_decay_pulls_an_increment_toward_the_base_model(tiny_base, tmp_path):
+    """TrainSpec weight_decay (train.weight_decay): AdamW's decoupled decay shrinks the LoRA
+    weights at every step, so a version trained on from its parent's adapter ends nearer
+    the base model than without it, on the same data and steps."""
+    v1 = tmp_path / "v1"
+    train(spec(tiny_base, v1))
+    size = {}
+    for decay in (0.0, 5.0):
+        out = tmp_path / f"v2-{decay}"
+        train(spec(tiny_base, out, parent_adapter=str(v1), weight_decay=decay))
+        w = weights(out)
+        size[decay] = sum(float((w[k].float() ** 2).sum()) for k in w)
+    assert size[5.0] < 0.9 * size[0.0], size
+
+
 def test_same_seed_gives_the_same_adapter(tiny_base, tmp_path):
     train(spec(tiny_base, tmp_path / "a", seed=7))
     train(spec(tiny_base, tmp_path / "b", seed=7))
