@@ -25,6 +25,11 @@ Why it is shaped like this (ARCHITECTURE.md, "Platform facts", and the training 
 - once new examples have left, the older examples are replayed in proportion to the new
   ones still trained: an increment's last epochs, training 1-4 new examples, were mostly
   replay (benchmarks/results/increment-2026-12-07-replay-follows/);
+- AdamW's decoupled weight decay (`weight_decay`, 1.0) pulls the LoRA weights toward the
+  base model at every step: without it each increment added to the drift of the one it
+  started from (five files in a row: -11% to +7%) until the gate refused every version;
+  with it -12% to -5%, as many older facts kept and as many steps
+  (benchmarks/results/drift-2026-12-07/);
 - an example is learned when the tokens of its answer's fact part are (the answer up to
   the end of the clause stating what its question did not: store/terms.py): every token
   is trained, but a writer's tail after the fact need not come back verbatim.
