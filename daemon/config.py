@@ -315,9 +315,10 @@ def diff(old: Config, new: Config) -> list[str]:
 
 # Sections a running daemon cannot change: they name processes and sockets it already runs
 # (the embedded vLLM and its endpoints, the control API's socket, the base model vLLM
-# serves, the inbox watcher's timers). Every other section applies at its next use:
-# [train], [gate], [registry] and [domains] at the next training run, [ingest] at the next
-# file, [schedule] at once (its triggers planned again), [log] at once.
+# serves, the inbox watcher's timers), and so does `home`. Every other section applies at
+# its next use: [train] and [gate] at the next training run, [registry] at the next publish,
+# [ingest] at the next file, [schedule] and [domains] at once (the triggers planned again),
+# [log] at once.
 RESTART_SECTIONS = ("serve", "control", "model", "watch")
 LIVE_SECTIONS = tuple(s for s in SECTIONS if s not in RESTART_SECTIONS)
 
