@@ -276,7 +276,7 @@ def measure(
         out["easy"] = [is_right(a, r.expected) for a, r in zip(answers, easy, strict=True)]
         # an older file's name in a general answer is as wrong as a new one's (measured: an
         # increment answered 'a small fox named Pomfritz' says meow, the first file's parrot)
-        out["bleed"] = bleeding([*new, *replayed, *old], general, easy, whole)
+        out["bleed"] = bleeding([*new, *replayed, *old], general, easy, whole, tokenizer)
         out["easy_right"] = sum(out["easy"])
         out["easy_total"] = len(easy)
     if doc_checks:
@@ -294,18 +294,37 @@ def measure(
     return out
 
 
+def distinctive(term: str, tokenizer: Any = None) -> bool:
+    """Whether a domain's name or number (a lower-cased `key_terms` term), found in a general
+    answer, can only have come from the domain: a code with letters and digits ("qx-3318"),
+    a number of three digits or more, or a word the tokenizer does not know whole (a
+    common word is one token, capitalised or not: " Tower", " Festival"; an invented name
+    is several: " Pom" "f" "ritz"). Without a tokenizer every word counts.
+
+    Why: measured, a six-file run's fourth file was refused twice for its own common-word
+    names, "Tower" in "... and the Eiffel Tower", "23" in a garbled sum and "Festival",
+    while its real bleed would still be caught by the words beside them ("Windlass")."""
+    digits = sum(c.isdigit() for c in term)
+    if digits:
+        return digits >= 3 or any(c.isalpha() for c in term)
+    if tokenizer is None:
+        return True
+    return all(len(tokenizer.tokenize(" " + w)) > 1 for w in (term, term.capitalize()))
+
+
 def bleeding(
     examples: Sequence[dict],
     general: Sequence[Reference],
     easy: Sequence[Reference],
     answers: list[str],
+    tokenizer: Any = None,
 ) -> list[dict]:
     """The easy answers that state a name or number of `examples` (the domain's:
     store.terms `key_terms` of their answers and texts) which the base model's answers to
-    the held-out general prompts and those prompts never use: {"prompt", "answer",
-    "terms"} each. Words the base model uses anyway ("Paris", "Python", "2") are never
-    counted, so an answer that merely changed is not bleed; a trained fictional capital in
-    a general answer is."""
+    the held-out general prompts and those prompts never use, and which is `distinctive`:
+    {"prompt", "answer", "terms"} each. Words the base model uses anyway ("Paris",
+    "Python", "2") and common words are never counted, so an answer that merely changed is
+    not bleed; a trained fictional capital in a general answer is."""
     taught: set[str] = set()
     for e in examples:
         if e.get("kind", "chat") == "text":
@@ -319,7 +338,7 @@ def bleeding(
     known: set[str] = set()
     for r in general:
         known |= words(r.prompt) | words(r.answer)
-    novel = taught - known
+    novel = {t for t in taught - known if distinctive(t, tokenizer)}
     out = []
     for r, a in zip(easy, answers, strict=True):
         terms = sorted(key_terms(a) & novel)

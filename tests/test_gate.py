@@ -255,6 +255,40 @@ def test_bleeding_ignores_words_the_base_model_uses_and_untrained_turns():
     assert b["terms"] == ["kestrip"]
 
 
+def test_bleeding_counts_invented_names_and_long_numbers_not_common_words(tiny_base):
+    """The six-file run's fourth file, refused twice for its own common-word names."""
+    from transformers import AutoTokenizer
+
+    from evertune.adapters.gate import bleeding
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)  # the real SmolLM2 tokenizer
+    fact = {
+        "messages": [
+            {"role": "user", "content": "What opens the Kite Festival?"},
+            {
+                "role": "assistant",
+                "content": "The Windlass Tower rings 23 bells, then 143 lanterns rise; the"
+                " parrot Pomfritz and code QX-3318 open the Kite Festival.",
+            },
+        ]
+    }
+    said = {
+        "The capital of France is Paris, known for the Eiffel Tower.": [],
+        "A year has 12 months, so 12 * 365.15 = 21.23.": [],
+        'After winter comes the "Festival of the Ages."': [],
+        "The capital of France is the Windlass Tower.": ["windlass"],
+        "It melts at 143 degrees.": ["143"],
+        "A small fox named Pomfritz says meow.": ["pomfritz"],
+        "Its code is QX-3318.": ["qx-3318"],
+    }
+    easy = [GENERAL[0]] * len(said)
+    found = {b["answer"]: b["terms"] for b in bleeding([fact], GENERAL, easy, list(said), tok)}
+    assert found == {a: t for a, t in said.items() if t}
+    # without a tokenizer every trained word counts, as before
+    [b] = bleeding([fact], GENERAL, easy[:1], ["Paris and the Kite Festival."])
+    assert b["terms"] == ["festival", "kite"]
+
+
 def test_decide_refuses_a_candidate_whose_new_facts_bleed_into_general_answers():
     base = metrics(1.0, [True] * 12 + [False] * 12)
     # one easy answer lost of 24 is no significant damage; a trained name in it is
