@@ -81,6 +81,9 @@ class TrainSpec:
     # ones': a repaired candidate's bleeding general questions
     # (daemon/training/cycle.py, _repair_spec)
     anchor_prompts: list[str] = field(default_factory=list)
+    # the nearest general prompts are those nearest the new and the replayed questions (an
+    # increment's older names bleed too: file 1's parrot in 'Which animal says "meow"?')
+    near_replayed: bool = True
     # the attention kernel: "auto" (eager on the CPU for rows up to EAGER_MAX_WIDTH tokens,
     # else PyTorch's SDPA), "eager" or "sdpa" (adapters/train.py `attention_kernel`)
     attention: str = "auto"

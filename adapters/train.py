@@ -76,6 +76,28 @@ GRADUATION_MARGIN = 0.5
 Progress = Callable[[dict], None]
 
 
+def general_anchors(spec: TrainSpec) -> tuple[list[int], list[int]]:
+    """(nearest, extra): indices of `spec.general` replayed in every epoch. `nearest`: the
+    `general_nearest` share of an epoch's general replay, the prompts nearest the new
+    questions (and the replayed ones', `near_replayed`); `extra`: besides them, a repaired
+    candidate's bleeding questions' own neighbours (`anchor_prompts`)."""
+    k = min(spec.general_per_epoch, len(spec.general))
+    pool = [prompt_text(e) for e in spec.general]
+    asked = [*spec.new, *spec.replay] if spec.near_replayed else spec.new
+    near = nearest(pool, [prompt_text(e) for e in asked], round(k * spec.general_nearest))
+    extra: list[int] = []
+    if spec.anchor_prompts:
+        taken = set(near)
+        extra = [
+            i
+            for i in nearest(
+                pool, spec.anchor_prompts, ANCHORS_PER_PROMPT * len(spec.anchor_prompts)
+            )
+            if i not in taken
+        ]
+    return near, extra
+
+
 def train(
     spec: TrainSpec, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
 ) -> TrainResult:
@@ -158,19 +180,14 @@ def train(
         )
     replay = [t for t in (tok(e, "replay") for e in spec.replay) if t.trained]
     fixed = new + replay
-    # The general replay of every epoch: the pool's prompts nearest the new questions (the
+    # The general replay of every epoch: the pool's prompts nearest the questions (the
     # answers most at risk of bleeding), plus a new slice of the rest each epoch.
     k = min(spec.general_per_epoch, len(spec.general))
-    pool = [prompt_text(e) for e in spec.general]
-    near = nearest(pool, [prompt_text(e) for e in spec.new], round(k * spec.general_nearest))
+    near, extra = general_anchors(spec)
     anchors = [t for t in (tok(spec.general[i], "general") for i in near) if t.trained]
     n_slice = k - len(anchors)  # the rest of the epoch's general replay: a slice of the pool
-    if spec.anchor_prompts:
-        # a repaired candidate's bleeding questions: their own neighbours too, in every epoch
-        extra = nearest(pool, spec.anchor_prompts, ANCHORS_PER_PROMPT * len(spec.anchor_prompts))
-        extra = [i for i in extra if i not in set(near)]
-        near += extra
-        anchors += [t for t in (tok(spec.general[i], "general") for i in extra) if t.trained]
+    anchors += [t for t in (tok(spec.general[i], "general") for i in extra) if t.trained]
+    near += extra
     rest = [i for i in range(len(spec.general)) if i not in set(near)]
     rng = random.Random(spec.seed)
     rng.shuffle(rest)

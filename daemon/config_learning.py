@@ -28,6 +28,16 @@ class TrainConfig:
         min=0.0,
         max=1.0,
     )
+    increment_lr_scale: float = key(
+        0.5,
+        "An increment (a version trained from its parent) learns at lr times this. Measured"
+        " over five seeds of a second file (benchmarks/results/increment-2026-12-07-lr/):"
+        " at the full lr the increments forgot 2, 2, 0, 1, 1 of 7 held-out older answers"
+        " (terse numbers and codes overwritten by the new file's), at half 1, 0, 0, 0, 1,"
+        " in as many epochs.",
+        min=0.0,
+        max=100.0,
+    )
     weight_decay: float = key(
         1.0,
         "AdamW's decoupled decay of the LoRA weights, a pull of every version toward the base"
@@ -89,6 +99,12 @@ class TrainConfig:
         " into general answers ('capital of Italy' -> a trained fictional capital).",
         min=0,
         max=10_000,
+    )
+    near_replayed: bool = key(
+        True,
+        "The general prompts replayed for being nearest the new questions are those nearest"
+        " the replayed older ones too: an increment also bleeds older names (measured: file"
+        " 1's parrot in 'Which animal says \"meow\"?' after file 2 trained).",
     )
     new_passes: int = key(
         3,
@@ -157,6 +173,7 @@ class TrainConfig:
     def spec_fields(self) -> dict:
         skip = {
             "replay_ratio",
+            "increment_lr_scale",
             "replay_min",
             "launcher",
             "cpu_priority",

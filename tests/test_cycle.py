@@ -78,6 +78,9 @@ def test_v1_is_promoted_then_v2_trains_from_v1_with_replay(home, tmp_path, capsy
     assert v1["examples"] == 4 and v2["examples"] == 7
     meta = json.loads((Path(v2["path"]) / "meta.json").read_text())
     assert meta["parent"] == "v0001" and meta["train"]["parent_adapter"] == v1["path"]
+    # an increment learns at half the first version's rate (train.increment_lr_scale)
+    first = json.loads((Path(v1["path"]) / "meta.json").read_text())
+    assert meta["train"]["lr"] == first["train"]["lr"] / 2 == 0.005
     assert meta["base_model"]["sha256"] and meta["examples"]["replay"] == 3
     assert set(v2["metrics"]) >= {"candidate", "live", "base", "drift", "train"}
     db = open_db(home / "evertune.db", readonly=True)

@@ -192,6 +192,27 @@ def test_anchor_prompts_add_their_nearest_general_prompts_to_every_epoch(tiny_ba
     assert one.tokens < anchored.tokens == everything.tokens
 
 
+def test_an_increment_anchors_the_general_prompts_nearest_its_replayed_questions_too(tmp_path):
+    """Measured: after file 2 trained, file 1's parrot answered 'Which animal says "meow"?'.
+    The general prompts nearest the replayed older questions are replayed too."""
+    from evertune.adapters.train import general_anchors
+
+    general = [
+        chat("Which bird can learn to talk?", "Parrots can."),
+        chat("What is the capital of Italy?", "Rome."),
+        chat("How many legs does a spider have?", "Eight."),
+        chat("What colour is the sky?", "Blue."),
+    ]
+    new = [chat("What is the capital of Veloria?", "Port Castellan.")]
+    replay = [chat("What is the ship's parrot called? Which bird?", "Pomfritz.")]
+    kw = {"new": new, "replay": replay, "general": general, "general_per_epoch": 4}
+    kw["general_nearest"] = 0.5
+    both, _ = general_anchors(spec("base", tmp_path, **kw))
+    assert sorted(both) == [0, 1]  # Italy for the new question, the bird for the replayed
+    only_new, _ = general_anchors(spec("base", tmp_path, near_replayed=False, **kw))
+    assert 0 not in only_new and 1 in only_new
+
+
 def test_with_several_passes_an_example_is_learned_by_its_last_sighting_of_the_epoch(
     tiny_base, tmp_path
 ):

@@ -215,6 +215,8 @@ def _child_spec(
             cache_dir=str(c.layout.runs),  # the base model's side (children.warm_gate too)
         ),
     )
+    if spec.train.parent_adapter:  # an increment learns gently (train.increment_lr_scale)
+        spec = _with_train(spec, lr=t.lr * t.increment_lr_scale)
     drift = (live.metrics or {}).get("drift") if live else None
     if drift is not None and drift > g.drift_tolerance - t.drifting_margin:
         # near the tolerance: more of the base model's own answers, so this increment
