@@ -928,11 +928,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+TOKENIZER = None  # the base model's (main): which trained words are common ones
+
+
 def bleeding(seed: dict[str, Any], cycle: dict[str, Any]) -> list[str]:
     """The easy questions the stable name answered, after this cycle, with a name or number
     of the files trained so far that the base model's answers to the easy questions (and
     the questions) never use: what the gate's bleed check (adapters/gate.py) looks for,
-    counted here on what clients got."""
+    counted here on what clients got, by the gate's rule of what is distinctive (digits
+    alone "1" or "23" are not; `TOKENIZER`, when set, tells common words from names)."""
+    from evertune.adapters.gate import distinctive
     from evertune.store.terms import key_terms, words
 
     base = seed["ours"]["base"]["answers"]
@@ -943,7 +948,7 @@ def bleeding(seed: dict[str, Any], cycle: dict[str, Any]) -> list[str]:
     taught = {
         t for fs in FILES[: cycle["cycle"]] for f in fs for a in answers(f) for t in key_terms(a)
     }
-    novel = taught - known
+    novel = {t for t in taught - known if distinctive(t, TOKENIZER)}
     got = cycle.get("answers") or {}
     return [q for q in easy if key_terms(got.get(q) or "") & novel]
 
@@ -1162,6 +1167,11 @@ def main() -> int:
         " figures added since that run included) and write it beside it",
     )
     args = ap.parse_args()
+    global TOKENIZER
+    if args.models and (args.models / BASE_DIR).is_dir():
+        from transformers import AutoTokenizer
+
+        TOKENIZER = AutoTokenizer.from_pretrained(args.models / BASE_DIR)
     if args.summarise:
         raw = json.loads(args.summarise.read_text())
         text = summary(raw["seeds"], raw["machine"]).lstrip("\n")
@@ -1188,6 +1198,10 @@ def main() -> int:
         models = args.models or prepare_models(work / "models")
         if not (models / BASE_DIR).is_dir():
             ap.error(f"{models} has no {BASE_DIR}/ (a prepared models/ folder)")
+        if TOKENIZER is None:
+            from transformers import AutoTokenizer
+
+            TOKENIZER = AutoTokenizer.from_pretrained(models / BASE_DIR)
         seeds = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             print(HEADER, flush=True)

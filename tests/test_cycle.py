@@ -184,7 +184,7 @@ def test_an_increment_refused_for_damage_is_repaired_from_where_it_stopped(
     assert not run_dir.exists()  # removed once the repair is done
     assert meta["parent"] == "v0001"
     assert meta["train"]["general_per_epoch"] == 48  # train.general_when_drifting
-    assert meta["train"]["lr"] == 0.01  # the full rate, not the increment's half
+    assert meta["train"]["lr"] == 0.005  # the increment's rate (train.increment_lr_scale)
     # its new examples start learned: one pass over the domain's examples an epoch
     assert meta["increment_gate"] and meta["train"]["new_passes"] == 1
     db = open_db(home / "evertune.db", readonly=True)

@@ -335,10 +335,9 @@ def _repair_spec(
         # benchmarks/results/continual-2026-12-07-bleed-check/)
         new_passes=1,
         anchor_prompts=bleeding,
-        # at the full rate, not an increment's half: it has older answers to win back
-        # (measured at half, two repairs of six files still forgot 2 of 15 held-out older
-        # answers: benchmarks/results/continual-2026-12-08-six-files-gentle/)
-        lr=t.lr,
+        # an increment's repair learns at the increment's rate: at the full rate, file 3 of
+        # six forgot 3 of 14 held-out older answers against 2 of 14 at half
+        # (benchmarks/results/continual-2026-12-08-six-files-repair-full/)
     )
     spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, old=[e for _, e in held]))
     return spec, dataclasses.replace(picked, replay=replay, held=held)
