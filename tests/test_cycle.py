@@ -263,20 +263,23 @@ def test_a_repair_replays_the_bleeding_questions_and_their_neighbours(home, tiny
 
 def test_a_cycle_trains_on_as_much_at_any_domain_size():
     """The examples a cycle trains and checks depend on the new data, not on how many older
-    examples the domain holds (30 new against 300 or 30,000 older), the retry included."""
+    examples the domain holds (30 new against 300 or 30,000 older), the retry included:
+    on the shipped defaults, twice as many replayed as new, 16 held out."""
+    from evertune.daemon.config_learning import GateConfig, TrainConfig
     from evertune.daemon.training.selection import repair_sample, sample_old
 
+    t, g = TrainConfig(), GateConfig()
     new = 30
     sizes = {}
     for n_old in (300, 30_000):
         old = [(i, {"kind": "text", "text": f"example {i}"}) for i in range(n_old)]
-        replay, held = sample_old(old, new, 1.0, 8, 16, seed=0)
+        replay, held = sample_old(old, new, t.replay_ratio, t.replay_min, g.old_holdout, seed=0)
         held_ids = {i for i, _ in held}
         rest = [p for p in old if p[0] not in held_ids]
         again, held2 = repair_sample(replay, held, rest, seed=1)
         sizes[n_old] = (len(replay), len(held), len(again), len(held2))
         assert not {i for i, _ in held2} & {i for i, _ in again}
-    assert sizes[300] == sizes[30_000] == (30, 16, 46, 16)
+    assert sizes[300] == sizes[30_000] == (60, 16, 76, 16)
 
 
 @pytest.mark.parametrize("margin, expected", [(100.0, 5), (0.0, 2)])
