@@ -928,7 +928,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-TOKENIZER = None  # the base model's (main): which trained words are common ones
+TOKENIZER = None  # the base model's (load_tokenizer): which trained words are common ones
+
+
+def load_tokenizer(models: Path) -> None:
+    global TOKENIZER
+    from transformers import AutoTokenizer
+
+    TOKENIZER = AutoTokenizer.from_pretrained(models / BASE_DIR)
 
 
 def bleeding(seed: dict[str, Any], cycle: dict[str, Any]) -> list[str]:
@@ -1167,12 +1174,9 @@ def main() -> int:
         " figures added since that run included) and write it beside it",
     )
     args = ap.parse_args()
-    global TOKENIZER
-    if args.models and (args.models / BASE_DIR).is_dir():
-        from transformers import AutoTokenizer
-
-        TOKENIZER = AutoTokenizer.from_pretrained(args.models / BASE_DIR)
     if args.summarise:
+        if args.models:
+            load_tokenizer(args.models)
         raw = json.loads(args.summarise.read_text())
         text = summary(raw["seeds"], raw["machine"]).lstrip("\n")
         print(text)
@@ -1198,10 +1202,7 @@ def main() -> int:
         models = args.models or prepare_models(work / "models")
         if not (models / BASE_DIR).is_dir():
             ap.error(f"{models} has no {BASE_DIR}/ (a prepared models/ folder)")
-        if TOKENIZER is None:
-            from transformers import AutoTokenizer
-
-            TOKENIZER = AutoTokenizer.from_pretrained(models / BASE_DIR)
+        load_tokenizer(models)
         seeds = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             print(HEADER, flush=True)

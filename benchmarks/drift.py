@@ -87,7 +87,7 @@ def main() -> int:
                     new=new,
                     replay=[e for _, e in replay],
                     general=general,
-                    **{**fields, "general_per_epoch": gpe, **variant},
+                    **{**t.spec_fields(increment=k > 1), "general_per_epoch": gpe, **variant},
                 )
                 t0 = time.time()
                 r = train(spec)

@@ -82,7 +82,8 @@ def main() -> int:
     base_right = right(easy_answers(base_model))
     del base_model
     for seed in args.seeds:
-        fields = TrainConfig(seed=seed).spec_fields()
+        cfg = TrainConfig(seed=seed)
+        fields = cfg.spec_fields()
         v1 = args.cache / f"seed{seed}"
         if not (v1 / "adapter_config.json").exists():
             v1.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,9 @@ def main() -> int:
             holdout = v.pop("holdout", GateConfig().old_holdout)
             old = list(enumerate(file1))
             # the daemon's seed for the second run of a domain: train.seed + runs so far
-            replay, held = sample_old(old, len(file2), 1.0, 8, holdout, seed + 2)
+            replay, held = sample_old(
+                old, len(file2), cfg.replay_ratio, cfg.replay_min, holdout, seed + 2
+            )
             held_qa = short_qa([e for _, e in held])
             with tempfile.TemporaryDirectory() as out:
                 spec = TrainSpec(
@@ -103,7 +106,7 @@ def main() -> int:
                     new=file2,
                     replay=[e for _, e in replay],
                     general=general,
-                    **{**fields, **v},
+                    **{**cfg.spec_fields(increment=True), **v},
                 )
                 t = time.time()
                 r = train(spec)

@@ -174,7 +174,9 @@ class TrainConfig:
         ' e.g. "torchrun --nproc-per-node 4" for several GPUs.',
     )
 
-    def spec_fields(self) -> dict:
+    def spec_fields(self, increment: bool = False) -> dict:
+        """The TrainSpec fields of this section; an `increment` (a version trained from its
+        parent's adapter, and its repair) at lr times `increment_lr_scale`."""
         skip = {
             "replay_ratio",
             "increment_lr_scale",
@@ -185,9 +187,12 @@ class TrainConfig:
             "general_when_drifting",
             "drifting_margin",
         }
-        return {
+        fields = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }
+        if increment:
+            fields["lr"] = self.lr * self.increment_lr_scale
+        return fields
 
 
 @dataclass(frozen=True)

@@ -193,15 +193,17 @@ def _child_spec(
     """What the training child trains and the gate checks (adapters/contract.py)."""
     t, g, live = c.config.train, c.config.gate, c.live
     new_ids = [i for i, _ in picked.new]
+    parent = live.path if live and not c.from_base else None
     spec = ChildSpec(
         train=TrainSpec(
             base_path=str(base.path),
             out_dir=str(c.staging()),
-            parent_adapter=live.path if live and not c.from_base else None,
+            parent_adapter=parent,
             new=[e for _, e in picked.new],
             replay=[e for _, e in picked.replay],
             general=[{"kind": "chat", "messages": r.messages()} for r in refs if not r.held_out],
-            **t.spec_fields(),
+            # an increment learns gently (train.increment_lr_scale)
+            **t.spec_fields(increment=parent is not None),
         ),
         eval=EvalSpec(
             old=[e for _, e in picked.held],
@@ -215,8 +217,6 @@ def _child_spec(
             cache_dir=str(c.layout.runs),  # the base model's side (children.warm_gate too)
         ),
     )
-    if spec.train.parent_adapter:  # an increment learns gently (train.increment_lr_scale)
-        spec = _with_train(spec, lr=t.lr * t.increment_lr_scale)
     drift = (live.metrics or {}).get("drift") if live else None
     if drift is not None and drift > g.drift_tolerance - t.drifting_margin:
         # near the tolerance: more of the base model's own answers, so this increment
