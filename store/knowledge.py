@@ -24,32 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import orjson
 from sqlite_utils import Database
 
+from evertune.store import document
+from evertune.store.details import details, release, title_name
+from evertune.store.document import COMMON, MIN_STATEMENT_WORDS
 from evertune.store.formats import prompt_hash
 
 MAX_ANSWER_CHARS = 400  # statements about one thing beyond this are a second answer
-MIN_STATEMENT_WORDS = 4
 MAX_DOCUMENT_BYTES = 4 << 20  # larger text files are trained as text only (said in the log)
-
-_HEADING_MD = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
-_UNDERLINE = re.compile(r"^\s*(=+|-+)\s*$")
-_BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+(.*)$")
-_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
-_DEFINITION = re.compile(r"^\s*([^:.!?]{2,60}?)\s*(?::|\s[-–—]\s)\s*(\S.*)$")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'`(])")
-_CODE = re.compile(
-    r"`([^`]{1,60})`"  # backticked
-    r"|(?<![\w-])(--?[a-zA-Z][\w-]*)"  # options
-    r"|\b([A-Za-z]+(?:[_.][A-Za-z0-9]+)+)\b"  # snake_case, dotted.names
-    r"|\b(v?\d+\.\d+(?:\.\d+)*)\b"  # versions
-)
-_NAME = re.compile(r"\b([A-Z][a-z0-9]+(?:[ -](?:of |the |de |von )?[A-Z][A-Za-z0-9]+)+)\b")
-_MARKUP = re.compile(r"\*\*|__|(?<!\w)[*_](?=\w)|(?<=\w)[*_](?!\w)|`")
 
 
 @dataclass(frozen=True)
@@ -72,18 +58,18 @@ def derive(text: str) -> list[Derived]:
     depends on the file's name: `forget --file` derives the same questions from the file."""
     found: dict[str, list] = {}  # key -> [line, heading, about, statements, defined]
     seen: set[str] = set()
-    for line, heading, raw, term in _statements(text):
-        statement = _clean(raw)
+    for line, heading, raw, term in document.statements(text):
+        statement = document.clean(raw)
         if len(statement.split()) < MIN_STATEMENT_WORDS or statement.lower() in seen:
             continue
         seen.add(statement.lower())
         if term:
-            about = _clean(_subject(term, opening=False) or term)
+            about = document.clean(document.subject(term, opening=False) or term)
         else:
             # a statement names what it is about (a code-like term, a name), or a sentence
             # of a paragraph is about its section: those of one section make one answer
             # (continued in another once it is long)
-            about = _clean(_subject(raw, opening=term is None) or heading)
+            about = document.clean(document.subject(raw, opening=term is None) or heading)
             if not about:
                 continue  # about nothing named, under no heading: taught as text only
         key, more = f"{heading}\0{about}".lower(), 1
@@ -96,7 +82,7 @@ def derive(text: str) -> list[Derived]:
         found[key][3].append(statement)
     out = []
     asked: set[str] = set()
-    title = _title(text)
+    title = document.title(text)
     for line, heading, about, statements, defined in found.values():
         answer = _answer(heading, " ".join(statements))[: MAX_ANSWER_CHARS + 100]
         where = heading if heading and heading.lower() != about.lower() else "the document"
@@ -109,7 +95,7 @@ def derive(text: str) -> list[Derived]:
         ]
         asked.update(" ".join(q.lower().split()) for q in questions)
         facts = []
-        for q, a in _release(heading, about, _name(title), statements[0]) + [
+        for q, a in release(heading, about, title_name(title), statements[0]) + [
             p for st in statements for p in details(st, about, heading, title)
         ]:
             key = " ".join(q.lower().split())
@@ -118,302 +104,6 @@ def derive(text: str) -> list[Derived]:
                 facts.append((q, a))
         out.append(Derived(line, answer, tuple(questions[:2]), questions[2], about, tuple(facts)))
     return out
-
-
-MAX_DETAILS = 3  # questions about the details of one sentence, at most
-_DETAIL = re.compile(
-    r"(?P<date>\b\d{4}-\d{2}-\d{2}\b)"
-    r"|(?P<time>\b\d{1,2}:\d{2}\b)"
-    r"|(?P<version>\bv?\d+\.\d+\.\d+\b)"
-    r"|(?P<option>(?<![\w-])--?[a-zA-Z][\w-]*)"
-    r"|(?P<key>(?<![/\w])[A-Za-z]+(?:[_.][A-Za-z0-9]+)+\b)"
-    r"|(?P<money>\b(?:EUR|USD|GBP|CHF)\s?\d[\d,.]*\d|[$€£]\s?\d[\d,.]*\d|\d[\d,.]*\s?(?:EUR|USD|GBP|CHF)\b)"
-    r"|(?P<amount>(?<![\w.,-])\d[\d,]*(?:\.\d+)?(?!\.\w|\w)(?:\s?(?:%|[A-Za-z]{2,}))?)"
-)
-_ASK = {
-    "date": "on what date",
-    "time": "at what time",
-    "version": "in which version",
-    "option": "which option",
-    "key": "which setting",
-    "money": "what amount",
-}
-_VERBS = {
-    "added": "added",
-    "new": "added",
-    "features": "added",
-    "changed": "changed",
-    "fixed": "fixed",
-    "removed": "removed",
-    "deprecated": "deprecated",
-    "security": "fixed",
-}
-_VERSION = re.compile(r"\bv?\d+\.\d+(?:\.\d+)*\b")
-
-
-def details(statement: str, about: str, heading: str, title: str) -> list[tuple[str, str]]:
-    """Questions about the details a sentence states (a number with its unit, an amount, a
-    date or time, a version, an option or setting, a name), each answered by the sentence
-    with what it is about: the sentence with that detail asked for in its place
-    ("kestrip prune: The window is set with --keep-days and defaults to how many days?").
-
-    Why: users ask for one detail ("How many days does kestrip prune keep snapshots by
-    default?"), and a 135M model trained only to recite a whole statement when asked about
-    its subject answered 0 of 30 such questions (benchmarks/results/documents-2026-12-06/).
-    A question that carries the sentence's other words and asks for its detail, answered
-    by one short sentence, is the nearest a template gets to a user's question."""
-    out = []
-    for sentence in _SENTENCE_END.split(statement):
-        sentence = sentence.strip()
-        if len(sentence.split()) < MIN_STATEMENT_WORDS:
-            continue
-        low = sentence.lower()
-        missing = [c for c in _context(about, heading, title) if c.lower() not in low]
-        prefix = " ".join(missing) + ": " if missing else ""
-        answer = f"{prefix}{sentence}" + ("" if sentence[-1:] in ".!?" else ".")
-        spans = [m for m in _DETAIL.finditer(sentence) if _worth_asking(m)]
-        spans += [m for m in _NAME.finditer(sentence) if m.start() > 0 and not _overlaps(m, spans)]
-        for m in spans[:MAX_DETAILS]:
-            ask = _ask(m)
-            body = (sentence[: m.start()] + ask + sentence[m.end() :]).rstrip(" .!?")
-            out.append((f"{prefix}{body}?", answer))
-    return out
-
-
-def _worth_asking(m: re.Match) -> bool:
-    if m.lastgroup != "amount":
-        return True
-    number = re.match(r"[\d,.]+", m.group()).group()
-    return not re.fullmatch(r"[01]", number)  # "0" and "1" are rarely what is asked for
-
-
-def _overlaps(m: re.Match, spans: list[re.Match]) -> bool:
-    return any(m.start() < o.end() and o.start() < m.end() for o in spans)
-
-
-def _ask(m: re.Match) -> str:
-    kind = m.lastgroup
-    if kind in _ASK:
-        return _ASK[kind]
-    if kind == "amount":
-        unit = re.sub(r"^[\d,.]+\s?", "", m.group())
-        return (
-            f"how many {unit}"
-            if unit and unit != "%"
-            else "what number" + (" of percent" if unit == "%" else "")
-        )
-    return "who or what"  # a name
-
-
-def _context(about: str, heading: str, title: str) -> list[str]:
-    """What a sentence is about that it may not say itself, in a few words: the first name
-    in the document's title ("Kestrip"), the version of the heading it sits under ("4.3.0"),
-    else its heading, and the subject of its statement ("kestrip prune")."""
-    name = _name(title)
-    version = _VERSION.search(heading)
-    where = version.group() if version else heading
-    about = re.sub(r" \(part \d+\)$", "", about)
-    seen: list[str] = []
-    for c in (name, where, about):
-        if c and not any(c.lower() in s.lower() or s.lower() in c.lower() for s in seen):
-            seen.append(c)
-    return seen
-
-
-_DATE = re.compile(
-    r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2} [A-Z][a-z]+ \d{4}\b|\b[A-Z][a-z]+ \d{1,2}, \d{4}\b"
-)
-
-
-def _release(heading: str, about: str, name: str, first: str) -> list[tuple[str, str]]:
-    """Which version an item of a release note came in: "Which version added kestrip
-    prune?" for an item under "4.3.0 (2025-03-18) - Added" (and the release's date)."""
-    version = _VERSION.search(heading)
-    if not version or not about or version.group().lower() in about.lower():
-        return []
-    section = heading.rsplit(" - ", 1)[-1].strip().lower()
-    # the section's word ("Added"), else the item's own first word ("Fixed a crash ...")
-    verb = _VERBS.get(section.split()[0] if section else "") or _VERBS.get(
-        first.split()[0].lower() if first.split() else "", "mentioned"
-    )
-    out = [(f"Which version {verb} {about}?", f"{heading}: {about}.")]
-    date = _DATE.search(heading)
-    if date:
-        out.append(
-            (
-                f"When was {name} {version.group()} released?".replace("  ", " "),
-                f"{name} {version.group()} was released on {date.group()}.".lstrip(),
-            )
-        )
-    return out
-
-
-def _name(title: str) -> str:
-    """The first name in a title ("Kestrip" of "Kestrip CLI release notes"; "Corvane" of
-    "CORVANE INSTRUMENTS - TRAVEL POLICY")."""
-    name = next((w for w in re.findall(r"[A-Z][\w-]+", title) if w.lower() not in _COMMON), "")
-    return name.title() if title.isupper() else name
-
-
-def _title(text: str) -> str:
-    """The document's title: its first heading when it opens with one."""
-    lines = [line for line in text.splitlines() if line.strip()][:2]
-    if not lines:
-        return ""
-    md = _HEADING_MD.match(lines[0])
-    if md:
-        return _clean(md.group(2))
-    first = lines[0].strip()
-    underlined = len(lines) > 1 and _UNDERLINE.match(lines[1])
-    if underlined or (len(first) <= 80 and first[-1] not in ".,;:!?"):
-        return _clean(first)  # underlined, or a short line that is no sentence
-    return ""
-
-
-PROSE = ""  # in place of a defined term: a sentence of a paragraph
-
-
-def _statements(text: str) -> Iterator[tuple[int, str, str, str | None]]:
-    """(line, heading, statement, defined term | PROSE | None) in document order. The
-    heading is the path below the document's title ("4.3.0 (2025-03-18) - Added")."""
-    lines = text.splitlines()
-    path: list[tuple[int, str]] = []  # (level, heading) from the top
-    columns: list[str] | None = None
-    paragraph: list[tuple[int, str]] = []
-    item: list = []  # [line, text, is a list item]
-
-    def heading() -> str:
-        names = [h for _, h in path]
-        return " - ".join(names[1:] if len(names) > 1 else names)
-
-    def set_heading(level: int, name: str) -> None:
-        while path and path[-1][0] >= level:
-            path.pop()
-        path.append((level, _clean(name)))
-
-    def flush() -> Iterator[tuple[int, str, str, str | None]]:
-        if item:
-            line, body = item[0], item[1]
-            item.clear()
-            yield line, heading(), body, _defined(body)
-        if paragraph:
-            first = paragraph[0][0]
-            body = " ".join(t.strip() for _, t in paragraph)
-            paragraph.clear()
-            for sentence in _SENTENCE_END.split(body):
-                yield first, heading(), sentence, PROSE
-
-    for i, raw in enumerate(lines):
-        n = i + 1
-        prev = lines[i - 1].strip() if i else ""
-        nxt = lines[i + 1] if i + 1 < len(lines) else ""
-        stripped = raw.strip()
-        if not stripped:
-            yield from flush()
-            columns = None
-            continue
-        md = _HEADING_MD.match(raw)
-        if md:
-            yield from flush()
-            set_heading(len(md.group(1)), md.group(2))
-            continue
-        if _UNDERLINE.match(nxt) and len(stripped) <= 80 and not _BULLET.match(raw):
-            yield from flush()
-            set_heading(1 if nxt.strip().startswith("=") else 2, stripped)
-            continue
-        if _UNDERLINE.match(raw) and not paragraph and not item:
-            continue  # the underline of a heading already taken
-        if stripped.startswith("|") or (columns is not None and "|" in stripped):
-            yield from flush()
-            cells = [c.strip() for c in stripped.strip("|").split("|")]
-            if _TABLE_RULE.match(stripped):
-                continue
-            if columns is None:
-                columns = cells
-                continue
-            if cells and cells[0]:
-                pairs = [
-                    f"{col} {_clean(val)}"
-                    for col, val in zip(columns[1:], cells[1:], strict=False)
-                    if val
-                ]
-                yield n, heading(), f"{_clean(cells[0])}: " + "; ".join(pairs) + ".", cells[0]
-            continue
-        alone = not prev and not nxt.strip() and not paragraph and not item
-        if alone and len(stripped) <= 60 and stripped[-1] not in ".,;!?":
-            # a line on its own, not a sentence: a plain-text heading ("2. Booking travel",
-            # "TRAVEL POLICY", "Refunds:"); numbered ones are sections below the title
-            numbered = re.match(r"^(\d{1,3})[.)]\s+(.*)$", stripped)
-            name = numbered.group(2) if numbered else stripped.rstrip(":")
-            yield from flush()
-            set_heading(2 if numbered or path else 1, name)
-            continue
-        if stripped.endswith(":") and len(stripped) <= 80 and not paragraph and not item:
-            yield from flush()
-            set_heading(len(path) + 1 if path else 1, stripped[:-1])  # "Refunds:" over a block
-            continue
-        bullet = _BULLET.match(raw)
-        if bullet:
-            yield from flush()
-            item.extend([n, bullet.group(1).strip()])
-            continue
-        if item and (raw[:1].isspace() or not paragraph):
-            item[1] += " " + stripped  # the item goes on on this line
-            continue
-        term = _defined(stripped)
-        if term is not None and not paragraph:
-            yield n, heading(), stripped, term
-            continue
-        paragraph.append((n, stripped))
-    yield from flush()
-
-
-_NOT_TERMS = ("note", "warning", "tip", "example", "see", "important")
-
-
-def _defined(text: str) -> str | None:
-    """The term a "Term: definition" or "Term - definition" line defines (None: not one)."""
-    m = _DEFINITION.match(text)
-    if not m:
-        return None
-    term = m.group(1).strip()
-    if len(term.split()) > 6 or _clean(term).lower() in _NOT_TERMS:
-        return None
-    return term
-
-
-_LEADING = re.compile(r"^(?:the|a|an|this|these|our|all|each|every)\s+", re.I)
-_STOP = re.compile(
-    r"\s(?:is|are|was|were|will|can|may|must|should|has|have|had|now|no longer|does|do"
-    r"|gets?|goes|takes?|needs?|runs?|shows?|uses?|accepts?|stays?|becomes?|[a-z]+ed)\b"
-)
-
-
-def _subject(statement: str, opening: bool = True) -> str | None:
-    """What a statement is about: its first code-like term, else a name in it (not the
-    capitalised first word of the sentence), else (with `opening`: an item, not a sentence
-    of a paragraph) its opening words up to the verb."""
-    code = _CODE.search(statement)
-    if code:
-        return next(g for g in code.groups() if g)
-    for name in _NAME.finditer(statement):
-        words = name.group(1).split()
-        if name.start() == 0:  # "Contact Mara Okonkwo": the first word starts the sentence
-            words = words[1:]
-        if len(words) >= 2:
-            return " ".join(words)
-    if not opening:
-        return None
-    text = _LEADING.sub("", statement.rstrip(".!?"))
-    stop = _STOP.search(" " + text)
-    words = (text[: stop.start()] if stop and stop.start() > 0 else text).split()[:5]
-    return " ".join(words) or statement[:40]
-
-
-def _clean(text: str) -> str:
-    text = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", text)  # [label](link) -> label
-    text = _MARKUP.sub("", text)
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def _answer(heading: str, statement: str) -> str:
@@ -499,13 +189,6 @@ def checks_of_examples(db: Database, domain: str, example_ids: list[int], limit:
 
 
 _WORD = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
-_COMMON = frozenset(
-    re.findall(
-        r"\w+",
-        "a an the of to in on at for by with and or is are was were be been it its this that"
-        " these those as from into now not no can will may which what when who how",
-    )
-)
 
 
 def covers(answer: str, expected: str, share: float = 0.7) -> bool:
@@ -513,7 +196,7 @@ def covers(answer: str, expected: str, share: float = 0.7) -> bool:
     statement: at least `share` of the statement's content words (not the heading it was
     taught under, not common words) appear in it."""
     statement = expected.split(": ", 1)[1] if ": " in expected else expected
-    want = [w for w in _WORD.findall(statement.lower()) if w not in _COMMON]
+    want = [w for w in _WORD.findall(statement.lower()) if w not in COMMON]
     if not want:
         return False
     got = set(_WORD.findall(answer.lower()))
