@@ -79,6 +79,11 @@ def main() -> int:
             for a, r in zip(answers, easy, strict=True)
         ]
 
+    def paraphrased(model, facts: list[dict]) -> int:
+        asked = [(p, f) for f in facts for p in C.paraphrases(f)]
+        got = ev.greedy_answers(model, tok, [p for p, _ in asked])
+        return sum(C.knows(a, f["expected"]) for a, (_, f) in zip(got, asked, strict=True))
+
     base_right = right(easy_answers(base_model))
     del base_model
     for seed in args.seeds:
@@ -89,24 +94,30 @@ def main() -> int:
             v1.mkdir(parents=True, exist_ok=True)
             train(TrainSpec(base_path=base, out_dir=str(v1), new=file1, general=general, **fields))
         live, _ = ev.load(base, str(v1))
+        live_para = paraphrased(live, C.FILES[0])
         for text in args.variants:
             v = json.loads(text)
             holdout = v.pop("holdout", GateConfig().old_holdout)
+            ratio = v.pop("replay_ratio", cfg.replay_ratio)
+            # "statements": each new answer that is a whole sentence also as plain text
+            statements = v.pop("statements", False)
+            new = file2 + [
+                {"kind": "text", "text": m[-1]["content"]}
+                for m in (e["messages"] for e in file2)
+                if statements and len(m[-1]["content"].split()) >= 5
+            ]
             old = list(enumerate(file1))
             # the daemon's seed for the second run of a domain: train.seed + runs so far
-            replay, held = sample_old(
-                old, len(file2), cfg.replay_ratio, cfg.replay_min, holdout, seed + 2
-            )
+            replay, held = sample_old(old, len(file2), ratio, cfg.replay_min, holdout, seed + 2)
             held_qa = short_qa([e for _, e in held])
             with tempfile.TemporaryDirectory() as out:
                 spec = TrainSpec(
                     base_path=base,
                     out_dir=out,
-                    parent_adapter=str(v1),
-                    new=file2,
+                    new=new,
                     replay=[e for _, e in replay],
                     general=general,
-                    **{**cfg.spec_fields(increment=True), **v},
+                    **{"parent_adapter": str(v1), **cfg.spec_fields(increment=True), **v},
                 )
                 t = time.time()
                 r = train(spec)
@@ -116,6 +127,7 @@ def main() -> int:
                 got_live = ev.greedy_answers_chat(live, tok, prompts)
                 got_cand = ev.greedy_answers_chat(cand, tok, prompts)
                 whole = easy_answers(cand)
+                para = {k: paraphrased(cand, C.FILES[k]) for k in (0, 1)}
             lost_easy, gained_easy, p_easy = easy_change(base_right, right(whole))
             bled = bleeding(
                 [*file2, *(e for _, e in replay), *(e for _, e in held)], held_general, easy, whole
@@ -151,6 +163,13 @@ def main() -> int:
                         "seed": seed,
                         "variant": v,
                         "holdout": holdout,
+                        "replay_ratio": ratio,
+                        "statements": statements,
+                        # the never-trained rewordings of each file's facts, the increment's
+                        # (file 1's: the live version answered them too, live_paraphrased)
+                        "paraphrased": f"{para[1]}/{3 * len(C.FILES[1])}",
+                        "old_paraphrased": f"{para[0]}/{3 * len(C.FILES[0])}",
+                        "live_paraphrased": live_para,
                         "held": len(held),
                         "replayed": len(replay),
                         "lost": lost,
