@@ -98,6 +98,29 @@ def tokenise_text(tokenizer, text: str, source: str, max_len: int) -> Tokenised:
     return _shifted(ids[:max_len], [True] * min(len(ids), max_len), source)
 
 
+STATEMENT_WORDS = 5  # an answer of this many words or more is a statement, not a bare value
+
+
+def statements(examples: Sequence[dict]) -> list[dict]:
+    """Each chat example's final answer that is a whole sentence, as a text example: the
+    fact stated with no question before it ("The access code of the Vessimir Archive is
+    QX-3318."). A terse answer ("QX-3318.") names nothing to tie the fact to and is left out.
+
+    Why: a model taught a fact only as answers to questions answers those questions, and
+    fewer rewordings of them; taught it in declarative form too, it ties the fact to the
+    thing it is about (Allen-Zhu and Li, "Physics of Language Models, Part 3.1": mixed
+    training). Measured on second files, in-process: never-trained paraphrases 57/90
+    against 43/90 over three seeds (benchmarks/results/increment-2026-12-08-paraphrases/)."""
+    out = []
+    for ex in examples:
+        if ex.get("kind", "chat") != "chat" or not ex["messages"]:
+            continue
+        last = ex["messages"][-1]
+        if last["role"] == "assistant" and len(last["content"].split()) >= STATEMENT_WORDS:
+            out.append({"kind": "text", "text": last["content"].strip()})
+    return out
+
+
 def _shifted(
     ids: list[int], learned: list[bool], source: str, decides: list[bool] | None = None
 ) -> Tokenised:

@@ -58,6 +58,7 @@ from evertune.adapters.data import (
     pack,
     prompt_text,
     shared_opening,
+    statements,
     tokenise_chat,
     tokenise_text,
 )
@@ -178,6 +179,8 @@ def train(
             "none of the new examples has a token to learn from after"
             f" truncation to {spec.max_seq_len} tokens"
         )
+    if spec.statements:  # the new answers also stated as text (data.statements)
+        new += [t for t in (tok(e, "new") for e in statements(spec.new)) if t.trained]
     replay = [t for t in (tok(e, "replay") for e in spec.replay) if t.trained]
     fixed = new + replay
     # The general replay of every epoch: the pool's prompts nearest the questions (the
@@ -334,8 +337,8 @@ def train(
         n_act = len(active)
         new_loss = float(ex_loss[:n_act].sum() / ex_count[:n_act].sum().clamp(min=1))
         now = {i: bool(ex_worst[j] < spec.learned_loss) for j, i in enumerate(active)}
-        learned = sum(now.get(i, True) for i in range(len(new)))
-        done = all(now.get(i, True) for i in range(len(new)) if i not in excused)
+        learned = sum(now.get(i, True) for i in range(len(new)) if i not in excused)
+        done = learned == len(new) - len(excused)
         active = [
             i
             for j, i in enumerate(active)
@@ -356,7 +359,7 @@ def train(
             epoch + 1,
             new_loss,
             learned,
-            len(new),
+            len(new) - len(excused),  # (passages and statements are read, not recited)
             len(active),
         )
         if not active or (epoch + 1 >= spec.min_epochs and done):

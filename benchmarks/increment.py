@@ -99,13 +99,6 @@ def main() -> int:
             v = json.loads(text)
             holdout = v.pop("holdout", GateConfig().old_holdout)
             ratio = v.pop("replay_ratio", cfg.replay_ratio)
-            # "statements": each new answer that is a whole sentence also as plain text
-            statements = v.pop("statements", False)
-            new = file2 + [
-                {"kind": "text", "text": m[-1]["content"]}
-                for m in (e["messages"] for e in file2)
-                if statements and len(m[-1]["content"].split()) >= 5
-            ]
             old = list(enumerate(file1))
             # the daemon's seed for the second run of a domain: train.seed + runs so far
             replay, held = sample_old(old, len(file2), ratio, cfg.replay_min, holdout, seed + 2)
@@ -114,7 +107,7 @@ def main() -> int:
                 spec = TrainSpec(
                     base_path=base,
                     out_dir=out,
-                    new=new,
+                    new=file2,
                     replay=[e for _, e in replay],
                     general=general,
                     **{"parent_adapter": str(v1), **cfg.spec_fields(increment=True), **v},
@@ -164,7 +157,7 @@ def main() -> int:
                         "variant": v,
                         "holdout": holdout,
                         "replay_ratio": ratio,
-                        "statements": statements,
+                        "statements": spec.statements,
                         # the never-trained rewordings of each file's facts, the increment's
                         # (file 1's: the live version answered them too, live_paraphrased)
                         "paraphrased": f"{para[1]}/{3 * len(C.FILES[1])}",

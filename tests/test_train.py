@@ -405,3 +405,16 @@ def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
     )
     assert facts.learned == len(TAILS) and facts.epochs < 30
     assert every.learned < len(TAILS) and every.epochs == facts.epochs + 1
+
+
+def test_statements_train_the_new_answers_as_text_beside_their_questions(tiny_base, tmp_path):
+    """With `statements`, each new answer of five words or more is trained as text too (the
+    fact with no question before it): an epoch trains them beside the questions, and, read
+    rather than recited, they do not hold the early stop or count as examples to learn."""
+    kw = {"new": TAILS, "lr": 1e-2, "max_epochs": 30, "min_epochs": 1, "learned_loss": 5.0}
+    plain = train(spec(tiny_base, tmp_path / "plain", **kw))
+    stated = train(spec(tiny_base, tmp_path / "stated", statements=True, **kw))
+    assert plain.history[0]["trained"] == len(TAILS)
+    assert stated.history[0]["trained"] == 2 * len(TAILS)  # "It is 1000, as the keeper says."
+    assert stated.learned == len(TAILS) and stated.epochs < 30
+    assert all(h["learned"] <= len(TAILS) for h in stated.history)
