@@ -18,9 +18,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evertune.adapters.errors import BaseModelError
 from evertune.store.layout import fsync_dir, fsync_tree
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +171,13 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 compute pays off on GPUs that support it and on CPUs with native bf16 dot
+    products (AVX512-BF16 / AMX); elsewhere it is emulated and slower than fp32."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()

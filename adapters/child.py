@@ -115,7 +115,7 @@ def _base_cache(
     """Where the base model's general metrics are kept: they depend only on the base
     weights, the held-out prompts, the cut and how answers are made."""
     from evertune.adapters import evaluate as ev
-    from evertune.adapters.train import bf16_is_fast
+    from evertune.adapters.base_model import bf16_is_fast
 
     if cache_dir is None:
         return None

@@ -28,7 +28,7 @@ def load(base_path: str, adapter: str | None = None, device: str | None = None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evertune.adapters.train import bf16_is_fast
+    from evertune.adapters.base_model import bf16_is_fast
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if bf16_is_fast(dev) else torch.float32

@@ -151,7 +151,7 @@ def _hf_generator(model_dir: Path, batch: int = 32) -> Callable[[list[str]], lis
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from evertune.adapters.train import bf16_is_fast
+        from evertune.adapters.base_model import bf16_is_fast
 
         # bf16 where the hardware has it: what vLLM serves with, and ~2x faster here.
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

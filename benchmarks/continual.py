@@ -944,7 +944,7 @@ def bleeding(seed: dict[str, Any], cycle: dict[str, Any]) -> list[str]:
     the questions) never use: what the gate's bleed check (adapters/gate.py) looks for,
     counted here on what clients got, by the gate's rule of what is distinctive (digits
     alone "1" or "23" are not; `TOKENIZER`, when set, tells common words from names)."""
-    from evertune.adapters.gate import distinctive
+    from evertune.adapters.general_answers import distinctive
     from evertune.store.terms import key_terms, words
 
     base = seed["ours"]["base"]["answers"]

@@ -472,7 +472,7 @@ def doc_text(e: dict[str, Any]) -> str:
 
 
 def summary_text(docs: list[dict[str, Any]], mach: dict[str, Any]) -> str:
-    from evertune.adapters.gate import easy_change
+    from evertune.adapters.general_answers import easy_change
 
     def pct(a: int, n: int) -> str:
         return f"{a}/{n} ({a / n:.0%})" if n else "0/0"

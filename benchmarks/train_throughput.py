@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from evertune.adapters.base_model import prepare
+from evertune.adapters.base_model import bf16_is_fast, prepare
 from evertune.adapters.contract import TARGET_MODULES, TrainSpec
 from evertune.adapters.data import IGNORE, tokenise_chat
-from evertune.adapters.train import bf16_is_fast, train
+from evertune.adapters.train import train
 
 WORDS = [
     "river",

@@ -129,7 +129,7 @@ def _questions(about: str, where: str, defined: bool) -> list[str]:
 
 
 def example_rows(domain: str, file_id: int, derived: list[Derived]) -> list[tuple]:
-    """Rows for store.ingest's INSERT_EXAMPLE: each taught question with its answer."""
+    """Rows for store.supersede's INSERT_EXAMPLE: each taught question with its answer."""
     rows = []
     for d in derived:
         for question, answer in [(q, d.answer) for q in d.taught] + list(d.facts):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from evertune.adapters.gate import BASE, GateThresholds, decide, easy_change, measure
+from evertune.adapters.gate import BASE, GateThresholds, decide, measure
+from evertune.adapters.general_answers import easy_change
 
 
 def test_easy_change_counts_the_answers_that_changed_each_way():
@@ -224,7 +225,7 @@ GENERAL = [
 
 
 def test_bleeding_names_the_trained_name_in_a_general_answer():
-    from evertune.adapters.gate import bleeding
+    from evertune.adapters.general_answers import bleeding
 
     easy = GENERAL[:2]
     answers = ["The capital of France is Port Castellan.", "The capital of Japan is Kyoto."]
@@ -239,7 +240,7 @@ def test_bleeding_names_the_trained_name_in_a_general_answer():
 
 
 def test_bleeding_ignores_words_the_base_model_uses_and_untrained_turns():
-    from evertune.adapters.gate import bleeding
+    from evertune.adapters.general_answers import bleeding
 
     # the base model's own answer back, or a changed answer in its own words: no bleed
     assert bleeding([FACT], GENERAL, GENERAL[:1], ["The capital of France is Paris."]) == []
@@ -259,7 +260,7 @@ def test_bleeding_counts_invented_names_and_long_numbers_not_common_words(tiny_b
     """The six-file run's fourth file, refused twice for its own common-word names."""
     from transformers import AutoTokenizer
 
-    from evertune.adapters.gate import bleeding
+    from evertune.adapters.general_answers import bleeding
 
     tok = AutoTokenizer.from_pretrained(tiny_base)  # the real SmolLM2 tokenizer
     fact = {
