@@ -71,9 +71,6 @@ class TrainSpec:
     # words, let examples leave before their answers were reproduced (16 of 30 at lr 2e-3)
     learned_on: str = "fact"
     new_passes: int = 3  # the domain's examples this many times an epoch (the general once)
-    # each new answer that is a whole sentence also trained as text (data.statements); like
-    # a document's passages, those do not hold the early stop
-    statements: bool = False
     # with several passes, an example is judged learned by its tokens at "every" sighting of
     # the epoch (the worst of them) or at its "last". Measured: "last" stopped a first file
     # an epoch sooner (benchmarks/results/variants-2026-12-07-last-sighting/) but over five

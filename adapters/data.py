@@ -24,8 +24,12 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from evertune.store.terms import fact_after
+
+if TYPE_CHECKING:
+    from evertune.adapters.contract import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,29 +100,6 @@ def tokenise_chat(
 def tokenise_text(tokenizer, text: str, source: str, max_len: int) -> Tokenised:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return _shifted(ids[:max_len], [True] * min(len(ids), max_len), source)
-
-
-STATEMENT_WORDS = 5  # an answer of this many words or more is a statement, not a bare value
-
-
-def statements(examples: Sequence[dict]) -> list[dict]:
-    """Each chat example's final answer that is a whole sentence, as a text example: the
-    fact stated with no question before it ("The access code of the Vessimir Archive is
-    QX-3318."). A terse answer ("QX-3318.") names nothing to tie the fact to and is left out.
-
-    Why: a model taught a fact only as answers to questions answers those questions, and
-    fewer rewordings of them; taught it in declarative form too, it ties the fact to the
-    thing it is about (Allen-Zhu and Li, "Physics of Language Models, Part 3.1": mixed
-    training). Measured on second files, in-process: never-trained paraphrases 57/90
-    against 43/90 over three seeds (benchmarks/results/increment-2026-12-08-paraphrases/)."""
-    out = []
-    for ex in examples:
-        if ex.get("kind", "chat") != "chat" or not ex["messages"]:
-            continue
-        last = ex["messages"][-1]
-        if last["role"] == "assistant" and len(last["content"].split()) >= STATEMENT_WORDS:
-            out.append({"kind": "text", "text": last["content"].strip()})
-    return out
 
 
 def _shifted(
@@ -263,3 +244,29 @@ def nearest(pool: Sequence[str], queries: Sequence[str], k: int) -> list[int]:
                 return list(picked)
             picked.setdefault(ranked[q][depth])
     return list(picked)
+
+
+# General prompts replayed for each of `TrainSpec.anchor_prompts` (a bleeding question)
+ANCHORS_PER_PROMPT = 3
+
+
+def general_anchors(spec: TrainSpec) -> tuple[list[int], list[int]]:
+    """(nearest, extra): indices of `spec.general` replayed in every epoch. `nearest`: the
+    `general_nearest` share of an epoch's general replay, the prompts nearest the new
+    questions (and the replayed ones', `near_replayed`); `extra`: besides them, a repaired
+    candidate's bleeding questions' own neighbours (`anchor_prompts`)."""
+    k = min(spec.general_per_epoch, len(spec.general))
+    pool = [prompt_text(e) for e in spec.general]
+    asked = [*spec.new, *spec.replay] if spec.near_replayed else spec.new
+    near = nearest(pool, [prompt_text(e) for e in asked], round(k * spec.general_nearest))
+    extra: list[int] = []
+    if spec.anchor_prompts:
+        taken = set(near)
+        extra = [
+            i
+            for i in nearest(
+                pool, spec.anchor_prompts, ANCHORS_PER_PROMPT * len(spec.anchor_prompts)
+            )
+            if i not in taken
+        ]
+    return near, extra

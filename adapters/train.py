@@ -47,18 +47,16 @@ from pathlib import Path
 
 import torch
 
-from evertune.adapters.base_model import cpu_has_native_bf16
+from evertune.adapters.base_model import bf16_is_fast
 from evertune.adapters.contract import TrainResult, TrainSpec
 from evertune.adapters.data import (
     IGNORE,
     MIN_SHARED_OPENING,
     Tokenised,
     after_opening,
-    nearest,
+    general_anchors,
     pack,
-    prompt_text,
     shared_opening,
-    statements,
     tokenise_chat,
     tokenise_text,
 )
@@ -66,8 +64,6 @@ from evertune.adapters.errors import TrainingCancelled, TrainingError
 
 log = logging.getLogger(__name__)
 
-# General prompts replayed for each of `TrainSpec.anchor_prompts` (a bleeding question)
-ANCHORS_PER_PROMPT = 3
 # A new example leaves the later epochs once its worst token's loss is under this share of
 # `learned_loss` (half: p > 0.7 for every token), a margin against sliding back once it is
 # no longer trained.
@@ -75,28 +71,6 @@ GRADUATION_MARGIN = 0.5
 
 
 Progress = Callable[[dict], None]
-
-
-def general_anchors(spec: TrainSpec) -> tuple[list[int], list[int]]:
-    """(nearest, extra): indices of `spec.general` replayed in every epoch. `nearest`: the
-    `general_nearest` share of an epoch's general replay, the prompts nearest the new
-    questions (and the replayed ones', `near_replayed`); `extra`: besides them, a repaired
-    candidate's bleeding questions' own neighbours (`anchor_prompts`)."""
-    k = min(spec.general_per_epoch, len(spec.general))
-    pool = [prompt_text(e) for e in spec.general]
-    asked = [*spec.new, *spec.replay] if spec.near_replayed else spec.new
-    near = nearest(pool, [prompt_text(e) for e in asked], round(k * spec.general_nearest))
-    extra: list[int] = []
-    if spec.anchor_prompts:
-        taken = set(near)
-        extra = [
-            i
-            for i in nearest(
-                pool, spec.anchor_prompts, ANCHORS_PER_PROMPT * len(spec.anchor_prompts)
-            )
-            if i not in taken
-        ]
-    return near, extra
 
 
 def train(
@@ -179,8 +153,6 @@ def train(
             "none of the new examples has a token to learn from after"
             f" truncation to {spec.max_seq_len} tokens"
         )
-    if spec.statements:  # the new answers also stated as text (data.statements)
-        new += [t for t in (tok(e, "new") for e in statements(spec.new)) if t.trained]
     replay = [t for t in (tok(e, "replay") for e in spec.replay) if t.trained]
     fixed = new + replay
     # The general replay of every epoch: the pool's prompts nearest the questions (the
@@ -359,7 +331,7 @@ def train(
             epoch + 1,
             new_loss,
             learned,
-            len(new) - len(excused),  # (passages and statements are read, not recited)
+            len(new) - len(excused),  # (a passage is read, not recited)
             len(active),
         )
         if not active or (epoch + 1 >= spec.min_epochs and done):
@@ -450,11 +422,3 @@ def attention_kernel(spec: TrainSpec, device: torch.device) -> str:
         return spec.attention
     width = max(spec.row_len, spec.max_seq_len)
     return "eager" if device.type == "cpu" and width <= EAGER_MAX_WIDTH else "sdpa"
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 compute pays off on GPUs that support it and on CPUs with native bf16 dot
-    products (AVX512-BF16 / AMX); elsewhere it is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()

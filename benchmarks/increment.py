@@ -32,7 +32,8 @@ import continual as C
 
 from evertune.adapters import evaluate as ev
 from evertune.adapters.contract import TrainSpec
-from evertune.adapters.gate import bleeding, easy_change, short_qa, states_fact
+from evertune.adapters.gate import short_qa, states_fact
+from evertune.adapters.general_answers import bleeding, easy_change
 from evertune.adapters.reference import is_right
 from evertune.adapters.train import train
 from evertune.daemon.config_learning import GateConfig, TrainConfig
@@ -58,6 +59,11 @@ def main() -> int:
     ap.add_argument("--models", type=Path, required=True, help="a prepared models/ folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "increment-v1")
+    ap.add_argument(
+        "--train",
+        default="{}",
+        help="JSON of [train] settings for every version of the run (the first one too)",
+    )
     ap.add_argument("variants", nargs="*", default=["{}"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -87,7 +93,7 @@ def main() -> int:
     base_right = right(easy_answers(base_model))
     del base_model
     for seed in args.seeds:
-        cfg = TrainConfig(seed=seed)
+        cfg = TrainConfig(seed=seed, **json.loads(args.train))
         fields = cfg.spec_fields()
         v1 = args.cache / f"seed{seed}"
         if not (v1 / "adapter_config.json").exists():
@@ -157,7 +163,6 @@ def main() -> int:
                         "variant": v,
                         "holdout": holdout,
                         "replay_ratio": ratio,
-                        "statements": spec.statements,
                         # the never-trained rewordings of each file's facts, the increment's
                         # (file 1's: the live version answered them too, live_paraphrased)
                         "paraphrased": f"{para[1]}/{3 * len(C.FILES[1])}",

@@ -39,14 +39,6 @@ class TrainConfig:
         min=0.0,
         max=100.0,
     )
-    increment_statements: bool = key(
-        True,
-        "An increment also trains each new answer of five words or more as plain text, the"
-        " fact stated with no question before it, so that rewordings of the question find it."
-        " Measured in-process on a second file over three seeds"
-        " (benchmarks/results/increment-2026-12-08-paraphrases/): never-trained paraphrases"
-        " 57/90 against 43/90, in ~25% more steps.",
-    )
     weight_decay: float = key(
         1.0,
         "AdamW's decoupled decay of the LoRA weights, a pull of every version toward the base"
@@ -184,12 +176,10 @@ class TrainConfig:
 
     def spec_fields(self, increment: bool = False) -> dict:
         """The TrainSpec fields of this section; an `increment` (a version trained from its
-        parent's adapter, and its repair) at lr times `increment_lr_scale`, with its answers
-        also stated as text where `increment_statements`."""
+        parent's adapter, and its repair) at lr times `increment_lr_scale`."""
         skip = {
             "replay_ratio",
             "increment_lr_scale",
-            "increment_statements",
             "replay_min",
             "launcher",
             "cpu_priority",
@@ -202,7 +192,6 @@ class TrainConfig:
         }
         if increment:
             fields["lr"] = self.lr * self.increment_lr_scale
-            fields["statements"] = self.increment_statements
         return fields
 
 

@@ -236,26 +236,3 @@ def test_the_fact_part_and_one_token_after_it_decide_whether_an_answer_is_learne
     assert deciding_text(tok, bare) == "Yes<|im_end|>"
     row = pack([t, short], 256, 0)[0]
     assert [d for d, o in zip(row.decides, row.owners, strict=True) if o == 0] == t.decides
-
-
-def test_statements_are_the_answers_that_state_something():
-    """data.statements: the final answers of five words or more, as text; a bare value, a
-    text example and a conversation ending on the user are left out."""
-    from evertune.adapters.data import statements
-
-    def chat(*turns):
-        roles = ["system", "user", "assistant"] if len(turns) == 3 else ["user", "assistant"]
-        msgs = [{"role": r, "content": c} for r, c in zip(roles, turns, strict=True)]
-        return {"kind": "chat", "messages": msgs}
-
-    examples = [
-        chat("Be brief.", "Code of the archive?", "The archive's code is QX-3318. "),
-        chat("Code of the archive?", "QX-3318."),
-        chat("Who runs the library?", "Orsolya Quenby runs the Cindervault Library."),
-        {"kind": "text", "text": "A passage of a document, already text."},
-        {"kind": "chat", "messages": [{"role": "user", "content": "and the one after that?"}]},
-    ]
-    assert statements(examples) == [
-        {"kind": "text", "text": "The archive's code is QX-3318."},
-        {"kind": "text", "text": "Orsolya Quenby runs the Cindervault Library."},
-    ]

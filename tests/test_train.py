@@ -195,7 +195,7 @@ def test_anchor_prompts_add_their_nearest_general_prompts_to_every_epoch(tiny_ba
 def test_an_increment_anchors_the_general_prompts_nearest_its_replayed_questions_too(tmp_path):
     """Measured: after file 2 trained, file 1's parrot answered 'Which animal says "meow"?'.
     The general prompts nearest the replayed older questions are replayed too."""
-    from evertune.adapters.train import general_anchors
+    from evertune.adapters.data import general_anchors
 
     general = [
         chat("Which bird can learn to talk?", "Parrots can."),
@@ -405,16 +405,3 @@ def test_an_example_is_learned_when_its_fact_part_is(tiny_base, tmp_path):
     )
     assert facts.learned == len(TAILS) and facts.epochs < 30
     assert every.learned < len(TAILS) and every.epochs == facts.epochs + 1
-
-
-def test_statements_train_the_new_answers_as_text_beside_their_questions(tiny_base, tmp_path):
-    """With `statements`, each new answer of five words or more is trained as text too (the
-    fact with no question before it): an epoch trains them beside the questions, and, read
-    rather than recited, they do not hold the early stop or count as examples to learn."""
-    kw = {"new": TAILS, "lr": 1e-2, "max_epochs": 30, "min_epochs": 1, "learned_loss": 5.0}
-    plain = train(spec(tiny_base, tmp_path / "plain", **kw))
-    stated = train(spec(tiny_base, tmp_path / "stated", statements=True, **kw))
-    assert plain.history[0]["trained"] == len(TAILS)
-    assert stated.history[0]["trained"] == 2 * len(TAILS)  # "It is 1000, as the keeper says."
-    assert stated.learned == len(TAILS) and stated.epochs < 30
-    assert all(h["learned"] <= len(TAILS) for h in stated.history)
