@@ -39,8 +39,8 @@ class TrainSpec:
     replay: list[dict] = field(default_factory=list)  # older examples of the domain
     general: list[dict] = field(default_factory=list)  # the base model's own answers
     parent_adapter: str | None = None
-    rank: int = 32
-    alpha: int = 64
+    rank: int = 16
+    alpha: int = 32
     lr: float = 1e-3
     # AdamW's decoupled decay of the LoRA weights, towards the base model (0: none)
     weight_decay: float = 1.0

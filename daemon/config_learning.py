@@ -17,16 +17,9 @@ GATE = GateThresholds()
 @dataclass(frozen=True)
 class TrainConfig:
     rank: int = key(
-        32,
-        "LoRA rank (vLLM serves 1, 8, 16, 32, 64, 128, 256, 320, 512; at most"
-        " serve.max_lora_rank). Measured in-process on a second file over three seeds"
-        " (benchmarks/results/increment-2026-12-08-paraphrases/): at rank 32 the increments"
-        " answered 68 of 90 never-trained paraphrases, at 16 43 of 90, losing as few older"
-        " answers (1, 0, 0) in as many steps; a domain holding more facts needs the room.",
-        min=1,
-        max=512,
+        16, "LoRA rank (vLLM serves 1, 8, 16, 32, 64, 128, 256, 320, 512).", min=1, max=512
     )
-    alpha: int = key(64, "LoRA alpha (the update is scaled by alpha / rank).", min=1, max=4096)
+    alpha: int = key(32, "LoRA alpha (the update is scaled by alpha / rank).", min=1, max=4096)
     lr: float = key(
         1e-3,
         "Peak learning rate (linear warm-up, cosine decay). Tried: 2e-3 learned a first file"

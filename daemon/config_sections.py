@@ -148,7 +148,7 @@ class ServeConfig:
     host: str = key("127.0.0.1", "embedded mode: the address the vLLM server listens on.")
     port: int = key(8421, "embedded mode: the vLLM server's port.", min=1, max=65_535)
     max_lora_rank: int = key(
-        32, "embedded mode: --max-lora-rank (at least train.rank).", min=1, max=512
+        16, "embedded mode: --max-lora-rank (at least train.rank).", min=1, max=512
     )
     max_loras: int = key(4, "embedded mode: adapters in one batch (--max-loras).", min=1, max=256)
     kv_cache_gib: int = key(

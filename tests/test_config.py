@@ -119,7 +119,7 @@ def test_init_is_idempotent_and_never_overwrites(tmp_path):
         ('[serve]\nmode = "external"\n', "serve.mode = 'external' needs serve.urls"),
         ('[serve]\nmode = "external"\nurls = ["gpu1:8000"]\n', "give base URLs like"),
         ("[serve]\nurls = 'http://a'\n", "serve.urls = 'http://a' must be a list of strings"),
-        ("[train]\nrank = 64\n", "train.rank = 64 is above serve.max_lora_rank = 32"),
+        ("[train]\nrank = 32\n", "train.rank = 32 is above serve.max_lora_rank = 16"),
         ('[schedule]\ncron = "every night"\n', "schedule.cron = 'every night' is not a crontab"),
         ("[domains.Legal]\nquiet_seconds = 1\n", "'Legal' is not a valid domain name"),
         ('[domains.legal]\ncron = "61 * * * *"\n', "domains.legal.cron = '61 * * * *'"),

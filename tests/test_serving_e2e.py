@@ -151,8 +151,8 @@ def test_a_missing_or_corrupt_folder_is_refused_and_the_old_version_keeps_servin
     assert versions.live(db, "faq").name == "v0001"
     assert version(signatures, vllm.url, "faq") == 1
 
-    # Valid files that vLLM itself refuses: rank 64 on a server started with max rank 32.
-    big = new_version(layout, db, signatures, "faq", 3, rank=64)
+    # Valid files that vLLM itself refuses: rank 32 on a server started with max rank 16.
+    big = new_version(layout, db, signatures, "faq", 3, rank=32)
     with pytest.raises(AdapterRefused, match="refused to load 'faq@v0003'"):
         make_live(db, big, serving, "test")
     assert versions.live(db, "faq").name == "v0001"
