@@ -1,20 +1,24 @@
 """Why an increment forgets older answers: file 2 of benchmarks/continual_facts.json trained
 from a version that learned file 1, in this process (no daemon, no vLLM), per seed.
 
-    python benchmarks/increment.py --models DIR --seeds 0 1 2 3 4 [--cache DIR] ['{}' ...]
+    python benchmarks/increment.py --models DIR --seeds 0 1 2 3 4 [--cache DIR] [--train JSON]
+        ['{}' ...]
 
 The first version (file 1 from the base model, the daemon's defaults and seed) is trained once
 per seed and kept in --cache. The increment is trained as the daemon trains it (file 2 new,
 older examples replayed, a held-out slice of them for the gate, the daemon's defaults), once
 per variant: each argument is a JSON object of TrainSpec overrides, or of selection overrides
-("holdout": N). Printed per held-out older example, one JSON line each: which fact, which
+("holdout": N, "replay_ratio": R); `--train` sets [train] keys for both versions (use its
+own --cache). Printed per held-out older example, one JSON line each: which fact, which
 phrasing (its record format, answer style, system prompt), the live version's and the
 increment's greedy answers, whether the gate counts it lost (its trained answer's fact part
 no longer given) and whether the fact itself is still stated (the benchmark's `expected` words).
 A JSON summary line per seed and variant follows, with the gate's other two checks an
 increment fails: the easy general questions (answered whole, judged on the first sentence
 against the base model's: lost, gained, the paired test's p) and bleed (a name or number of
-the domain's examples in an easy answer). Greedy answers: transformers, in-process.
+the domain's examples in an easy answer), and both files' never-trained paraphrases
+answered (file 2's by the increment; file 1's by the increment and by its parent). Greedy
+answers: transformers, in-process.
 """
 
 from __future__ import annotations
