@@ -151,6 +151,16 @@ def easy_questions() -> list[tuple[str, str]]:
     return [(p["prompt"], p["answer"]) for p in prompts() if p["category"] == "easy"]
 
 
+def paraphrased(model, tok, facts: list[dict]) -> tuple[int, int]:
+    """(answered, asked): the facts' never-trained paraphrases answered by `model` (greedy,
+    transformers, in this process), for the in-process benchmarks."""
+    from evertune.adapters import evaluate as ev
+
+    asked = [(p, f) for f in facts for p in paraphrases(f)]
+    got = ev.greedy_answers(model, tok, [p for p, _ in asked])
+    return sum(knows(a, f["expected"]) for a, (_, f) in zip(got, asked, strict=True)), len(asked)
+
+
 def knows(answer: str | None, expected: str) -> bool:
     from evertune.adapters.evaluate import normalise_text
 

@@ -89,11 +89,6 @@ def main() -> int:
             for a, r in zip(answers, easy, strict=True)
         ]
 
-    def paraphrased(model, facts: list[dict]) -> int:
-        asked = [(p, f) for f in facts for p in C.paraphrases(f)]
-        got = ev.greedy_answers(model, tok, [p for p, _ in asked])
-        return sum(C.knows(a, f["expected"]) for a, (_, f) in zip(got, asked, strict=True))
-
     base_right = right(easy_answers(base_model))
     del base_model
     for seed in args.seeds:
@@ -104,7 +99,7 @@ def main() -> int:
             v1.mkdir(parents=True, exist_ok=True)
             train(TrainSpec(base_path=base, out_dir=str(v1), new=file1, general=general, **fields))
         live, _ = ev.load(base, str(v1))
-        live_para = paraphrased(live, C.FILES[0])
+        live_para, _ = C.paraphrased(live, tok, C.FILES[0])
         for text in args.variants:
             v = json.loads(text)
             holdout = v.pop("holdout", GateConfig().old_holdout)
@@ -130,7 +125,7 @@ def main() -> int:
                 got_live = ev.greedy_answers_chat(live, tok, prompts)
                 got_cand = ev.greedy_answers_chat(cand, tok, prompts)
                 whole = easy_answers(cand)
-                para = {k: paraphrased(cand, C.FILES[k]) for k in (0, 1)}
+                para = {k: C.paraphrased(cand, tok, C.FILES[k]) for k in (0, 1)}
             lost_easy, gained_easy, p_easy = easy_change(base_right, right(whole))
             bled = bleeding(
                 [*file2, *(e for _, e in replay), *(e for _, e in held)], held_general, easy, whole
@@ -169,8 +164,8 @@ def main() -> int:
                         "replay_ratio": ratio,
                         # the never-trained rewordings of each file's facts, the increment's
                         # (file 1's: the live version answered them too, live_paraphrased)
-                        "paraphrased": f"{para[1]}/{3 * len(C.FILES[1])}",
-                        "old_paraphrased": f"{para[0]}/{3 * len(C.FILES[0])}",
+                        "paraphrased": "{}/{}".format(*para[1]),
+                        "old_paraphrased": "{}/{}".format(*para[0]),
                         "live_paraphrased": live_para,
                         "held": len(held),
                         "replayed": len(replay),

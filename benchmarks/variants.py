@@ -58,9 +58,7 @@ def main() -> int:
             train_s = time.time() - t
             m, _ = ev.load(base, out)
             c = measure(m, tok, new, [], held)
-            asked = [(p, f) for f in facts for p in C.paraphrases(f)]
-            got = ev.greedy_answers(m, tok, [p for p, _ in asked])
-            para = sum(C.knows(a, f["expected"]) for a, (_, f) in zip(got, asked, strict=True))
+            para, asked = C.paraphrased(m, tok, facts)
             got = ev.greedy_answers(m, tok, [f["question"] for f in facts])
             exact = sum(C.knows(a, f["expected"]) for a, f in zip(got, facts, strict=True))
         lost = sum(x and not y for x, y in zip(b["easy"], c["easy"], strict=True))
@@ -76,7 +74,7 @@ def main() -> int:
                     "history": r.history,
                     "new_exact": c["new_exact"],
                     "asked_exact": f"{exact}/{len(facts)}",
-                    "paraphrased": f"{para}/{len(asked)}",
+                    "paraphrased": f"{para}/{asked}",
                     "drift": round(c["general_loss"] / b["general_loss"] - 1, 4),
                     "easy_lost": lost,
                     "easy_gained": gained,
